@@ -1,0 +1,98 @@
+"""The storage interface every backend implements; backends know nothing of cryptography.
+
+Keys are strings relative to the backend's root (a bucket, or a local directory).
+Every method is safe to call from several threads at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import BinaryIO, Iterator
+
+# Parts are at least this big (S3's minimum except for the last part).
+MIN_PART_SIZE = 5 * 1024 * 1024
+
+
+@dataclass
+class ObjectInfo:
+    key: str
+    size: int
+    etag: str
+    last_modified: float  # seconds since the epoch
+    metadata: dict[str, str] | None = field(default=None)  # None when a listing did not carry it
+
+
+@dataclass
+class PendingUpload:
+    key: str
+    upload_id: str
+    initiated: float
+
+
+class Backend:
+    """Contract:
+
+    - get(key, start, end, if_match) -> (bytes, ObjectInfo with metadata): bytes [start, end)
+      (end None = to the object's end); NotFound when absent; PreconditionFailed when
+      if_match is given and the ETag differs.
+    - head(key) -> ObjectInfo with metadata; NotFound when absent.
+    - put(key, data, metadata, if_none_match, if_match) -> ETag: whole object, atomic
+      (readers see the old or the new object, never a mix). if_none_match: fail with
+      PreconditionFailed when the key exists. if_match: when its ETag differs.
+    - upload(key, stream, size, metadata, ...) -> ETag: like put, from a readable stream of
+      exactly `size` bytes; large objects go in parallel parts; memory stays bounded.
+    - copy(src, dst, metadata, if_match) -> ETag: server-side, replacing the metadata.
+    - delete(key): absent keys are not an error.
+    - list(prefix) -> ObjectInfo without metadata, every key under prefix, sorted.
+    - pending_uploads(prefix) / abort_upload(...): unfinished multipart uploads.
+    """
+
+    url: str = ""
+
+    def get(self, key: str, start: int = 0, end: int | None = None,
+            if_match: str | None = None) -> tuple[bytes, ObjectInfo]:
+        raise NotImplementedError
+
+    def head(self, key: str) -> ObjectInfo:
+        raise NotImplementedError
+
+    def put(self, key: str, data: bytes, metadata: dict[str, str] | None = None,
+            if_none_match: bool = False, if_match: str | None = None) -> str:
+        raise NotImplementedError
+
+    def upload(self, key: str, stream: BinaryIO, size: int, metadata: dict[str, str] | None = None,
+               if_none_match: bool = False, if_match: str | None = None, progress=None) -> str:
+        raise NotImplementedError
+
+    def copy(self, src: str, dst: str, metadata: dict[str, str], if_match: str | None = None) -> str:
+        raise NotImplementedError
+
+    def delete(self, key: str) -> None:
+        raise NotImplementedError
+
+    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        raise NotImplementedError
+
+    def pending_uploads(self, prefix: str) -> list[PendingUpload]:
+        return []
+
+    def abort_upload(self, upload: PendingUpload) -> None:
+        pass
+
+    def check(self) -> None:
+        """Fail fast (BucketNotFound, NoCredentials, Unreachable, AccessDenied) before real work."""
+
+    def close(self) -> None:
+        pass
+
+
+def read_exact(stream: BinaryIO, n: int) -> bytes:
+    """Read n bytes (fewer only at end of stream) from a stream that may return short reads."""
+    chunks, got = [], 0
+    while got < n:
+        chunk = stream.read(n - got)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)

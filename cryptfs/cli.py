@@ -1,0 +1,436 @@
+"""The cryptfs command: subcommands, passphrase input, and the one place errors become exit codes."""
+
+import argparse
+import datetime
+import getpass
+import logging
+import os
+import stat
+import sys
+
+from . import __version__, config, fsck, transfer, volume
+from . import format as fmt
+from .errors import (EXIT_INTEGRITY, EXIT_OK, EXIT_USAGE, CryptfsError, IsADirectory, NotFound,
+                     UsageError)
+from .store import Store, default_attrs
+from .target import Target, for_init, locate
+
+EPILOG = """\
+Exit codes: 0 ok, 1 other error, 2 usage, 3 wrong passphrase or key mismatch, 4 not found,
+5 integrity (tampered/foreign data; fsck found problems), 6 endpoint unreachable,
+7 no credentials or access denied, 8 already exists, 9 local disk full.
+
+The passphrase comes from $CRYPTFS_PASSPHRASE, --passphrase-file, or a prompt; never from
+an argument. AWS credentials come from boto3's usual chain (environment, --profile, role).
+"""
+
+
+# ---------------------------------------------------------------- passphrases
+
+def read_passphrase(args, prompt: str = "Passphrase: ", confirm: bool = False, env: str = "CRYPTFS_PASSPHRASE",
+                    file_arg: str = "passphrase_file") -> bytes:
+    path = getattr(args, file_arg, None)
+    if path:
+        with open(path, "rb") as f:
+            value = f.read().rstrip(b"\r\n")
+    elif os.environ.get(env) is not None:
+        value = os.environ[env].encode()
+    elif sys.stdin.isatty():
+        value = getpass.getpass(prompt).encode()
+        if confirm and getpass.getpass("Repeat: ").encode() != value:
+            raise UsageError("passphrases do not match")
+    else:
+        raise UsageError(f"no passphrase: set {env}, use --{file_arg.replace('_', '-')}, or run on a terminal")
+    if not value:
+        raise UsageError("empty passphrase")
+    return value
+
+
+# ---------------------------------------------------------------- opening
+
+def settings_of(args) -> tuple[str, config.VolumeSettings]:
+    url, settings = config.settings_for(args.url, config.load(args.config or config.default_path()))
+    for name in ("endpoint_url", "region", "profile", "owner_fingerprint"):
+        if getattr(args, name, None):
+            setattr(settings, name, getattr(args, name))
+    if args.path_style:
+        settings.path_style = True
+    if args.no_verify_tls:
+        settings.verify_tls = False
+    if args.retry_mode:
+        settings.retry_mode = args.retry_mode
+    return url, settings
+
+
+def open_target(args, url: str | None = None) -> tuple[Store, Target]:
+    base_url, settings = settings_of(args)
+    target = locate(url or base_url, settings)
+    vol = volume.open_volume(target.backend, target.prefix, read_passphrase(args),
+                             settings.owner_fingerprint)
+    return Store(vol, workers=settings.workers), target
+
+
+def parent_and_name(store: Store, parts: list[bytes]):
+    if not parts:
+        raise UsageError("this needs a path inside the volume, not its root")
+    return store.resolve(parts[:-1]), parts[-1]
+
+
+def show(parts: list[bytes]) -> str:
+    return "/" + b"/".join(parts).decode(errors="replace")
+
+
+# ---------------------------------------------------------------- commands
+
+def cmd_init(args) -> int:
+    url, settings = settings_of(args)
+    backend, prefix = for_init(url, settings)
+    passphrase = read_passphrase(args, "New passphrase: ", confirm=True)
+    vol = volume.create(backend, prefix, passphrase, block_size=args.block_size, rsa_bits=args.rsa_bits)
+    Store(vol).init_root(default_attrs(stat.S_IFDIR | 0o755))
+    print(f"Created cryptfs volume {vol.url}")
+    print(f"Owner key fingerprint: {vol.owner_fingerprint()}")
+    print("Keep the passphrase safe: it alone recovers this volume. Record the fingerprint to "
+          "check the volume later (owner_fingerprint in the config, or --owner-fingerprint).")
+    return EXIT_OK
+
+
+def cmd_info(args) -> int:
+    store, _ = open_target(args)
+    body = store.vol.body
+    print(f"volume:        {store.vol.url}")
+    print(f"volume id:     {body['volume_id']}")
+    print(f"format:        {body['format']} version {body['version']}")
+    print(f"generation:    {body['generation']}")
+    print(f"created:       {body['created']}")
+    print(f"block size:    {body['block_size']}")
+    print(f"owner key:     {body['owner_fingerprint']}")
+    print(f"content key:   {body['content_fingerprint']}")
+    print(f"key derivation: scrypt N={body['owner_private_key']['n']} r={body['owner_private_key']['r']}")
+    for r in body["recipients"]:
+        print(f"recipient:     {r['name']} {r['fingerprint']}")
+    return EXIT_OK
+
+
+def _mode_string(mode: int) -> str:
+    return stat.filemode(mode)
+
+
+def _ls_line(entry, long: bool, name: str) -> str:
+    if not long:
+        return name + ("/" if entry.is_dir else "")
+    a = entry.attrs
+    when = datetime.datetime.fromtimestamp(a.mtime_ns / 1e9).strftime("%Y-%m-%d %H:%M")
+    return f"{_mode_string(a.mode)} {a.uid:>5} {a.gid:>5} {entry.size:>12} {when} {name}"
+
+
+def cmd_ls(args) -> int:
+    store, target = open_target(args)
+    entry = store.resolve(target.parts)
+    if not entry.is_dir:
+        print(_ls_line(entry, args.long, entry.name.decode(errors="replace")))
+        return EXIT_OK
+    todo = [(entry, show(target.parts))]
+    while todo:
+        directory, path = todo.pop(0)
+        if args.recursive:
+            print(f"{path}:")
+        children = sorted(store.list_entries(directory.obj_id) if args.long or args.recursive
+                          else _names_only(store, directory), key=lambda e: e.name)
+        for child in children:
+            print(_ls_line(child, args.long, child.name.decode(errors="replace")))
+            if args.recursive and child.is_dir:
+                todo.append((child, path.rstrip("/") + "/" + child.name.decode(errors="replace")))
+        if args.recursive:
+            print()
+    return EXIT_OK
+
+
+def _names_only(store, directory):
+    from .store import Entry
+    return [Entry(directory.obj_id, name, "", is_dir, b"", 0, info.etag, info.last_modified, None)
+            for name, info, is_dir in store.list_dir(directory.obj_id)]
+
+
+def cmd_put(args) -> int:
+    store, target = open_target(args)
+    try:
+        dest = store.resolve(target.parts)
+    except NotFound:
+        dest = None
+    sent = 0
+    if dest is not None and dest.is_dir:
+        for src in args.sources:
+            name = os.fsencode(os.path.basename(os.path.normpath(src)))
+            sent += transfer.put_path(store, src, dest, name, args.quiet)
+    else:
+        if len(args.sources) > 1:
+            raise UsageError(f"{target.display} is not a directory; several sources need one")
+        parent, name = parent_and_name(store, target.parts)
+        sent += transfer.put_path(store, args.sources[0], parent, name, args.quiet)
+    if not args.quiet:
+        print(f"{sent} file(s) stored", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_get(args) -> int:
+    store, target = open_target(args)
+    entry = store.resolve(target.parts)
+    dest = args.dest
+    if os.path.isdir(dest) and not entry.is_dir:
+        dest = os.path.join(dest, os.fsdecode(entry.name))
+    transfer.get_entry(store, entry, dest, args.quiet)
+    return EXIT_OK
+
+
+def cmd_cat(args) -> int:
+    store, target = open_target(args)
+    entry = store.resolve(target.parts)
+    if entry.is_dir:
+        raise IsADirectory(f"{show(target.parts)} is a directory")
+    out = sys.stdout.buffer
+    for chunk in store.iter_plain(entry):
+        out.write(chunk)
+    out.flush()
+    return EXIT_OK
+
+
+def cmd_mkdir(args) -> int:
+    store, target = open_target(args)
+    if args.parents:
+        entry = store.root()
+        for i, name in enumerate(target.parts):
+            try:
+                entry, _ = store.lookup(entry.obj_id, name)
+            except NotFound:
+                entry = store.mkdir(entry.obj_id, name, default_attrs(stat.S_IFDIR | 0o755))
+            if not entry.is_dir:
+                raise UsageError(f"{show(target.parts[:i + 1])} is not a directory")
+        return EXIT_OK
+    parent, name = parent_and_name(store, target.parts)
+    store.mkdir(parent.obj_id, name, default_attrs(stat.S_IFDIR | 0o755))
+    return EXIT_OK
+
+
+def _remove_tree(store: Store, entry) -> None:
+    if entry.is_dir:
+        for child in store.list_entries(entry.obj_id):
+            _remove_tree(store, child)
+    store.remove(entry)
+
+
+def cmd_rm(args) -> int:
+    store, target = open_target(args)
+    entry = store.resolve(target.parts)
+    if not target.parts:
+        raise UsageError("refusing to remove the volume root")
+    if entry.is_dir and not args.recursive:
+        raise IsADirectory(f"{show(target.parts)} is a directory (use -r)")
+    _remove_tree(store, entry)
+    return EXIT_OK
+
+
+def cmd_rmdir(args) -> int:
+    store, target = open_target(args)
+    entry = store.resolve(target.parts)
+    if not entry.is_dir:
+        raise UsageError(f"{show(target.parts)} is not a directory")
+    if not target.parts:
+        raise UsageError("refusing to remove the volume root")
+    store.remove(entry)
+    return EXIT_OK
+
+
+def cmd_mv(args) -> int:
+    store, src = open_target(args)
+    _, dst_settings = settings_of(args)
+    dst = locate(config.settings_for(args.dest, {})[0], dst_settings) if "://" in args.dest else None
+    if dst is None or dst.backend.url != src.backend.url or dst.prefix != src.prefix:
+        raise UsageError("mv moves within one volume: give the destination as a URL in the same volume")
+    entry = store.resolve(src.parts)
+    if not src.parts:
+        raise UsageError("cannot move the volume root")
+    try:
+        target = store.resolve(dst.parts)
+    except NotFound:
+        target = None
+    if target is not None and target.is_dir and not entry.is_dir or \
+            target is not None and target.is_dir and entry.is_dir and not store.is_empty(target.obj_id):
+        parent, name = target, src.parts[-1]
+        target = _lookup(store, parent, name)
+    else:
+        parent, name = parent_and_name(store, dst.parts)
+    if entry.is_dir and _is_inside(store, parent, entry):
+        raise UsageError("cannot move a directory into itself")
+    store.rename(entry, parent.obj_id, name, target)
+    return EXIT_OK
+
+
+def _lookup(store, parent, name):
+    try:
+        return store.lookup(parent.obj_id, name)[0]
+    except NotFound:
+        return None
+
+
+def _is_inside(store: Store, parent, moved) -> bool:
+    """Whether directory `parent` is `moved` or below it (walks back-pointers to the root)."""
+    dir_id = parent.obj_id
+    for _ in range(4096):
+        if dir_id == moved.obj_id:
+            return True
+        if dir_id == fmt.ROOT_DIR_ID:
+            return False
+        raw, _ = store.backend.get(store.abs_key(store.backptr_key(dir_id)))
+        dir_id, _ = fmt.decrypt_backptr(store.vk, dir_id, raw)
+    return True
+
+
+def cmd_decrypt(args) -> int:
+    store, target = open_target(args)
+    entry = store.resolve(target.parts)
+    written = transfer.get_entry(store, entry, args.dest, args.quiet, resume=True)
+    if not args.quiet:
+        print(f"{written} file(s) written to {args.dest} (unchanged files skipped)", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_fsck(args) -> int:
+    store, _ = open_target(args)
+    report = fsck.check(store, abort_uploads=args.abort_uploads)
+    for kind, where, detail in report.problems:
+        print(f"{kind}: {where}: {detail}")
+    print(f"{report.directories} directories, {report.files} files, {report.bytes} bytes checked; "
+          f"{len(report.problems)} problem(s)")
+    return EXIT_OK if report.clean else EXIT_INTEGRITY
+
+
+def cmd_passwd(args) -> int:
+    store, _ = open_target(args)
+    new = read_passphrase(args, "New passphrase: ", confirm=True, env="CRYPTFS_NEW_PASSPHRASE",
+                          file_arg="new_passphrase_file")
+    store.vol.change_passphrase(new)
+    print("Passphrase changed; no file was re-encrypted.")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------- parser
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    g = common.add_argument_group("volume access")
+    g.add_argument("--config", metavar="FILE", help="YAML config with named volumes "
+                   "(default $CRYPTFS_CONFIG or ~/.config/cryptfs/config.yaml)")
+    g.add_argument("--endpoint-url", metavar="URL", help="S3 endpoint (MinIO, Ceph, moto, ...)")
+    g.add_argument("--region", help="S3 region")
+    g.add_argument("--profile", help="AWS profile for credentials")
+    g.add_argument("--path-style", action="store_true", help="path-style S3 addressing")
+    g.add_argument("--no-verify-tls", action="store_true", help="do not verify the endpoint's TLS certificate")
+    g.add_argument("--retry-mode", choices=["standard", "adaptive"], help="botocore retry mode")
+    g.add_argument("--passphrase-file", metavar="FILE", help="read the passphrase from FILE")
+    g.add_argument("--owner-fingerprint", metavar="FP", help="refuse a volume signed by another owner key")
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    g.add_argument("-v", "--verbose", action="store_true", help="log details to stderr")
+
+    parser = argparse.ArgumentParser(
+        prog="cryptfs", description="End-to-end encrypted files on S3 or a local directory.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"cryptfs {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    def add(name, func, help_text, example):
+        p = sub.add_parser(name, parents=[common], help=help_text, description=help_text,
+                           epilog=f"example:\n  {example}", formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.set_defaults(func=func)
+        return p
+
+    url_help = "s3://bucket/prefix[/path], file:///dir[/path], or a configured volume name[/path]"
+    p = add("init", cmd_init, "create a volume (asks the new passphrase twice)",
+            "cryptfs init s3://my-bucket/vault --endpoint-url http://127.0.0.1:9000")
+    p.add_argument("url", help="where the volume goes: s3://bucket[/prefix] or file:///dir")
+    p.add_argument("--block-size", type=int, default=fmt.DEFAULT_BLOCK_SIZE, help="plaintext block size (64 KiB)")
+    p.add_argument("--rsa-bits", type=int, default=3072, help="RSA key size (at least 2048; default 3072)")
+
+    p = add("info", cmd_info, "show a volume's keys, format and settings", "cryptfs info s3://my-bucket/vault")
+    p.add_argument("url", help=url_help)
+
+    p = add("ls", cmd_ls, "list a directory", "cryptfs ls -l s3://my-bucket/vault/docs")
+    p.add_argument("url", help=url_help)
+    p.add_argument("-l", "--long", action="store_true", help="mode, owner, size, mtime")
+    p.add_argument("-R", "--recursive", action="store_true", help="list subdirectories too")
+
+    p = add("put", cmd_put, "upload files or directory trees (recursive)",
+            "cryptfs put ~/Documents s3://my-bucket/vault/docs")
+    p.add_argument("sources", nargs="+", help="local files or directories")
+    p.add_argument("url", help="destination in the volume (a directory, or the new name)")
+
+    p = add("get", cmd_get, "download a file or directory tree", "cryptfs get s3://my-bucket/vault/docs/report.pdf .")
+    p.add_argument("url", help=url_help)
+    p.add_argument("dest", help="local destination")
+
+    p = add("cat", cmd_cat, "write a file's contents to stdout", "cryptfs cat s3://my-bucket/vault/docs/notes.txt")
+    p.add_argument("url", help=url_help)
+
+    p = add("mkdir", cmd_mkdir, "create a directory", "cryptfs mkdir -p s3://my-bucket/vault/a/b")
+    p.add_argument("url", help=url_help)
+    p.add_argument("-p", "--parents", action="store_true", help="create missing parents; no error if it exists")
+
+    p = add("rm", cmd_rm, "remove a file (or a tree with -r)", "cryptfs rm -r s3://my-bucket/vault/old")
+    p.add_argument("url", help=url_help)
+    p.add_argument("-r", "--recursive", action="store_true", help="remove directories and their contents")
+
+    p = add("rmdir", cmd_rmdir, "remove an empty directory", "cryptfs rmdir s3://my-bucket/vault/empty")
+    p.add_argument("url", help=url_help)
+
+    p = add("mv", cmd_mv, "rename or move within a volume",
+            "cryptfs mv s3://my-bucket/vault/a.txt s3://my-bucket/vault/docs/")
+    p.add_argument("url", help=url_help)
+    p.add_argument("dest", help="destination URL in the same volume")
+
+    p = add("decrypt", cmd_decrypt, "decrypt a whole volume (or a subtree) to a local folder; resumable",
+            "cryptfs decrypt s3://my-bucket/vault ./restore")
+    p.add_argument("url", help=url_help)
+    p.add_argument("dest", help="local folder")
+
+    p = add("fsck", cmd_fsck, "verify every entry, attribute and block; exit 5 when problems are found",
+            "cryptfs fsck s3://my-bucket/vault")
+    p.add_argument("url", help=url_help)
+    p.add_argument("--abort-uploads", action="store_true", help="abort abandoned multipart uploads it finds")
+
+    p = add("passwd", cmd_passwd, "change the passphrase (nothing is re-encrypted)",
+            "cryptfs passwd s3://my-bucket/vault")
+    p.add_argument("url", help=url_help)
+    p.add_argument("--new-passphrase-file", metavar="FILE", help="read the new passphrase from FILE "
+                   "(or set $CRYPTFS_NEW_PASSPHRASE)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0) and EXIT_USAGE
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="cryptfs: %(levelname)s: %(message)s")
+    if not args.verbose:
+        logging.getLogger("botocore").setLevel(logging.CRITICAL)
+    try:
+        return args.func(args)
+    except CryptfsError as exc:
+        print(f"cryptfs: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("cryptfs: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return EXIT_OK
+    except OSError as exc:
+        print(f"cryptfs: error: {exc.strerror or exc}{': ' + exc.filename if exc.filename else ''}",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

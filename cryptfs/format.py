@@ -1,0 +1,404 @@
+"""The in-bucket format, pure: headers, blocks, sizes, names, entries, attributes.
+
+Bytes in, bytes out; no I/O, no clocks except the random source for nonces and ids.
+docs/format.md is the specification this module implements; tests/vectors pins it.
+"""
+
+import base64
+import hashlib
+import hmac
+import os
+import struct
+from dataclasses import dataclass
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, AESSIV
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from .errors import FormatError, IntegrityError, NameTooLong
+
+VERSION = 1
+FILE_MAGIC = b"CRYF"
+DIRENT_MAGIC = b"CRYD"
+BACKPTR_MAGIC = b"CRYB"
+
+DEFAULT_BLOCK_SIZE = 64 * 1024
+NONCE_SIZE = 12
+TAG_SIZE = 16
+BLOCK_OVERHEAD = NONCE_SIZE + TAG_SIZE
+FILE_ID_SIZE = 16
+DIR_ID_SIZE = 16
+COMMIT_SIZE = 32
+HEADER_SIZE = 4 + 1 + 1 + 2 + FILE_ID_SIZE + COMMIT_SIZE  # 56
+DIRENT_SIZE = 4 + 1 + 3 + 16 + 16 + DIR_ID_SIZE  # 56: never a valid file object size
+NAME_MAX = 255
+NAME_COMPONENT_MAX = 240  # encoded key components stay below every backend's 255
+ROOT_DIR_ID = bytes(DIR_ID_SIZE)
+BACKPTR_NAME = ".dir"  # not base32, so it never collides with an encrypted name
+
+# user-metadata keys (S3 lower-cases them; values must be ASCII)
+META_VERSION = "cf-v"
+META_ID = "cf-id"
+META_KEY = "cf-key"
+META_ATTR = "cf-attr"
+
+
+def b64e(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def b64d(text: str) -> bytes:
+    try:
+        return base64.b64decode(text.encode("ascii"), validate=True)
+    except Exception as exc:
+        raise FormatError(f"bad base64 field: {exc}") from None
+
+
+def hkdf(secret: bytes, info: bytes, length: int = 32, salt: bytes | None = None) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=salt, info=info).derive(secret)
+
+
+# ---------------------------------------------------------------- sizes and offsets
+
+def block_ct_size(block_size: int) -> int:
+    return block_size + BLOCK_OVERHEAD
+
+
+def block_count(plain_size: int, block_size: int) -> int:
+    """Blocks an object of this plaintext size has: an empty file still has one."""
+    return max(1, -(-plain_size // block_size))
+
+
+def object_size(plain_size: int, block_size: int) -> int:
+    if plain_size < 0:
+        raise ValueError("negative size")
+    return HEADER_SIZE + plain_size + BLOCK_OVERHEAD * block_count(plain_size, block_size)
+
+
+def plain_size(obj_size: int, block_size: int) -> int:
+    """Plaintext size for an object size; FormatError when no plaintext size maps to it."""
+    body = obj_size - HEADER_SIZE
+    if body < BLOCK_OVERHEAD:
+        raise FormatError(f"object of {obj_size} bytes is too short for a cryptfs file")
+    full, rest = divmod(body, block_ct_size(block_size))
+    if rest == 0:
+        return full * block_size
+    if rest == BLOCK_OVERHEAD and full == 0:
+        return 0
+    if rest <= BLOCK_OVERHEAD:
+        raise FormatError(f"object size {obj_size} maps to no plaintext size")
+    return full * block_size + rest - BLOCK_OVERHEAD
+
+
+def block_offset(index: int, block_size: int) -> int:
+    """Object offset where ciphertext block `index` starts."""
+    return HEADER_SIZE + index * block_ct_size(block_size)
+
+
+def block_span(offset: int, length: int, block_size: int) -> range:
+    """Indexes of the blocks that plaintext bytes [offset, offset+length) touch."""
+    if length <= 0:
+        return range(offset // block_size, offset // block_size)
+    return range(offset // block_size, (offset + length - 1) // block_size + 1)
+
+
+def block_plain_len(index: int, size: int, block_size: int) -> int:
+    """Plaintext length of block `index` in a file of `size` bytes."""
+    last = block_count(size, block_size) - 1
+    if index < last:
+        return block_size
+    if index == last:
+        return size - last * block_size
+    raise ValueError("block beyond end of file")
+
+
+# ---------------------------------------------------------------- file header and blocks
+
+@dataclass(frozen=True)
+class FileKey:
+    """A file's data key with what derives from it; build with FileKey.derive."""
+    data_key: bytes
+    file_id: bytes
+    block_key: bytes
+    commitment: bytes
+
+    @classmethod
+    def derive(cls, data_key: bytes, file_id: bytes) -> "FileKey":
+        if len(data_key) != 32 or len(file_id) != FILE_ID_SIZE:
+            raise FormatError("bad data key or file id length")
+        return cls(data_key, file_id,
+                   hkdf(data_key, b"cryptfs v1 block key", salt=file_id),
+                   hkdf(data_key, b"cryptfs v1 key commitment", salt=file_id))
+
+    @classmethod
+    def new(cls, file_id: bytes | None = None) -> "FileKey":
+        return cls.derive(os.urandom(32), file_id or os.urandom(FILE_ID_SIZE))
+
+
+def log2_block_size(block_size: int) -> int:
+    exp = block_size.bit_length() - 1
+    if block_size != 1 << exp or not 12 <= exp <= 24:
+        raise FormatError(f"block size {block_size} is not a power of two in 4 KiB..16 MiB")
+    return exp
+
+
+def make_header(fk: FileKey, block_size: int) -> bytes:
+    return (FILE_MAGIC + bytes([VERSION, log2_block_size(block_size)]) + b"\0\0"
+            + fk.file_id + fk.commitment)
+
+
+@dataclass(frozen=True)
+class Header:
+    raw: bytes
+    block_size: int
+    file_id: bytes
+    commitment: bytes
+
+
+def parse_header(raw: bytes) -> Header:
+    if len(raw) < HEADER_SIZE:
+        raise FormatError("object shorter than a cryptfs header")
+    raw = bytes(raw[:HEADER_SIZE])
+    if raw[:4] != FILE_MAGIC:
+        raise FormatError("not a cryptfs file object (bad magic)")
+    if raw[4] != VERSION:
+        raise FormatError(f"unsupported file format version {raw[4]}")
+    if raw[6:8] != b"\0\0":
+        raise FormatError("unknown header flags")
+    exp = raw[5]
+    if not 12 <= exp <= 24:
+        raise FormatError(f"bad block size exponent {exp}")
+    return Header(raw, 1 << exp, raw[8:24], raw[24:56])
+
+
+def check_commitment(fk: FileKey, header: Header) -> None:
+    if fk.file_id != header.file_id or not hmac.compare_digest(fk.commitment, header.commitment):
+        raise IntegrityError("data key does not match the file header (key commitment)")
+
+
+def _block_aad(header: bytes, index: int, last: bool) -> bytes:
+    return header + struct.pack(">QB", index, 1 if last else 0)
+
+
+def encrypt_block(fk: FileKey, header: bytes, index: int, plain: bytes, last: bool,
+                  nonce: bytes | None = None) -> bytes:
+    nonce = nonce or os.urandom(NONCE_SIZE)
+    return nonce + AESGCM(fk.block_key).encrypt(nonce, bytes(plain), _block_aad(header, index, last))
+
+
+def decrypt_block(fk: FileKey, header: bytes, index: int, block: bytes, last: bool) -> bytes:
+    if len(block) < BLOCK_OVERHEAD:
+        raise IntegrityError(f"block {index} is truncated")
+    try:
+        return AESGCM(fk.block_key).decrypt(block[:NONCE_SIZE], bytes(block[NONCE_SIZE:]),
+                                            _block_aad(header, index, last))
+    except InvalidTag:
+        raise IntegrityError(f"block {index} failed authentication") from None
+
+
+def encrypt_file(fk: FileKey, plain: bytes, block_size: int) -> bytes:
+    """A whole object body for small contents (tests, symlinks, vectors)."""
+    header = make_header(fk, block_size)
+    n = block_count(len(plain), block_size)
+    parts = [header]
+    for i in range(n):
+        parts.append(encrypt_block(fk, header, i, plain[i * block_size:(i + 1) * block_size],
+                                   i == n - 1))
+    return b"".join(parts)
+
+
+def decrypt_file(fk: FileKey, body: bytes, block_size: int) -> bytes:
+    """Decrypt a whole object body, checking every block and the exact end."""
+    header = parse_header(body)
+    if header.block_size != block_size:
+        raise FormatError("file block size differs from the volume's")
+    check_commitment(fk, header)
+    size = plain_size(len(body), block_size)
+    n = block_count(size, block_size)
+    out = []
+    for i in range(n):
+        start = block_offset(i, block_size)
+        end = start + block_plain_len(i, size, block_size) + BLOCK_OVERHEAD
+        out.append(decrypt_block(fk, header.raw, i, body[start:end], i == n - 1))
+    return b"".join(out)
+
+
+# ---------------------------------------------------------------- volume-secret subkeys
+
+@dataclass(frozen=True)
+class VolumeKeys:
+    """Keys derived from the volume secret, one purpose each."""
+    name_key: bytes      # AES-SIV-256 for entry names
+    dirhash_key: bytes   # HMAC for directory prefixes
+    attr_key: bytes      # AES-SIV-256 for attribute blobs
+    entry_key: bytes     # AES-SIV-256 for directory entries and back-pointers
+
+    @classmethod
+    def derive(cls, secret: bytes) -> "VolumeKeys":
+        return cls(hkdf(secret, b"cryptfs v1 name key", 64),
+                   hkdf(secret, b"cryptfs v1 directory hash key", 32),
+                   hkdf(secret, b"cryptfs v1 attribute key", 64),
+                   hkdf(secret, b"cryptfs v1 entry key", 64))
+
+
+# ---------------------------------------------------------------- names and layout
+
+def _b32e(data: bytes) -> str:
+    return base64.b32encode(data).decode("ascii").rstrip("=").lower()
+
+
+def _b32d(text: str) -> bytes:
+    pad = "=" * (-len(text) % 8)
+    try:
+        return base64.b32decode(text.upper() + pad)
+    except Exception:
+        raise FormatError("not an encrypted name") from None
+
+
+def dir_prefix(vk: VolumeKeys, dir_id: bytes) -> str:
+    """Key prefix (relative to the volume) holding a directory's entries."""
+    digest = hmac.new(vk.dirhash_key, dir_id, hashlib.sha256).digest()[:20]
+    return f"t/{_b32e(digest)}/"
+
+
+def check_name(name: bytes) -> None:
+    if not name or name in (b".", b"..") or b"/" in name or b"\0" in name:
+        raise FormatError(f"invalid entry name {name!r}")
+    if len(name) > NAME_MAX:
+        raise NameTooLong(f"name is {len(name)} bytes, longer than {NAME_MAX}")
+
+
+def encrypt_name(vk: VolumeKeys, dir_id: bytes, name: bytes) -> str:
+    """Entry key suffix for `name` in directory `dir_id`: deterministic, padded, split."""
+    check_name(name)
+    padded = name + b"\x80" + bytes(-(len(name) + 1) % 16)
+    enc = _b32e(AESSIV(vk.name_key).encrypt(padded, [b"cryptfs v1 name", dir_id]))
+    return "/".join(enc[i:i + NAME_COMPONENT_MAX] for i in range(0, len(enc), NAME_COMPONENT_MAX))
+
+
+def decrypt_name(vk: VolumeKeys, dir_id: bytes, suffix: str) -> bytes:
+    parts = suffix.split("/")
+    if any(len(p) != NAME_COMPONENT_MAX for p in parts[:-1]):
+        raise FormatError("not an encrypted name (bad split)")
+    raw = _b32d("".join(parts))
+    try:
+        padded = AESSIV(vk.name_key).decrypt(raw, [b"cryptfs v1 name", dir_id])
+    except (InvalidTag, ValueError):
+        raise IntegrityError("entry name failed authentication") from None
+    name, marker, zeros = padded.rpartition(b"\x80")
+    if not marker or zeros.strip(b"\0"):
+        raise IntegrityError("bad name padding")
+    return name
+
+
+def new_dir_id() -> bytes:
+    return os.urandom(DIR_ID_SIZE)
+
+
+def encrypt_dirent(vk: VolumeKeys, parent_id: bytes, name: bytes, child_id: bytes) -> bytes:
+    """The object body of a directory entry: the child's id bound to (parent, name)."""
+    nonce = os.urandom(16)
+    sealed = AESSIV(vk.entry_key).encrypt(child_id, [b"cryptfs v1 dirent", parent_id, name, nonce])
+    return DIRENT_MAGIC + bytes([VERSION]) + b"\0\0\0" + nonce + sealed
+
+
+def decrypt_dirent(vk: VolumeKeys, parent_id: bytes, name: bytes, body: bytes) -> bytes:
+    if len(body) != DIRENT_SIZE or body[:4] != DIRENT_MAGIC:
+        raise FormatError("not a cryptfs directory entry")
+    if body[4] != VERSION:
+        raise FormatError(f"unsupported directory entry version {body[4]}")
+    nonce = body[8:24]
+    try:
+        return AESSIV(vk.entry_key).decrypt(body[24:], [b"cryptfs v1 dirent", parent_id, name, nonce])
+    except InvalidTag:
+        raise IntegrityError("directory entry failed authentication") from None
+
+
+def encrypt_backptr(vk: VolumeKeys, dir_id: bytes, parent_id: bytes, name: bytes) -> bytes:
+    """A directory's own record of where it belongs: (its id, parent id, name)."""
+    nonce = os.urandom(16)
+    sealed = AESSIV(vk.entry_key).encrypt(parent_id + name, [b"cryptfs v1 backptr", dir_id, nonce])
+    return BACKPTR_MAGIC + bytes([VERSION]) + b"\0\0\0" + nonce + sealed
+
+
+def decrypt_backptr(vk: VolumeKeys, dir_id: bytes, body: bytes) -> tuple[bytes, bytes]:
+    """(parent id, name) from a back-pointer body."""
+    if len(body) < 24 + 16 + DIR_ID_SIZE or body[:4] != BACKPTR_MAGIC:
+        raise FormatError("not a cryptfs directory back-pointer")
+    if body[4] != VERSION:
+        raise FormatError(f"unsupported back-pointer version {body[4]}")
+    try:
+        plain = AESSIV(vk.entry_key).decrypt(body[24:], [b"cryptfs v1 backptr", dir_id, body[8:24]])
+    except InvalidTag:
+        raise IntegrityError("directory back-pointer failed authentication") from None
+    return plain[:DIR_ID_SIZE], plain[DIR_ID_SIZE:]
+
+
+# ---------------------------------------------------------------- attributes
+
+@dataclass(frozen=True)
+class Attrs:
+    mode: int       # full st_mode including the type bits
+    uid: int
+    gid: int
+    mtime_ns: int
+    ctime_ns: int
+
+
+_ATTR_STRUCT = struct.Struct(">BIIIqq")
+
+
+def encrypt_attrs(vk: VolumeKeys, object_key: str, obj_id: bytes, attrs: Attrs) -> bytes:
+    """Attribute blob bound to the object's key (relative to the volume) and its id."""
+    plain = _ATTR_STRUCT.pack(VERSION, attrs.mode, attrs.uid, attrs.gid, attrs.mtime_ns, attrs.ctime_ns)
+    nonce = os.urandom(16)
+    return nonce + AESSIV(vk.attr_key).encrypt(
+        plain, [b"cryptfs v1 attrs", object_key.encode(), obj_id, nonce])
+
+
+def decrypt_attrs(vk: VolumeKeys, object_key: str, obj_id: bytes, blob: bytes) -> Attrs:
+    if len(blob) != 16 + 16 + _ATTR_STRUCT.size:
+        raise IntegrityError("attribute blob has a bad length")
+    try:
+        plain = AESSIV(vk.attr_key).decrypt(
+            blob[16:], [b"cryptfs v1 attrs", object_key.encode(), obj_id, blob[:16]])
+    except InvalidTag:
+        raise IntegrityError("attribute blob failed authentication") from None
+    version, mode, uid, gid, mtime, ctime = _ATTR_STRUCT.unpack(plain)
+    if version != VERSION:
+        raise FormatError(f"unsupported attribute version {version}")
+    return Attrs(mode, uid, gid, mtime, ctime)
+
+
+def file_metadata(vk: VolumeKeys, object_key: str, file_id: bytes, wrapped_key: bytes,
+                  attrs: Attrs) -> dict[str, str]:
+    """User metadata of a file object: always carries the wrapped key with the attributes."""
+    return {META_VERSION: str(VERSION), META_ID: b64e(file_id), META_KEY: b64e(wrapped_key),
+            META_ATTR: b64e(encrypt_attrs(vk, object_key, file_id, attrs))}
+
+
+def dirent_metadata(vk: VolumeKeys, object_key: str, dir_id: bytes, attrs: Attrs) -> dict[str, str]:
+    return {META_VERSION: str(VERSION), META_ID: b64e(dir_id),
+            META_ATTR: b64e(encrypt_attrs(vk, object_key, dir_id, attrs))}
+
+
+@dataclass(frozen=True)
+class ParsedMeta:
+    obj_id: bytes
+    wrapped_key: bytes | None
+    attr_blob: bytes
+
+
+def parse_metadata(meta: dict[str, str]) -> ParsedMeta:
+    if meta.get(META_VERSION) != str(VERSION):
+        raise FormatError(f"unsupported or missing metadata version {meta.get(META_VERSION)!r}")
+    try:
+        obj_id = b64d(meta[META_ID])
+        blob = b64d(meta[META_ATTR])
+    except KeyError as exc:
+        raise FormatError(f"metadata field {exc} missing") from None
+    wrapped = b64d(meta[META_KEY]) if META_KEY in meta else None
+    if len(obj_id) != FILE_ID_SIZE:
+        raise FormatError("bad object id in metadata")
+    return ParsedMeta(obj_id, wrapped, blob)

@@ -1,0 +1,402 @@
+"""The encrypted tree over a backend: the one place where plaintext meets ciphertext.
+
+Directories, entries, attributes and file bodies as the CLI and the mount see them,
+built from format.py (pure) and a Backend (I/O). Stateless apart from the volume's key
+caches, so any number of threads may call it at once.
+"""
+
+import concurrent.futures as cf
+import logging
+import os
+import stat
+import time
+from dataclasses import dataclass, replace
+from typing import BinaryIO, Callable, Iterator
+
+from . import format as fmt
+from . import keys
+from .backend.base import ObjectInfo, read_exact
+from .errors import (AlreadyExists, DirectoryNotEmpty, FormatError, IntegrityError, IsADirectory,
+                     NotADirectory, NotFound, PreconditionFailed)
+from .volume import Volume
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One name in one directory, as the bucket holds it."""
+    parent_id: bytes
+    name: bytes
+    key: str                 # object key relative to the volume prefix
+    is_dir: bool
+    obj_id: bytes            # file id, or the directory's own id
+    size: int                # plaintext size; 0 for directories
+    etag: str
+    last_modified: float
+    attrs: fmt.Attrs | None  # None until metadata was read
+    wrapped_key: bytes | None = None
+
+    @property
+    def is_symlink(self) -> bool:
+        return self.attrs is not None and stat.S_ISLNK(self.attrs.mode)
+
+
+def now_ns() -> int:
+    return time.time_ns()
+
+
+def default_attrs(mode: int) -> fmt.Attrs:
+    t = now_ns()
+    return fmt.Attrs(mode, os.getuid(), os.getgid(), t, t)
+
+
+class Store:
+    def __init__(self, volume: Volume, workers: int = 8):
+        self.vol = volume
+        self.backend = volume.backend
+        self.vk = volume.volume_keys
+        self.block_size = volume.block_size
+        self.workers = workers
+        self._warned: set[str] = set()
+
+    # ------------------------------------------------------------ keys and names
+
+    def abs_key(self, rel: str) -> str:
+        return self.vol.prefix + rel
+
+    def entry_key(self, dir_id: bytes, name: bytes) -> str:
+        return fmt.dir_prefix(self.vk, dir_id) + fmt.encrypt_name(self.vk, dir_id, name)
+
+    def backptr_key(self, dir_id: bytes) -> str:
+        return fmt.dir_prefix(self.vk, dir_id) + fmt.BACKPTR_NAME
+
+    def warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning("%s: %s", key, message)
+
+    # ------------------------------------------------------------ reading entries
+
+    def entry_from(self, parent_id: bytes, name: bytes, rel: str, info: ObjectInfo,
+                   body: bytes | None) -> Entry:
+        """An Entry from an object's info (with metadata) and, for directories, its body."""
+        meta = fmt.parse_metadata(info.metadata or {})
+        attrs = fmt.decrypt_attrs(self.vk, rel, meta.obj_id, meta.attr_blob)
+        if info.size == fmt.DIRENT_SIZE:
+            if body is None:
+                body = self.backend.get(self.abs_key(rel))[0]
+            child = fmt.decrypt_dirent(self.vk, parent_id, name, body[:fmt.DIRENT_SIZE])
+            if child != meta.obj_id or not stat.S_ISDIR(attrs.mode):
+                raise IntegrityError(f"directory entry {name!r} does not match its metadata")
+            return Entry(parent_id, name, rel, True, child, 0, info.etag, info.last_modified, attrs)
+        if meta.wrapped_key is None:
+            raise FormatError("file object without a wrapped key")
+        if body is not None and len(body) >= fmt.HEADER_SIZE:
+            if fmt.parse_header(body).file_id != meta.obj_id:
+                raise IntegrityError("file header and metadata name different files")
+        size = fmt.plain_size(info.size, self.block_size)
+        return Entry(parent_id, name, rel, False, meta.obj_id, size, info.etag, info.last_modified,
+                     attrs, meta.wrapped_key)
+
+    def lookup(self, dir_id: bytes, name: bytes) -> tuple[Entry, bytes]:
+        """One request: the entry and the first bytes of its object (header and first block)."""
+        rel = self.entry_key(dir_id, name)
+        first = fmt.HEADER_SIZE + fmt.block_ct_size(self.block_size)
+        body, info = self.backend.get(self.abs_key(rel), 0, first)
+        try:
+            return self.entry_from(dir_id, name, rel, info, body), body
+        except (FormatError, IntegrityError) as exc:
+            raise type(exc)(f"{name.decode(errors='replace')}: {exc}") from None
+
+    def stat_listed(self, dir_id: bytes, name: bytes, rel: str) -> Entry:
+        """HEAD an entry found by a listing (directories need their 56-byte body too)."""
+        info = self.backend.head(self.abs_key(rel))
+        return self.entry_from(dir_id, name, rel, info, None)
+
+    def root(self) -> Entry:
+        rel = self.backptr_key(fmt.ROOT_DIR_ID)
+        info = self.backend.head(self.abs_key(rel))
+        meta = fmt.parse_metadata(info.metadata or {})
+        attrs = fmt.decrypt_attrs(self.vk, rel, fmt.ROOT_DIR_ID, meta.attr_blob)
+        return Entry(fmt.ROOT_DIR_ID, b"", rel, True, fmt.ROOT_DIR_ID, 0, info.etag,
+                     info.last_modified, attrs)
+
+    def resolve(self, parts: list[bytes]) -> Entry:
+        entry = self.root()
+        for i, name in enumerate(parts):
+            if not entry.is_dir:
+                raise NotADirectory(f"{b'/'.join(parts[:i]).decode(errors='replace')} is not a directory")
+            try:
+                entry, _ = self.lookup(entry.obj_id, name)
+            except NotFound:
+                raise NotFound(f"/{b'/'.join(parts[:i + 1]).decode(errors='replace')}: no such file "
+                               "or directory") from None
+        return entry
+
+    def list_dir(self, dir_id: bytes) -> Iterator[tuple[bytes, ObjectInfo, bool]]:
+        """(name, info, is_dir) for every entry, from one LIST; foreign keys are skipped."""
+        prefix = fmt.dir_prefix(self.vk, dir_id)
+        for info in self.backend.list(self.abs_key(prefix)):
+            suffix = info.key[len(self.vol.prefix) + len(prefix):]
+            if suffix == fmt.BACKPTR_NAME:
+                continue
+            try:
+                name = fmt.decrypt_name(self.vk, dir_id, suffix)
+            except (FormatError, IntegrityError):
+                self.warn_once(info.key, "not a cryptfs entry of this volume; skipped")
+                continue
+            yield name, info, info.size == fmt.DIRENT_SIZE
+
+    def list_entries(self, dir_id: bytes) -> list[Entry]:
+        """Every entry with its attributes: one LIST, then HEADs in parallel."""
+        listed = list(self.list_dir(dir_id))
+
+        def one(item):
+            name, info, _ = item
+            try:
+                return self.stat_listed(dir_id, name, info.key[len(self.vol.prefix):])
+            except (FormatError, IntegrityError) as exc:
+                self.warn_once(info.key, f"skipped: {exc}")
+            except NotFound:
+                pass  # removed since the listing
+            return None
+        with cf.ThreadPoolExecutor(self.workers) as pool:
+            return [e for e in pool.map(one, listed) if e is not None]
+
+    # ------------------------------------------------------------ file contents
+
+    def file_key(self, entry: Entry) -> fmt.FileKey:
+        return fmt.FileKey.derive(self.vol.data_keys.unwrap(entry.wrapped_key), entry.obj_id)
+
+    def decrypt_range(self, entry: Entry, fk: fmt.FileKey, header: bytes, first: int,
+                      raw: bytes) -> list[bytes]:
+        """Plaintext blocks from raw ciphertext starting at block `first`."""
+        ct = fmt.block_ct_size(self.block_size)
+        nblocks = fmt.block_count(entry.size, self.block_size)
+        out = []
+        for n, pos in enumerate(range(0, len(raw), ct)):
+            index = first + n
+            try:
+                out.append(fmt.decrypt_block(fk, header, index, raw[pos:pos + ct], index == nblocks - 1))
+            except IntegrityError as exc:
+                log.error("%s: block %d of %s failed authentication", entry.key, index,
+                          entry.name.decode(errors="replace"))
+                raise IntegrityError(f"{entry.name.decode(errors='replace')}: {exc} (object {entry.key})") \
+                    from None
+        return out
+
+    def read_header(self, entry: Entry, fk: fmt.FileKey, raw: bytes | None = None) -> bytes:
+        if raw is None:
+            raw, _ = self.backend.get(self.abs_key(entry.key), 0, fmt.HEADER_SIZE, if_match=entry.etag)
+        header = fmt.parse_header(raw)
+        if header.block_size != self.block_size:
+            raise FormatError("file block size differs from the volume's")
+        if header.file_id != entry.obj_id:
+            raise IntegrityError(f"{entry.name!r}: header and metadata name different files")
+        fmt.check_commitment(fk, header)
+        return header.raw
+
+    def read_blocks(self, entry: Entry, fk: fmt.FileKey, header: bytes, first: int, count: int) -> list[bytes]:
+        """Blocks [first, first+count) of an unchanged object (If-Match on the entry's ETag)."""
+        nblocks = fmt.block_count(entry.size, self.block_size)
+        count = min(count, nblocks - first)
+        if count <= 0:
+            return []
+        start = fmt.block_offset(first, self.block_size)
+        end = fmt.block_offset(first + count - 1, self.block_size) + fmt.BLOCK_OVERHEAD + \
+            fmt.block_plain_len(first + count - 1, entry.size, self.block_size)
+        raw, info = self.backend.get(self.abs_key(entry.key), start, end, if_match=entry.etag)
+        if len(raw) != end - start:
+            raise IntegrityError(f"{entry.name!r}: object shorter than its listed size")
+        return self.decrypt_range(entry, fk, header, first, raw)
+
+    def iter_plain(self, entry: Entry, chunk_blocks: int = 64, parallel: int = 4) -> Iterator[bytes]:
+        """A file's plaintext in order, fetching and decrypting `parallel` chunks at once."""
+        fk = self.file_key(entry)
+        header = self.read_header(entry, fk)
+        nblocks = fmt.block_count(entry.size, self.block_size)
+        starts = list(range(0, nblocks, chunk_blocks))
+        with cf.ThreadPoolExecutor(parallel) as pool:
+            pending: list[cf.Future] = []
+            for start in starts:
+                pending.append(pool.submit(self.read_blocks, entry, fk, header, start, chunk_blocks))
+                if len(pending) >= parallel:
+                    yield b"".join(pending.pop(0).result())
+            for fut in pending:
+                yield b"".join(fut.result())
+
+    def read_all(self, entry: Entry) -> bytes:
+        return b"".join(self.iter_plain(entry))
+
+    # ------------------------------------------------------------ writing files
+
+    def metadata_for(self, rel: str, obj_id: bytes, attrs: fmt.Attrs, wrapped: bytes | None,
+                     is_dir: bool) -> dict[str, str]:
+        if is_dir:
+            return fmt.dirent_metadata(self.vk, rel, obj_id, attrs)
+        return fmt.file_metadata(self.vk, rel, obj_id, wrapped, attrs)
+
+    def new_file_key(self, file_id: bytes | None = None) -> tuple[fmt.FileKey, bytes]:
+        """A fresh data key (keeping `file_id` for a rewrite) and its wrapped form."""
+        fk = fmt.FileKey.new(file_id)
+        wrapped = keys.wrap(self.vol.content_public, fk.data_key, keys.DATA_KEY_LABEL)
+        self.vol.data_keys.remember(wrapped, fk.data_key)
+        return fk, wrapped
+
+    def write_stream(self, dir_id: bytes, name: bytes, stream: BinaryIO, size: int, attrs: fmt.Attrs,
+                     existing: Entry | None = None, create_only: bool = False,
+                     progress: Callable[[int], None] | None = None) -> Entry:
+        """Encrypt `size` bytes from `stream` into the entry (dir_id, name), streaming."""
+        rel = self.entry_key(dir_id, name)
+        if existing is not None and existing.is_dir:
+            raise IsADirectory(f"{name.decode(errors='replace')} is a directory")
+        fk, wrapped = self.new_file_key(existing.obj_id if existing else None)
+        meta = self.metadata_for(rel, fk.file_id, attrs, wrapped, False)
+        reader = EncryptingReader(stream, fk, size, self.block_size)
+        obj_size = fmt.object_size(size, self.block_size)
+        try:
+            etag = self.backend.upload(self.abs_key(rel), reader, obj_size, meta,
+                                       if_none_match=create_only, progress=_plain_progress(progress, size,
+                                                                                          obj_size))
+        except PreconditionFailed:
+            raise AlreadyExists(f"{name.decode(errors='replace')} already exists") from None
+        return Entry(dir_id, name, rel, False, fk.file_id, size, etag, time.time(), attrs, wrapped)
+
+    def write_bytes(self, dir_id: bytes, name: bytes, data: bytes, attrs: fmt.Attrs,
+                    existing: Entry | None = None, create_only: bool = False) -> Entry:
+        import io
+        return self.write_stream(dir_id, name, io.BytesIO(data), len(data), attrs, existing, create_only)
+
+    # ------------------------------------------------------------ directories
+
+    def mkdir(self, parent_id: bytes, name: bytes, attrs: fmt.Attrs) -> Entry:
+        child = fmt.new_dir_id()
+        rel = self.entry_key(parent_id, name)
+        self.backend.put(self.abs_key(self.backptr_key(child)),
+                         fmt.encrypt_backptr(self.vk, child, parent_id, name))
+        try:
+            etag = self.backend.put(self.abs_key(rel), fmt.encrypt_dirent(self.vk, parent_id, name, child),
+                                    self.metadata_for(rel, child, attrs, None, True), if_none_match=True)
+        except PreconditionFailed:
+            self.backend.delete(self.abs_key(self.backptr_key(child)))
+            raise AlreadyExists(f"{name.decode(errors='replace')} already exists") from None
+        return Entry(parent_id, name, rel, True, child, 0, etag, time.time(), attrs)
+
+    def init_root(self, attrs: fmt.Attrs) -> None:
+        rel = self.backptr_key(fmt.ROOT_DIR_ID)
+        self.backend.put(self.abs_key(rel), fmt.encrypt_backptr(self.vk, fmt.ROOT_DIR_ID, fmt.ROOT_DIR_ID, b""),
+                         fmt.dirent_metadata(self.vk, rel, fmt.ROOT_DIR_ID, attrs))
+
+    def is_empty(self, dir_id: bytes) -> bool:
+        prefix = self.abs_key(fmt.dir_prefix(self.vk, dir_id))
+        return all(info.key == prefix + fmt.BACKPTR_NAME for info in self.backend.list(prefix))
+
+    def remove(self, entry: Entry) -> None:
+        """Delete a file, or an empty directory (entry first, so it vanishes at once)."""
+        if entry.is_dir:
+            if not self.is_empty(entry.obj_id):
+                raise DirectoryNotEmpty(f"{entry.name.decode(errors='replace')}: directory not empty")
+            self.backend.delete(self.abs_key(entry.key))
+            self.backend.delete(self.abs_key(self.backptr_key(entry.obj_id)))
+        else:
+            self.backend.delete(self.abs_key(entry.key))
+
+    def check_backptr(self, entry: Entry) -> bool:
+        """Whether a directory entry is the canonical one its directory points back to."""
+        try:
+            raw, _ = self.backend.get(self.abs_key(self.backptr_key(entry.obj_id)))
+        except NotFound:
+            return False
+        return fmt.decrypt_backptr(self.vk, entry.obj_id, raw) == (entry.parent_id, entry.name)
+
+    # ------------------------------------------------------------ renames and attributes
+
+    def rename(self, entry: Entry, new_parent: bytes, new_name: bytes, target: Entry | None = None) -> Entry:
+        """Move an entry; `target` is what (new_parent, new_name) holds now, replaced if allowed."""
+        new_rel = self.entry_key(new_parent, new_name)
+        if target is not None:
+            if target.is_dir and not entry.is_dir:
+                raise IsADirectory(f"{new_name.decode(errors='replace')} is a directory")
+            if entry.is_dir and not target.is_dir:
+                raise NotADirectory(f"{new_name.decode(errors='replace')} is not a directory")
+            if target.is_dir:
+                self.remove(target)
+        if entry.is_dir:
+            etag = self.backend.put(self.abs_key(new_rel),
+                                    fmt.encrypt_dirent(self.vk, new_parent, new_name, entry.obj_id),
+                                    self.metadata_for(new_rel, entry.obj_id, entry.attrs, None, True),
+                                    if_none_match=target is None or target.is_dir)
+            self.backend.put(self.abs_key(self.backptr_key(entry.obj_id)),
+                             fmt.encrypt_backptr(self.vk, entry.obj_id, new_parent, new_name))
+        else:
+            meta = self.metadata_for(new_rel, entry.obj_id, entry.attrs, entry.wrapped_key, False)
+            etag = self.backend.copy(self.abs_key(entry.key), self.abs_key(new_rel), meta, if_match=entry.etag)
+            copied = self.backend.head(self.abs_key(new_rel))
+            if copied.size != fmt.object_size(entry.size, self.block_size):
+                raise IntegrityError(f"copy of {entry.name!r} has the wrong size; source kept")
+        if new_rel != entry.key:
+            self.backend.delete(self.abs_key(entry.key))
+        return replace(entry, parent_id=new_parent, name=new_name, key=new_rel, etag=etag,
+                       last_modified=time.time())
+
+    def set_attrs(self, entry: Entry, attrs: fmt.Attrs) -> Entry:
+        """Persist new attributes: a metadata-only copy (files) or a small re-PUT (directories)."""
+        if entry.obj_id == fmt.ROOT_DIR_ID and entry.is_dir:
+            self.backend.put(self.abs_key(entry.key),
+                             fmt.encrypt_backptr(self.vk, fmt.ROOT_DIR_ID, fmt.ROOT_DIR_ID, b""),
+                             fmt.dirent_metadata(self.vk, entry.key, fmt.ROOT_DIR_ID, attrs))
+            return replace(entry, attrs=attrs)
+        meta = self.metadata_for(entry.key, entry.obj_id, attrs, entry.wrapped_key, entry.is_dir)
+        if entry.is_dir:
+            etag = self.backend.put(self.abs_key(entry.key),
+                                    fmt.encrypt_dirent(self.vk, entry.parent_id, entry.name, entry.obj_id),
+                                    meta, if_match=entry.etag)
+        else:
+            etag = self.backend.copy(self.abs_key(entry.key), self.abs_key(entry.key), meta,
+                                     if_match=entry.etag)
+        return replace(entry, attrs=attrs, etag=etag, last_modified=time.time())
+
+
+def _plain_progress(progress, size: int, obj_size: int):
+    """Report plaintext bytes to a callback that gets ciphertext byte counts."""
+    if progress is None:
+        return None
+    return lambda n: progress(n * size // obj_size if obj_size else n)
+
+
+class EncryptingReader:
+    """A read()-able stream of a file object's bytes, encrypting `size` plaintext bytes lazily.
+
+    Memory stays at about one read request; a source that ends early is an error (the file
+    changed while it was read), never a short object.
+    """
+
+    def __init__(self, source: BinaryIO, fk: fmt.FileKey, size: int, block_size: int):
+        self.source, self.fk, self.size, self.bs = source, fk, size, block_size
+        self.header = fmt.make_header(fk, block_size)
+        self.nblocks = fmt.block_count(size, block_size)
+        self.index = 0
+        self.buf = bytearray(self.header)
+        self.pos = 0
+
+    def _next_block(self) -> None:
+        want = fmt.block_plain_len(self.index, self.size, self.bs)
+        plain = read_exact(self.source, want)
+        if len(plain) != want:
+            raise IntegrityError("source file changed size while being encrypted")
+        self.buf += fmt.encrypt_block(self.fk, self.header, self.index, plain, self.index == self.nblocks - 1)
+        self.index += 1
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            n = 1 << 62
+        while len(self.buf) - self.pos < n and self.index < self.nblocks:
+            if self.pos:
+                del self.buf[:self.pos]
+                self.pos = 0
+            self._next_block()
+        out = bytes(self.buf[self.pos:self.pos + n])
+        self.pos += len(out)
+        return out
+

@@ -1,0 +1,155 @@
+"""Copying between local files and a volume: put, get and whole-volume decrypt (resumable).
+
+Plaintext only streams through memory: uploads encrypt while reading, downloads decrypt
+into a partial file next to the destination, renamed into place when complete.
+"""
+
+import errno
+import os
+import stat
+import sys
+import time
+
+from . import format as fmt
+from .errors import IsADirectory, NoSpace, NotADirectory, NotFound
+from .store import Entry, Store, now_ns
+
+PARTIAL_SUFFIX = ".cryptfs-partial"
+
+
+class Progress:
+    """A one-line progress bar on stderr when it is a terminal; silent otherwise."""
+
+    def __init__(self, total: int, label: str, enabled: bool | None = None):
+        self.total, self.label, self.done = total, label, 0
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self.start = self.last = time.monotonic()
+
+    def __call__(self, n: int) -> None:
+        self.done += n
+        now = time.monotonic()
+        if self.enabled and (now - self.last > 0.2 or self.done >= self.total):
+            self.last = now
+            rate = self.done / max(now - self.start, 1e-6) / 1e6
+            pct = 100 * self.done / self.total if self.total else 100
+            sys.stderr.write(f"\r{self.label[-40:]:40} {pct:5.1f}% {self.done / 1e6:10.1f} MB {rate:7.1f} MB/s")
+            sys.stderr.flush()
+
+    def finish(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+
+
+def attrs_of(st: os.stat_result) -> fmt.Attrs:
+    return fmt.Attrs(st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns, now_ns())
+
+
+# ---------------------------------------------------------------- put
+
+def put_path(store: Store, src: str, parent: Entry, name: bytes, quiet: bool = False) -> int:
+    """Upload a file, symlink or directory tree as `name` in directory `parent`; returns files sent."""
+    st = os.lstat(src)
+    existing = _lookup(store, parent, name)
+    if stat.S_ISDIR(st.st_mode):
+        if existing is None:
+            existing = store.mkdir(parent.obj_id, name, attrs_of(st))
+        elif not existing.is_dir:
+            raise NotADirectory(f"{name.decode(errors='replace')} exists and is not a directory")
+        sent = 0
+        for child in sorted(os.listdir(src)):
+            sent += put_path(store, os.path.join(src, child), existing, os.fsencode(child), quiet)
+        return sent
+    if existing is not None and existing.is_dir:
+        raise IsADirectory(f"{name.decode(errors='replace')} is a directory")
+    if stat.S_ISLNK(st.st_mode):
+        store.write_bytes(parent.obj_id, name, os.fsencode(os.readlink(src)), attrs_of(st), existing)
+        return 1
+    if not stat.S_ISREG(st.st_mode):
+        print(f"cryptfs: skipping {src}: not a regular file, directory or symlink", file=sys.stderr)
+        return 0
+    with open(src, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        progress = Progress(size, src, enabled=None if not quiet else False)
+        store.write_stream(parent.obj_id, name, f, size, attrs_of(st), existing, progress=progress)
+        progress.finish()
+    return 1
+
+
+def _lookup(store: Store, parent: Entry, name: bytes) -> Entry | None:
+    try:
+        return store.lookup(parent.obj_id, name)[0]
+    except NotFound:
+        return None
+
+
+# ---------------------------------------------------------------- get
+
+def get_entry(store: Store, entry: Entry, dest: str, quiet: bool = False, resume: bool = False) -> int:
+    """Download an entry (recursively for directories) to local path `dest`; returns files written."""
+    if entry.is_dir:
+        os.makedirs(dest, exist_ok=True)
+        written = 0
+        children = store.list_entries(entry.obj_id)
+        for child in sorted(children, key=lambda e: e.name):
+            written += get_entry(store, child, os.path.join(dest, os.fsdecode(child.name)), quiet, resume)
+        _apply_attrs(dest, entry.attrs, follow=True)
+        return written
+    if resume and _unchanged(dest, entry):
+        return 0
+    if entry.is_symlink:
+        target = store.read_all(entry)
+        if os.path.lexists(dest):
+            os.unlink(dest)
+        os.symlink(target, dest)
+        _apply_attrs(dest, entry.attrs, follow=False)
+        return 1
+    partial = dest + PARTIAL_SUFFIX
+    progress = Progress(entry.size, os.fsdecode(entry.name), enabled=None if not quiet else False)
+    try:
+        with open(partial, "wb") as out:
+            for chunk in store.iter_plain(entry):
+                out.write(chunk)
+                progress(len(chunk))
+            out.flush()
+            os.fsync(out.fileno())
+    except OSError as exc:
+        _discard(partial)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise NoSpace(f"local disk full while writing {dest}; nothing was left behind") from None
+        raise
+    except BaseException:
+        _discard(partial)
+        raise
+    progress.finish()
+    _apply_attrs(partial, entry.attrs, follow=True)
+    os.replace(partial, dest)
+    return 1
+
+
+def _unchanged(dest: str, entry: Entry) -> bool:
+    """Whether `dest` already holds this entry (resumed decrypt): same size and mtime."""
+    try:
+        st = os.lstat(dest)
+    except FileNotFoundError:
+        return False
+    return st.st_mtime_ns == entry.attrs.mtime_ns and (entry.is_symlink or st.st_size == entry.size)
+
+
+def _apply_attrs(path: str, attrs: fmt.Attrs | None, follow: bool) -> None:
+    if attrs is None:
+        return
+    if follow:  # symlinks have no mode of their own on Linux
+        os.chmod(path, stat.S_IMODE(attrs.mode))
+    if os.geteuid() == 0:
+        try:
+            os.chown(path, attrs.uid, attrs.gid, follow_symlinks=follow)
+        except OSError:
+            pass
+    os.utime(path, ns=(attrs.mtime_ns, attrs.mtime_ns), follow_symlinks=follow)
+
+
+def _discard(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
