@@ -80,7 +80,10 @@ class S3Backend(Backend):
             raise _translate(exc, what) from None
 
     def check(self) -> None:
-        self._call(f"bucket {self.bucket}", self.client.head_bucket)
+        try:
+            self._call(f"bucket {self.bucket}", self.client.head_bucket)
+        except NotFound:
+            raise BucketNotFound(f"bucket {self.bucket} does not exist") from None
 
     @staticmethod
     def _info(key: str, resp: dict, size: int) -> ObjectInfo:
