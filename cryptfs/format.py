@@ -137,6 +137,8 @@ class FileKey:
 
 
 def log2_block_size(block_size: int) -> int:
+    if not isinstance(block_size, int) or block_size <= 0:
+        raise FormatError(f"block size {block_size!r} is not a power of two in 4 KiB..16 MiB")
     exp = block_size.bit_length() - 1
     if block_size != 1 << exp or not 12 <= exp <= 24:
         raise FormatError(f"block size {block_size} is not a power of two in 4 KiB..16 MiB")
@@ -273,15 +275,18 @@ def encrypt_name(vk: VolumeKeys, dir_id: bytes, name: bytes) -> str:
     """Entry key suffix for `name` in directory `dir_id`: deterministic, padded, split."""
     check_name(name)
     padded = name + b"\x80" + bytes(-(len(name) + 1) % 16)
-    enc = _b32e(AESSIV(vk.name_key).encrypt(padded, [b"cryptfs v1 name", dir_id]))
+    return _split_name(_b32e(AESSIV(vk.name_key).encrypt(padded, [b"cryptfs v1 name", dir_id])))
+
+
+def _split_name(enc: str) -> str:
     return "/".join(enc[i:i + NAME_COMPONENT_MAX] for i in range(0, len(enc), NAME_COMPONENT_MAX))
 
 
 def decrypt_name(vk: VolumeKeys, dir_id: bytes, suffix: str) -> bytes:
-    parts = suffix.split("/")
-    if any(len(p) != NAME_COMPONENT_MAX for p in parts[:-1]):
-        raise FormatError("not an encrypted name (bad split)")
-    raw = _b32d("".join(parts))
+    raw = _b32d(suffix.replace("/", ""))
+    # exactly one key per name: no other split, letter case or trailing bits
+    if _split_name(_b32e(raw)) != suffix:
+        raise FormatError("not an encrypted name (non-canonical encoding)")
     try:
         padded = AESSIV(vk.name_key).decrypt(raw, [b"cryptfs v1 name", dir_id])
     except (InvalidTag, ValueError):
@@ -308,6 +313,8 @@ def decrypt_dirent(vk: VolumeKeys, parent_id: bytes, name: bytes, body: bytes) -
         raise FormatError("not a cryptfs directory entry")
     if body[4] != VERSION:
         raise FormatError(f"unsupported directory entry version {body[4]}")
+    if body[5:8] != b"\0\0\0":
+        raise FormatError("unknown directory entry flags")
     nonce = body[8:24]
     try:
         return AESSIV(vk.entry_key).decrypt(body[24:], [b"cryptfs v1 dirent", parent_id, name, nonce])
@@ -328,6 +335,8 @@ def decrypt_backptr(vk: VolumeKeys, dir_id: bytes, body: bytes) -> tuple[bytes, 
         raise FormatError("not a cryptfs directory back-pointer")
     if body[4] != VERSION:
         raise FormatError(f"unsupported back-pointer version {body[4]}")
+    if body[5:8] != b"\0\0\0":
+        raise FormatError("unknown back-pointer flags")
     try:
         plain = AESSIV(vk.entry_key).decrypt(body[24:], [b"cryptfs v1 backptr", dir_id, body[8:24]])
     except InvalidTag:
