@@ -314,6 +314,36 @@ def cmd_passwd(args) -> int:
     return EXIT_OK
 
 
+def cmd_mount(args) -> int:
+    from . import mount
+    _, settings = settings_of(args)
+    for name in ("cache_dir", "writeback_delay", "fsync", "attr_ttl"):
+        if getattr(args, name) is not None:
+            setattr(settings, name, getattr(args, name))
+    options = mount.parse_options(args.options or [])
+    mountpoint = mount.check_mountpoint(args.mountpoint, nonempty=bool(options.get("nonempty")))
+    store, target = open_target(args)
+    if target.parts:
+        raise UsageError("mount the volume root (a URL without a path inside the volume)")
+    if options.get("allow_other"):
+        options["default_permissions"] = True
+    from .namespace import cache_root
+    root = cache_root(store.vol.volume_id, settings.cache_dir)
+    os.makedirs(root, mode=0o700, exist_ok=True)
+    if args.foreground:
+        logging.getLogger().setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    code = mount.daemonize_and_run(store, settings, mountpoint, options, args.foreground,
+                                   os.path.join(root, "mount.log"))
+    if code == 0 and not args.foreground and not args.quiet:
+        print(f"Mounted {store.vol.url} on {mountpoint}", file=sys.stderr)
+    return code
+
+
+def cmd_umount(args) -> int:
+    from . import mount
+    return mount.unmount(args.mountpoint, args.timeout)
+
+
 # ---------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
@@ -403,6 +433,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("url", help=url_help)
     p.add_argument("--new-passphrase-file", metavar="FILE", help="read the new passphrase from FILE "
                    "(or set $CRYPTFS_NEW_PASSPHRASE)")
+    p = add("mount", cmd_mount, "mount a volume as a directory (returns once mounted; -f stays in front)",
+            "cryptfs mount s3://my-bucket/vault ~/secure --endpoint-url http://127.0.0.1:9000")
+    p.add_argument("url", help="the volume: s3://bucket[/prefix], file:///dir, or a configured volume name")
+    p.add_argument("mountpoint", help="an existing empty directory")
+    p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground, log to stderr")
+    p.add_argument("-o", dest="options", action="append", metavar="OPT[,OPT...]",
+                   help="mount options: ro, allow_other, nonempty, and other FUSE options")
+    p.add_argument("--cache-dir", help="local cache, staging and journal directory "
+                   "(default ~/.cache/cryptfs/<volume id>)")
+    p.add_argument("--writeback-delay", type=float, help="seconds after close before uploading (default 2)")
+    p.add_argument("--fsync", choices=["upload", "journal"],
+                   help="what fsync waits for: the upload to S3 (default) or the local journal")
+    p.add_argument("--attr-ttl", type=float, help="seconds listings and attributes are trusted (default 5)")
+
+    p = sub.add_parser("umount", help="unmount, waiting until pending uploads are done",
+                       description="unmount, waiting until pending uploads are done",
+                       epilog="example:\n  cryptfs umount ~/secure",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.set_defaults(func=cmd_umount, verbose=False)
+    p.add_argument("mountpoint")
+    p.add_argument("--timeout", type=float, help="give up waiting after this many seconds")
     return parser
 
 

@@ -10,7 +10,7 @@ import logging
 import os
 import stat
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import BinaryIO, Callable, Iterator
 
 from . import format as fmt
@@ -36,6 +36,7 @@ class Entry:
     last_modified: float
     attrs: fmt.Attrs | None  # None until metadata was read
     wrapped_key: bytes | None = None
+    raw_meta: dict | None = field(default=None, compare=False, repr=False)  # as the bucket holds it
 
     @property
     def is_symlink(self) -> bool:
@@ -84,12 +85,14 @@ class Store:
         meta = fmt.parse_metadata(info.metadata or {})
         attrs = fmt.decrypt_attrs(self.vk, rel, meta.obj_id, meta.attr_blob)
         if info.size == fmt.DIRENT_SIZE:
-            if body is None:
-                body = self.backend.get(self.abs_key(rel))[0]
-            child = fmt.decrypt_dirent(self.vk, parent_id, name, body[:fmt.DIRENT_SIZE])
-            if child != meta.obj_id or not stat.S_ISDIR(attrs.mode):
+            # the child id is authenticated by the attribute blob; the body repeats it
+            if body is not None and fmt.decrypt_dirent(self.vk, parent_id, name, body[:fmt.DIRENT_SIZE]) \
+                    != meta.obj_id:
                 raise IntegrityError(f"directory entry {name!r} does not match its metadata")
-            return Entry(parent_id, name, rel, True, child, 0, info.etag, info.last_modified, attrs)
+            if not stat.S_ISDIR(attrs.mode):
+                raise IntegrityError(f"directory entry {name!r} has non-directory attributes")
+            return Entry(parent_id, name, rel, True, meta.obj_id, 0, info.etag, info.last_modified, attrs,
+                         raw_meta=info.metadata)
         if meta.wrapped_key is None:
             raise FormatError("file object without a wrapped key")
         if body is not None and len(body) >= fmt.HEADER_SIZE:
@@ -97,12 +100,12 @@ class Store:
                 raise IntegrityError("file header and metadata name different files")
         size = fmt.plain_size(info.size, self.block_size)
         return Entry(parent_id, name, rel, False, meta.obj_id, size, info.etag, info.last_modified,
-                     attrs, meta.wrapped_key)
+                     attrs, meta.wrapped_key, raw_meta=info.metadata)
 
-    def lookup(self, dir_id: bytes, name: bytes) -> tuple[Entry, bytes]:
-        """One request: the entry and the first bytes of its object (header and first block)."""
+    def lookup(self, dir_id: bytes, name: bytes, first: int | None = None) -> tuple[Entry, bytes]:
+        """One request: the entry and the first bytes of its object (by default header and first block)."""
         rel = self.entry_key(dir_id, name)
-        first = fmt.HEADER_SIZE + fmt.block_ct_size(self.block_size)
+        first = first or fmt.HEADER_SIZE + fmt.block_ct_size(self.block_size)
         body, info = self.backend.get(self.abs_key(rel), 0, first)
         try:
             return self.entry_from(dir_id, name, rel, info, body), body
@@ -261,7 +264,7 @@ class Store:
                                                                                           obj_size))
         except PreconditionFailed:
             raise AlreadyExists(f"{name.decode(errors='replace')} already exists") from None
-        return Entry(dir_id, name, rel, False, fk.file_id, size, etag, time.time(), attrs, wrapped)
+        return Entry(dir_id, name, rel, False, fk.file_id, size, etag, time.time(), attrs, wrapped, meta)
 
     def write_bytes(self, dir_id: bytes, name: bytes, data: bytes, attrs: fmt.Attrs,
                     existing: Entry | None = None, create_only: bool = False) -> Entry:
@@ -275,13 +278,14 @@ class Store:
         rel = self.entry_key(parent_id, name)
         self.backend.put(self.abs_key(self.backptr_key(child)),
                          fmt.encrypt_backptr(self.vk, child, parent_id, name))
+        meta = self.metadata_for(rel, child, attrs, None, True)
         try:
             etag = self.backend.put(self.abs_key(rel), fmt.encrypt_dirent(self.vk, parent_id, name, child),
-                                    self.metadata_for(rel, child, attrs, None, True), if_none_match=True)
+                                    meta, if_none_match=True)
         except PreconditionFailed:
             self.backend.delete(self.abs_key(self.backptr_key(child)))
             raise AlreadyExists(f"{name.decode(errors='replace')} already exists") from None
-        return Entry(parent_id, name, rel, True, child, 0, etag, time.time(), attrs)
+        return Entry(parent_id, name, rel, True, child, 0, etag, time.time(), attrs, raw_meta=meta)
 
     def init_root(self, attrs: fmt.Attrs) -> None:
         rel = self.backptr_key(fmt.ROOT_DIR_ID)
@@ -322,15 +326,14 @@ class Store:
                 raise NotADirectory(f"{new_name.decode(errors='replace')} is not a directory")
             if target.is_dir:
                 self.remove(target)
+        meta = self.metadata_for(new_rel, entry.obj_id, entry.attrs, entry.wrapped_key, entry.is_dir)
         if entry.is_dir:
             etag = self.backend.put(self.abs_key(new_rel),
                                     fmt.encrypt_dirent(self.vk, new_parent, new_name, entry.obj_id),
-                                    self.metadata_for(new_rel, entry.obj_id, entry.attrs, None, True),
-                                    if_none_match=target is None or target.is_dir)
+                                    meta, if_none_match=target is None or target.is_dir)
             self.backend.put(self.abs_key(self.backptr_key(entry.obj_id)),
                              fmt.encrypt_backptr(self.vk, entry.obj_id, new_parent, new_name))
         else:
-            meta = self.metadata_for(new_rel, entry.obj_id, entry.attrs, entry.wrapped_key, False)
             etag = self.backend.copy(self.abs_key(entry.key), self.abs_key(new_rel), meta, if_match=entry.etag)
             copied = self.backend.head(self.abs_key(new_rel))
             if copied.size != fmt.object_size(entry.size, self.block_size):
@@ -338,15 +341,15 @@ class Store:
         if new_rel != entry.key:
             self.backend.delete(self.abs_key(entry.key))
         return replace(entry, parent_id=new_parent, name=new_name, key=new_rel, etag=etag,
-                       last_modified=time.time())
+                       last_modified=time.time(), raw_meta=meta)
 
     def set_attrs(self, entry: Entry, attrs: fmt.Attrs) -> Entry:
         """Persist new attributes: a metadata-only copy (files) or a small re-PUT (directories)."""
         if entry.obj_id == fmt.ROOT_DIR_ID and entry.is_dir:
-            self.backend.put(self.abs_key(entry.key),
-                             fmt.encrypt_backptr(self.vk, fmt.ROOT_DIR_ID, fmt.ROOT_DIR_ID, b""),
-                             fmt.dirent_metadata(self.vk, entry.key, fmt.ROOT_DIR_ID, attrs))
-            return replace(entry, attrs=attrs)
+            meta = fmt.dirent_metadata(self.vk, entry.key, fmt.ROOT_DIR_ID, attrs)
+            etag = self.backend.put(self.abs_key(entry.key),
+                                    fmt.encrypt_backptr(self.vk, fmt.ROOT_DIR_ID, fmt.ROOT_DIR_ID, b""), meta)
+            return replace(entry, attrs=attrs, etag=etag, raw_meta=meta)
         meta = self.metadata_for(entry.key, entry.obj_id, attrs, entry.wrapped_key, entry.is_dir)
         if entry.is_dir:
             etag = self.backend.put(self.abs_key(entry.key),
@@ -355,7 +358,7 @@ class Store:
         else:
             etag = self.backend.copy(self.abs_key(entry.key), self.abs_key(entry.key), meta,
                                      if_match=entry.etag)
-        return replace(entry, attrs=attrs, etag=etag, last_modified=time.time())
+        return replace(entry, attrs=attrs, etag=etag, last_modified=time.time(), raw_meta=meta)
 
 
 def _plain_progress(progress, size: int, obj_size: int):

@@ -1,0 +1,240 @@
+"""Mount wiring: backend -> store -> caches -> FUSE; background start, signals, unmount.
+
+The only place that loads the FUSE binding (libfuse 3, chosen explicitly, since mfusepy
+would pick libfuse 2 silently when both are installed).
+"""
+
+import ctypes.util
+import hashlib
+import logging
+import os
+import resource
+import subprocess
+import sys
+import time
+
+from .cache import BlockCache, DiskCache
+from .config import VolumeSettings
+from .errors import CryptfsError, UsageError
+from .fs import CryptFS
+from .namespace import AttrDB, Namespace, cache_root
+from .reader import BlockReader
+from .store import Store
+from .volume import state_dir
+from .writeback import Journal, recover
+
+log = logging.getLogger(__name__)
+
+
+def load_fuse():
+    """Import mfusepy bound to libfuse 3."""
+    if "FUSE_LIBRARY_PATH" not in os.environ:
+        lib = ctypes.util.find_library("fuse3")
+        if lib is None:
+            raise UsageError("libfuse 3 is not installed (apt-get install fuse3 libfuse3-3)")
+        os.environ["FUSE_LIBRARY_PATH"] = lib
+    import mfusepy
+    return mfusepy
+
+
+def check_mountpoint(path: str, nonempty: bool = False) -> str:
+    path = os.path.abspath(path)
+    if not os.path.isdir(path):
+        raise UsageError(f"mount point {path} does not exist or is not a directory")
+    if os.path.ismount(path):
+        raise UsageError(f"{path} is already a mount point")
+    if os.listdir(path) and not nonempty:
+        raise UsageError(f"mount point {path} is not empty (use -o nonempty to mount over it)")
+    return path
+
+
+def pidfile(mountpoint: str) -> str:
+    digest = hashlib.sha256(os.path.abspath(mountpoint).encode()).hexdigest()[:16]
+    return os.path.join(state_dir(), "mounts", digest + ".pid")
+
+
+def parse_options(opts: list[str]) -> dict:
+    out: dict = {}
+    for group in opts:
+        for item in group.split(","):
+            if not item:
+                continue
+            key, eq, value = item.partition("=")
+            out[key] = value if eq else True
+    return out
+
+
+class Mount:
+    """Everything a mounted volume needs, built from an opened store."""
+
+    def __init__(self, store: Store, settings: VolumeSettings, read_only: bool = False):
+        self.store = store
+        root = cache_root(store.vol.volume_id, settings.cache_dir)
+        os.makedirs(root, mode=0o700, exist_ok=True)
+        self.root = root
+        self.journal = Journal(os.path.join(root, "journal"))
+        self.staging = os.path.join(root, "staging")
+        os.makedirs(self.staging, mode=0o700, exist_ok=True)
+        disk = DiskCache(os.path.join(root, "blocks"), settings.cache_size_mb * 1024 * 1024) \
+            if settings.cache_size_mb > 0 else None
+        self.reader = BlockReader(store, BlockCache(settings.memory_cache_mb * 1024 * 1024), disk,
+                                  workers=settings.workers)
+        self.ns = Namespace(store, AttrDB(os.path.join(root, "attrs.db")), settings.attr_ttl, settings.workers)
+        self.fs = CryptFS(store, self.ns, self.reader, self.journal, self.staging,
+                          writeback_delay=settings.writeback_delay, fsync_mode=settings.fsync,
+                          read_only=read_only)
+
+    def recover(self) -> None:
+        done = recover(self.store, self.journal)
+        if done:
+            log.warning("finished %d upload(s) left by an earlier mount", len(done))
+        live = {r["uid"] for r in self.journal.records()}
+        for name in os.listdir(self.staging):  # staging files nobody journaled: never closed, so not owed
+            if name.split(".")[0] not in live:
+                os.unlink(os.path.join(self.staging, name))
+
+
+def run(store: Store, settings: VolumeSettings, mountpoint: str, options: dict, foreground: bool) -> None:
+    mfusepy = load_fuse()
+    read_only = bool(options.pop("ro", False))
+    mount = Mount(store, settings, read_only)
+    mount.recover()
+    fs = mount.fs
+
+    class FUSE(mfusepy.FUSE):
+        # mfusepy drops rename's flags on libfuse 3; RENAME_NOREPLACE/EXCHANGE need them
+        def rename_fuse_3(self, old, new, flags):
+            return self.operations.rename(old.decode(self.encoding, self.errors),
+                                          new.decode(self.encoding, self.errors), flags)
+
+    def init_with_config(conn, config):
+        if config is not None:
+            config.use_ino = 1
+            config.hard_remove = 1     # unlink of an open file: we keep it, no .fuse_hidden renames
+            config.nullpath_ok = 1
+            config.auto_cache = 1      # page cache kept while mtime and size are unchanged
+            config.attr_timeout = 1.0
+            config.entry_timeout = 1.0
+            config.negative_timeout = 1.0
+        if conn is not None:
+            conn.max_readahead = 1024 * 1024
+    fs.init_with_config = init_with_config
+
+    kwargs = dict(options)
+    kwargs.setdefault("fsname", "cryptfs")
+    kwargs.setdefault("subtype", "cryptfs")
+    kwargs["default_permissions"] = True
+    if read_only:
+        kwargs["ro"] = True
+    kwargs.pop("nonempty", None)
+    try:
+        FUSE(fs, mountpoint, foreground=True, nothreads=False, **kwargs)
+    finally:
+        mount.ns.close()
+        mount.reader.close()
+
+
+def daemonize_and_run(store: Store, settings: VolumeSettings, mountpoint: str, options: dict,
+                      foreground: bool, log_path: str) -> int:
+    """Mount; in the background unless foreground. Returns once mounted (or failed)."""
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core dump ever holds unwrapped keys
+    if foreground:
+        _write_pid(mountpoint)
+        run(store, settings, mountpoint, options, True)
+        return 0
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the mount process
+        os.close(read_fd)
+        os.setsid()
+        devnull = os.open(os.devnull, os.O_RDWR)
+        logfd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.dup2(devnull, 0)
+        os.dup2(logfd, 1)
+        os.dup2(logfd, 2)
+        code = 0
+        try:
+            _write_pid(mountpoint)
+            os.write(write_fd, b"S")
+            os.close(write_fd)
+            run(store, settings, mountpoint, options, False)
+        except BaseException as exc:  # noqa: BLE001 - the process must end with a code
+            log.error("mount failed: %s", exc)
+            code = 1
+        finally:
+            try:
+                os.unlink(pidfile(mountpoint))
+            except OSError:
+                pass
+            logging.shutdown()
+            os._exit(code)
+    os.close(write_fd)
+    os.read(read_fd, 1)
+    os.close(read_fd)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if os.path.ismount(mountpoint):
+            return 0
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            print(f"cryptfs: error: the mount process exited before mounting; see {log_path}", file=sys.stderr)
+            return 1
+        time.sleep(0.05)
+    print(f"cryptfs: error: mount did not appear within 60 s; see {log_path}", file=sys.stderr)
+    return 1
+
+
+def _write_pid(mountpoint: str) -> None:
+    path = pidfile(mountpoint)
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    with open(path, "w") as f:
+        f.write(str(os.getpid()))
+
+
+def unmount(mountpoint: str, timeout: float | None = None) -> int:
+    """Unmount, then wait until the mount process has uploaded everything and exited."""
+    mountpoint = os.path.abspath(mountpoint)
+    if not os.path.ismount(mountpoint):
+        raise UsageError(f"{mountpoint} is not mounted")
+    try:
+        with open(pidfile(mountpoint)) as f:
+            pid = int(f.read().strip())
+    except (OSError, ValueError):
+        pid = None
+    tool = "fusermount3" if _which("fusermount3") else "fusermount"
+    result = subprocess.run([tool, "-u", mountpoint], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise CryptfsError(f"unmount failed: {result.stderr.strip() or result.stdout.strip()}")
+    if pid is None:
+        return 0
+    start = time.monotonic()
+    told = False
+    while _alive(pid):
+        if not told and time.monotonic() - start > 2:
+            print("cryptfs: waiting for pending uploads to finish...", file=sys.stderr)
+            told = True
+        if timeout is not None and time.monotonic() - start > timeout:
+            print("cryptfs: error: uploads still pending; they finish in the background "
+                  "(or at the next mount)", file=sys.stderr)
+            return 1
+        time.sleep(0.1)
+    return 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie child of ours has finished
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except OSError:
+        return False
+
+
+def _which(name: str) -> bool:
+    return any(os.access(os.path.join(d, name), os.X_OK) for d in os.environ.get("PATH", "").split(":"))

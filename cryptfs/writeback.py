@@ -1,0 +1,309 @@
+"""Write-back: the journal of pending uploads, the upload queue, and crash recovery.
+
+A journal record and its staging file hold everything needed to finish an upload (object
+key, metadata with the wrapped key, the plan of where each block comes from, the basis
+ETag) and nothing secret: names are encrypted, attributes sealed, the data key wrapped.
+Both are fsynced before close() returns, so a closed file survives kill -9; the next
+mount uploads it (into /lost+found if its directory is gone).
+
+`_cond` guards `_due` and `_busy`; a file's own lock is held while it uploads.
+"""
+
+import heapq
+import json
+import logging
+import os
+import stat
+import threading
+import time
+
+from . import format as fmt
+from .errors import CryptfsError, NotFound
+from .handles import FileState
+from .store import Entry, Store
+
+log = logging.getLogger(__name__)
+
+
+class Journal:
+    def __init__(self, directory: str):
+        self.dir = directory
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+
+    def path(self, uid: str) -> str:
+        return os.path.join(self.dir, uid + ".json")
+
+    def write(self, uid: str, record: dict) -> None:
+        tmp = self.path(uid) + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(record, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path(uid))
+        fd = os.open(self.dir, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def remove(self, uid: str) -> None:
+        try:
+            os.unlink(self.path(uid))
+        except FileNotFoundError:
+            pass
+
+    def records(self) -> list[dict]:
+        out = []
+        for name in sorted(os.listdir(self.dir)):
+            if name.endswith(".json"):
+                try:
+                    with open(os.path.join(self.dir, name)) as f:
+                        out.append(json.load(f))
+                except ValueError:
+                    log.error("journal record %s is unreadable; left in place", name)
+        return out
+
+
+class ComposedReader:
+    """The object's bytes in order: header, then staged, basis and hole blocks per the plan."""
+
+    def __init__(self, store: Store, fk: fmt.FileKey, header: bytes, size: int, runs: list,
+                 staging_fd: int | None, basis_key: str | None, basis_etag: str | None):
+        self.store, self.fk, self.header, self.size = store, fk, header, size
+        self.bs = store.block_size
+        self.n = fmt.block_count(size, self.bs)
+        self.runs = [list(r) for r in runs]
+        self.fd, self.basis_key, self.basis_etag = staging_fd, basis_key, basis_etag
+        self.buf = bytearray(header)
+        self.pos = 0
+
+    def _span(self, start: int, end: int) -> tuple[int, int]:
+        last = end - 1
+        return (fmt.block_offset(start, self.bs),
+                fmt.block_offset(last, self.bs) + fmt.BLOCK_OVERHEAD + fmt.block_plain_len(last, self.size, self.bs))
+
+    def _more(self) -> None:
+        kind, start, end = self.runs[0]
+        step_end = min(end, start + 128)  # 8 MiB at a time
+        lo, hi = self._span(start, step_end)
+        if kind == "s":
+            data = os.pread(self.fd, hi - lo, lo)
+        elif kind == "b":
+            data, _ = self.store.backend.get(self.store.abs_key(self.basis_key), lo, hi, if_match=self.basis_etag)
+        else:
+            data = b"".join(fmt.encrypt_block(self.fk, self.header, i, bytes(fmt.block_plain_len(i, self.size, self.bs)),
+                                              i == self.n - 1) for i in range(start, step_end))
+        if len(data) != hi - lo:
+            raise CryptfsError(f"upload source for blocks {start}-{step_end} is short")
+        self.buf += data
+        if step_end == end:
+            self.runs.pop(0)
+        else:
+            self.runs[0][1] = step_end
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            n = 1 << 62
+        while len(self.buf) - self.pos < n and self.runs:
+            if self.pos:
+                del self.buf[:self.pos]
+                self.pos = 0
+            self._more()
+        out = bytes(self.buf[self.pos:self.pos + n])
+        self.pos += len(out)
+        return out
+
+
+class WriteBack:
+    """Schedules uploads of closed files after a delay; uploads now on fsync and at unmount."""
+
+    def __init__(self, store: Store, journal: Journal, delay: float, on_uploaded, workers: int = 4):
+        self.store, self.journal, self.delay = store, journal, delay
+        self.on_uploaded = on_uploaded  # callback(state, entry) after a successful upload
+        self._due: list[tuple[float, int, FileState]] = []
+        self._busy: set[str] = set()
+        self._counter = 0
+        self._cond = threading.Condition()
+        self._stop = False
+        self._threads = [threading.Thread(target=self._worker, name=f"upload-{i}", daemon=True)
+                         for i in range(workers)]
+        for t in self._threads:
+            t.start()
+
+    # ------------------------------------------------------------ journal
+
+    def record(self, state: FileState, runs: list) -> dict:
+        meta = self.store.metadata_for(state.key, state.fk.file_id, state.attrs, state.wrapped, False)
+        return {"version": 1, "uid": state.uid, "key": state.key, "parent": state.parent_id.hex(),
+                "file_id": state.fk.file_id.hex(), "size": state.size, "metadata": meta, "runs": runs,
+                "staging": state.staging_path if state.fd is not None else None,
+                "basis": {"key": state.basis.key, "etag": state.basis.etag} if state.basis else None,
+                "obsolete": list(state.obsolete)}
+
+    def journal_state(self, state: FileState) -> None:
+        """Make a modified file durable locally (close/flush, or fsync in journal mode)."""
+        with state.lock:
+            if state.unlinked or not state.modified:
+                return
+            runs = state.prepare()
+            self.journal.write(state.uid, self.record(state, runs))
+            state.journaled = True
+
+    def rejournal(self, state: FileState) -> None:
+        """After a rename or attribute change of a journaled file."""
+        with state.lock:
+            if state.journaled and not state.unlinked:
+                self.journal.write(state.uid, self.record(state, state.prepare()))
+
+    # ------------------------------------------------------------ uploads
+
+    def upload_now(self, state: FileState) -> None:
+        """Upload synchronously (fsync); raises what the upload raised."""
+        with state.lock:
+            if state.unlinked or not state.modified:
+                return
+            runs = state.prepare()
+            record = self.record(state, runs)
+            self.journal.write(state.uid, record)
+            state.journaled = True
+            entry = self._send(state, record, runs)
+            self.journal.remove(state.uid)
+            state.uploaded(entry)
+            for key in state.obsolete:
+                if key != entry.key:
+                    self.store.backend.delete(self.store.abs_key(key))
+            state.obsolete.clear()
+        self.on_uploaded(state, entry)
+
+    def _send(self, state: FileState, record: dict, runs: list) -> Entry:
+        basis = record["basis"]
+        reader = ComposedReader(self.store, state.fk, state.header, state.size, runs, state.fd,
+                                basis["key"] if basis else None, basis["etag"] if basis else None)
+        obj_size = fmt.object_size(state.size, self.store.block_size)
+        etag = self.store.backend.upload(self.store.abs_key(record["key"]), reader, obj_size, record["metadata"])
+        return Entry(state.parent_id, state.name, record["key"], False, state.fk.file_id, state.size, etag,
+                     time.time(), state.attrs, state.wrapped, raw_meta=record["metadata"])
+
+    def schedule(self, state: FileState, delay: float | None = None) -> None:
+        with self._cond:
+            self._counter += 1
+            heapq.heappush(self._due, (time.monotonic() + (self.delay if delay is None else delay),
+                                       self._counter, state))
+            self._cond.notify()
+
+    def _worker(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stop and (not self._due or self._due[0][0] > time.monotonic()):
+                    self._cond.wait(None if not self._due else max(0.01, self._due[0][0] - time.monotonic()))
+                if self._stop and not self._due:
+                    return
+                _, _, state = heapq.heappop(self._due)
+                if state.uid in self._busy:
+                    continue
+                self._busy.add(state.uid)
+            try:
+                if state.handles == 0 or self._stop:
+                    self.upload_now(state)
+            except Exception as exc:
+                state.error = exc
+                log.error("upload of %s failed (kept in the journal, retried): %s", state.key, exc)
+                if not self._stop:
+                    self.schedule(state, delay=min(60.0, max(5.0, self.delay * 4)))
+            finally:
+                with self._cond:
+                    self._busy.discard(state.uid)
+                    self._cond.notify_all()
+
+    def pending(self) -> int:
+        with self._cond:
+            return len(self._due) + len(self._busy)
+
+    def drain(self, states: list[FileState], timeout: float | None = None) -> list[FileState]:
+        """Upload everything now (unmount); returns what could not be uploaded."""
+        with self._cond:
+            self._due.clear()
+        failed = []
+        for state in states:
+            with self._cond:
+                while state.uid in self._busy:
+                    self._cond.wait(1.0)
+            try:
+                self.upload_now(state)
+            except Exception as exc:
+                log.error("could not upload %s at unmount: %s (kept in the journal for the next mount)",
+                          state.key, exc)
+                failed.append(state)
+        return failed
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._due.clear()
+            self._cond.notify_all()
+
+
+# ---------------------------------------------------------------- crash recovery
+
+def recover(store: Store, journal: Journal) -> list[str]:
+    """Finish uploads left by a mount that died; returns a line per file for the log."""
+    done = []
+    for record in journal.records():
+        try:
+            done.append(_recover_one(store, journal, record))
+        except Exception as exc:
+            log.error("journal record %s not recovered yet: %s", record.get("uid"), exc)
+    return done
+
+
+def _recover_one(store: Store, journal: Journal, record: dict) -> str:
+    meta = fmt.parse_metadata(record["metadata"])
+    fk = fmt.FileKey.derive(store.vol.data_keys.unwrap(meta.wrapped_key), meta.obj_id)
+    header = fmt.make_header(fk, store.block_size)
+    parent = bytes.fromhex(record["parent"])
+    key, metadata = record["key"], record["metadata"]
+    if parent != fmt.ROOT_DIR_ID:
+        try:
+            store.backend.head(store.abs_key(store.backptr_key(parent)))
+        except NotFound:
+            key, metadata = _lost_and_found(store, record, fk, meta)
+    fd = os.open(record["staging"], os.O_RDONLY) if record.get("staging") else None
+    try:
+        basis = record.get("basis")
+        reader = ComposedReader(store, fk, header, record["size"], record["runs"], fd,
+                                basis["key"] if basis else None, basis["etag"] if basis else None)
+        store.backend.upload(store.abs_key(key), reader, fmt.object_size(record["size"], store.block_size), metadata)
+    finally:
+        if fd is not None:
+            os.close(fd)
+    for old in record.get("obsolete", []):
+        if old != key:
+            store.backend.delete(store.abs_key(old))
+    journal.remove(record["uid"])
+    if record.get("staging"):
+        try:
+            os.unlink(record["staging"])
+        except FileNotFoundError:
+            pass
+    return key
+
+
+def _lost_and_found(store: Store, record: dict, fk, meta) -> tuple[str, dict]:
+    """A pending file whose directory vanished: put it in /lost+found under its old name."""
+    parent = bytes.fromhex(record["parent"])
+    suffix = record["key"][len(fmt.dir_prefix(store.vk, parent)):]
+    try:
+        name = fmt.decrypt_name(store.vk, parent, suffix)
+    except CryptfsError:
+        name = f"file-{record['file_id']}".encode()
+    try:
+        lf, _ = store.lookup(fmt.ROOT_DIR_ID, b"lost+found")
+    except NotFound:
+        now = time.time_ns()
+        lf = store.mkdir(fmt.ROOT_DIR_ID, b"lost+found", fmt.Attrs(stat.S_IFDIR | 0o700, os.getuid(),
+                                                                    os.getgid(), now, now))
+    name = name + b"." + record["file_id"][:8].encode()
+    key = store.entry_key(lf.obj_id, name[-255:])
+    attrs = fmt.decrypt_attrs(store.vk, record["key"], meta.obj_id, meta.attr_blob)
+    log.warning("recovered file's directory is gone; stored as /lost+found/%s", name.decode(errors="replace"))
+    return key, store.metadata_for(key, fk.file_id, attrs, meta.wrapped_key, False)
