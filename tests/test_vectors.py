@@ -305,3 +305,23 @@ def test_independent_decoder(copy):
             data, attrs = spec.file(parent, path[-1])
             assert hashlib.sha256(data).hexdigest() == want["sha256"]
         assert attrs == (want["mode"], want["uid"], want["gid"], want["mtime_ns"], want["ctime_ns"])
+
+
+def test_spec_tables_match_the_code():
+    """The worked sizes and name-length table of docs/format.md are what the code computes."""
+    import re
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "format.md")
+    with open(path) as f:
+        text = f.read()
+    section = text[text.index("Worked sizes with B = 65536"):]
+    sizes = re.findall(r"^\| (\d+) \| \d+ \([\d, ]+\) \| (\d+) \|$", section, re.M)
+    assert [int(n) for n, _ in sizes] == [0, 1, 65535, 65536, 65537, 131072]
+    for n, s in sizes:
+        assert fmt.object_size(int(n), 65536) == int(s)
+    vk = fmt.VolumeKeys.derive(bytes(32))
+    rows = re.findall(r"^\| (\d+)\.\.(\d+) \| (\d+) \| (\d+) \| ", text, re.M)
+    assert len(rows) == 16
+    for lo, hi, sealed, chars in rows:
+        for n in (int(lo), int(hi)):
+            enc = fmt.encrypt_name(vk, fmt.ROOT_DIR_ID, b"a" * n)
+            assert len(enc.replace("/", "")) == int(chars) == -(-int(sealed) * 8 // 5)
