@@ -7,7 +7,6 @@ by the object body), then on the signed volume config.
 
 import json
 import os
-import shutil
 import stat
 import uuid
 
@@ -583,7 +582,7 @@ def test_volume_file_body_as_directory_entry(env):
     env.refused(name)
 
 
-def test_volume_fsck_names_tampered_objects(env, tmp_path):
+def test_volume_fsck_names_tampered_objects(env):
     """fsck walks the tree and names what it cannot authenticate (the module's volume has many)."""
     name, _, entry = env.write(B + 5)
     path = env.path(entry.key)
