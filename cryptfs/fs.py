@@ -178,14 +178,18 @@ class CryptFS:
             target = self._symlinks[key] = self.store.read_all(entry)
         return os.fsdecode(target)
 
-    def _set_attrs(self, path: str, change) -> None:
+    def _set_attrs(self, path: str | None, change, fh: int | None) -> None:
         self._check_writable()
-        entry, state, _, _ = self._find(path)
+        state = self.fhs.get(fh) if fh else None
+        entry = None
+        if state is None:
+            entry, state, _, _ = self._find(path)
         if state is None:
             self.ns.put(self.store.set_attrs(entry, change(entry.attrs)))
             return
         with state.lock:
             state.attrs = change(state.attrs)
+            state.changes += 1
             if state.modified or state.basis is None:
                 self.wb.rejournal(state)  # the upload carries the new attributes
                 return
@@ -193,21 +197,24 @@ class CryptFS:
         self.ns.put(new)
 
     @op
-    def chmod(self, path, mode):
+    def chmod(self, path, mode, fh=None):
         now = time.time_ns()
-        self._set_attrs(path, lambda a: replace(a, mode=stat.S_IFMT(a.mode) | stat.S_IMODE(mode), ctime_ns=now))
+        self._set_attrs(path, lambda a: replace(a, mode=stat.S_IFMT(a.mode) | stat.S_IMODE(mode), ctime_ns=now),
+                        fh)
 
     @op
-    def chown(self, path, uid, gid):
+    def chown(self, path, uid, gid, fh=None):
         now = time.time_ns()
         self._set_attrs(path, lambda a: replace(a, uid=a.uid if uid in (-1, 0xFFFFFFFF) else uid,
-                                                gid=a.gid if gid in (-1, 0xFFFFFFFF) else gid, ctime_ns=now))
+                                                gid=a.gid if gid in (-1, 0xFFFFFFFF) else gid, ctime_ns=now), fh)
 
     @op
-    def utimens(self, path, times=None):
+    def utimens(self, path, times=None, fh=None):
         now = time.time_ns()
         mtime = times[1] if times else now
-        self._set_attrs(path, lambda a: replace(a, mtime_ns=int(mtime), ctime_ns=now))
+        if mtime is None:  # only atime, which is not stored
+            return 0
+        self._set_attrs(path, lambda a: replace(a, mtime_ns=int(mtime), ctime_ns=now), fh)
 
     # ------------------------------------------------------------ files
 

@@ -41,8 +41,11 @@ class FileState:
         self.dirty: dict[int, bytearray] = {}
         self.staged: dict[int, tuple[bool, int]] = {}  # block -> (encrypted as last, plaintext length)
         self.fd: int | None = None
+        self.unsynced = False        # staged blocks written since the last fsync
         self.modified = False        # differs from the bucket: an upload is owed
         self.journaled = False
+        self.changes = 0             # bumped by every change; journaled_at says which one is on disk
+        self.journaled_at = -1
         self.handles = 0
         self.unlinked = False
         self.error: Exception | None = None  # a failed upload, reported on the next fsync/close
@@ -72,6 +75,7 @@ class FileState:
         return os.path.join(self.staging_dir, self.uid + ".obj")
 
     def touch(self, ctime_only: bool = False) -> None:
+        self.changes += 1
         now = time.time_ns()
         self.attrs = replace(self.attrs, ctime_ns=now) if ctime_only else \
             replace(self.attrs, mtime_ns=now, ctime_ns=now)
@@ -156,6 +160,7 @@ class FileState:
         _pwrite(self._open_staging(), ct, fmt.block_offset(i, self.bs))
         del self.dirty[i]
         self.staged[i] = (last, len(plain))
+        self.unsynced = True
 
     def truncate(self, length: int) -> None:
         with self.lock:
@@ -195,7 +200,7 @@ class FileState:
 
     # ------------------------------------------------------------ upload plan
 
-    def prepare(self) -> list[list]:
+    def prepare(self, sync: bool = True) -> list[list]:
         """Encrypt what is dirty, fix last-block flags, fsync staging; return runs [kind, start, end).
 
         kind: "s" staged block in the staging file, "b" basis object block, "z" hole.
@@ -228,9 +233,17 @@ class FileState:
                     runs[-1][2] = i + 1
                 else:
                     runs.append([kind, i, i + 1])
-            if self.fd is not None:
+            if sync and self.unsynced:
                 os.fsync(self.fd)
+                self.unsynced = False
             return runs
+
+    def staged_bytes(self) -> bytes:
+        """The staging file as it stands (for small files, journaled inline)."""
+        with self.lock:
+            if self.fd is None:
+                return b""
+            return os.pread(self.fd, os.fstat(self.fd).st_size, 0)
 
     def uploaded(self, entry: Entry) -> None:
         """The bucket now holds what we had: it becomes the basis; staging is dropped."""

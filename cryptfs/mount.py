@@ -102,10 +102,31 @@ def run(store: Store, settings: VolumeSettings, mountpoint: str, options: dict, 
     fs = mount.fs
 
     class FUSE(mfusepy.FUSE):
-        # mfusepy drops rename's flags on libfuse 3; RENAME_NOREPLACE/EXCHANGE need them
+        """mfusepy drops what libfuse 3 passes beyond fusepy's API: rename's flags
+        (RENAME_NOREPLACE/EXCHANGE) and the open file of truncate/chmod/chown/utimens."""
+
+        def _path(self, path):
+            return None if path is None else path.decode(self.encoding, self.errors)
+
         def rename_fuse_3(self, old, new, flags):
-            return self.operations.rename(old.decode(self.encoding, self.errors),
-                                          new.decode(self.encoding, self.errors), flags)
+            return self.operations.rename(self._path(old), self._path(new), flags)
+
+        def truncate_fuse_3(self, path, length, fip):
+            return self.operations.truncate(self._path(path), length, fip.contents.fh if fip else None)
+
+        def chmod_fuse_3(self, path, mode, fip):
+            return self.operations.chmod(self._path(path), mode, fip.contents.fh if fip else None)
+
+        def chown_fuse_3(self, path, uid, gid, fip):
+            uid = -1 if mfusepy.c_uid_t(uid + 1).value == 0 else uid
+            gid = -1 if mfusepy.c_gid_t(gid + 1).value == 0 else gid
+            return self.operations.chown(self._path(path), uid, gid, fip.contents.fh if fip else None)
+
+        def utimens_fuse_3(self, path, buf, fip):
+            times = None
+            if buf:
+                times = (_timespec_ns(buf.contents.actime), _timespec_ns(buf.contents.modtime))
+            return self.operations.utimens(self._path(path), times, fip.contents.fh if fip else None)
 
     def init_with_config(conn, config):
         if config is not None:
@@ -132,6 +153,18 @@ def run(store: Store, settings: VolumeSettings, mountpoint: str, options: dict, 
     finally:
         mount.ns.close()
         mount.reader.close()
+
+
+UTIME_NOW, UTIME_OMIT = (1 << 30) - 1, (1 << 30) - 2
+
+
+def _timespec_ns(ts) -> int | None:
+    """Nanoseconds, the current time for UTIME_NOW, None for UTIME_OMIT."""
+    if ts.tv_nsec == UTIME_OMIT:
+        return None
+    if ts.tv_nsec == UTIME_NOW:
+        return time.time_ns()
+    return ts.tv_sec * 10 ** 9 + ts.tv_nsec
 
 
 def daemonize_and_run(store: Store, settings: VolumeSettings, mountpoint: str, options: dict,

@@ -60,12 +60,15 @@ class AttrDB:
 
 
 class Namespace:
+    """Listings (one LIST per directory per `ttl`) answer lookups, hits and misses alike;
+    entries are resolved from the attribute cache, or a HEAD when it has nothing."""
+
     def __init__(self, store: Store, attr_db: AttrDB, ttl: float = 5.0, workers: int = 8):
         self.store = store
         self.db = attr_db
         self.ttl = ttl
-        self._entries: dict[tuple[bytes, bytes], tuple[Entry | None, float]] = {}
-        self._listings: dict[bytes, tuple[dict[bytes, Entry], float]] = {}
+        self._listings: dict[bytes, tuple[dict[bytes, ObjectInfo], float]] = {}
+        self._entries: dict[tuple[bytes, bytes], Entry] = {}
         self._lock = threading.Lock()
         self._pool = cf.ThreadPoolExecutor(workers, thread_name_prefix="head")
         self.root = store.root()
@@ -80,99 +83,89 @@ class Namespace:
             entry = self.lookup(entry.obj_id, name)
         return entry
 
-    def lookup(self, dir_id: bytes, name: bytes) -> Entry:
+    def _listing(self, dir_id: bytes) -> dict[bytes, ObjectInfo]:
         now = time.monotonic()
         with self._lock:
-            listing = self._listings.get(dir_id)
-            if listing and listing[1] > now:
-                entry = listing[0].get(name)
-                if entry is None:
-                    raise NotFound("no such entry")
-                if entry.attrs is not None:
-                    return entry
-            cached = self._entries.get((dir_id, name))
+            cached = self._listings.get(dir_id)
         if cached and cached[1] > now:
-            if cached[0] is None:
-                raise NotFound("no such entry")
             return cached[0]
+        listing = {name: info for name, info, _ in self.store.list_dir(dir_id)}
+        with self._lock:
+            self._listings[dir_id] = (listing, time.monotonic() + self.ttl)
+        return listing
+
+    def lookup(self, dir_id: bytes, name: bytes) -> Entry:
         fmt.check_name(name)
-        try:
-            entry, _ = self.store.lookup(dir_id, name, fmt.HEADER_SIZE)
-        except NotFound:
-            self._remember(dir_id, name, None)
-            raise
-        self._remember(dir_id, name, entry)
-        self._record(entry)
+        info = self._listing(dir_id).get(name)
+        if info is None:
+            raise NotFound("no such entry")
+        return self._resolve(dir_id, name, info)
+
+    def _resolve(self, dir_id: bytes, name: bytes, info: ObjectInfo) -> Entry:
+        with self._lock:
+            known = self._entries.get((dir_id, name))
+        if known is not None and known.etag == info.etag and known.key == info.key[len(self.store.vol.prefix):]:
+            return known
+        rel = info.key[len(self.store.vol.prefix):]
+        meta = self.db.get(info)
+        entry = None
+        if meta is not None:
+            try:
+                entry = self.store.entry_from(dir_id, name, rel, replace(info, metadata=meta), None)
+            except CryptfsError:
+                self.db.forget(info.key)  # a blob failing its check is a miss, not EIO
+        if entry is None:
+            entry = self.store.stat_listed(dir_id, name, rel)
+            if entry.etag == info.etag:
+                self.db.put(info.key, entry.etag, info.last_modified, info.size, entry.raw_meta)
+        with self._lock:
+            self._entries[(dir_id, name)] = entry
         return entry
 
-    def _remember(self, dir_id: bytes, name: bytes, entry: Entry | None) -> None:
-        with self._lock:
-            self._entries[(dir_id, name)] = (entry, time.monotonic() + self.ttl)
-
-    def _record(self, entry: Entry, lm_known: bool = True) -> None:
+    def _record(self, entry: Entry) -> None:
         """Persist an entry's encrypted metadata (as the bucket holds it) for later listings."""
         if entry.raw_meta is not None and entry.obj_id != fmt.ROOT_DIR_ID:
-            size = fmt.DIRENT_SIZE if entry.is_dir else fmt.object_size(entry.size, self.store.block_size)
-            self.db.put(self.store.abs_key(entry.key), entry.etag,
-                        entry.last_modified if lm_known else None, size, entry.raw_meta)
+            self.db.put(self.store.abs_key(entry.key), entry.etag, None, self._obj_size(entry), entry.raw_meta)
+
+    def _obj_size(self, entry: Entry) -> int:
+        return fmt.DIRENT_SIZE if entry.is_dir else fmt.object_size(entry.size, self.store.block_size)
 
     # ------------------------------------------------------------ listings
 
     def listdir(self, dir_id: bytes) -> list[Entry]:
         """Every entry with attributes: one LIST, attribute cache hits, parallel HEADs for the rest."""
-        now = time.monotonic()
-        with self._lock:
-            listing = self._listings.get(dir_id)
-        if listing and listing[1] > now and all(e.attrs is not None for e in listing[0].values()):
-            return list(listing[0].values())
-        listed = list(self.store.list_dir(dir_id))
-        prefix_len = len(self.store.vol.prefix)
+        listing = self._listing(dir_id)
 
         def one(item) -> Entry | None:
-            name, info, _ = item
-            rel = info.key[prefix_len:]
-            meta = self.db.get(info)
+            name, info = item
             try:
-                if meta is not None:
-                    try:
-                        return self.store.entry_from(dir_id, name, rel, replace(info, metadata=meta), None)
-                    except CryptfsError:
-                        self.db.forget(info.key)  # a blob failing its check is a miss, not EIO
-                entry = self.store.stat_listed(dir_id, name, rel)
-                self.db.put(info.key, entry.etag, entry.last_modified, info.size, entry.raw_meta)
-                return entry
+                return self._resolve(dir_id, name, info)
             except NotFound:
                 return None
             except (FormatError, IntegrityError) as exc:
                 self.store.warn_once(info.key, f"skipped: {exc}")
                 return None
 
-        entries = [e for e in self._pool.map(one, listed) if e is not None]
-        expires = time.monotonic() + self.ttl
-        with self._lock:
-            self._listings[dir_id] = ({e.name: e for e in entries}, expires)
-            for e in entries:
-                self._entries[(dir_id, e.name)] = (e, expires)
-        return entries
+        return [e for e in self._pool.map(one, list(listing.items())) if e is not None]
 
     # ------------------------------------------------------------ our own changes
 
-    def put(self, entry: Entry, lm_known: bool = False) -> None:
+    def put(self, entry: Entry) -> None:
         """An entry we just wrote: visible at once, and its metadata remembered."""
-        expires = time.monotonic() + self.ttl
-        with self._lock:
-            self._entries[(entry.parent_id, entry.name)] = (entry, expires)
-            listing = self._listings.get(entry.parent_id)
-            if listing:
-                listing[0][entry.name] = entry
         if entry.obj_id == fmt.ROOT_DIR_ID and entry.is_dir:
             self.root = entry
-        self._record(entry, lm_known)
+            return
+        info = ObjectInfo(self.store.abs_key(entry.key), self._obj_size(entry), entry.etag, entry.last_modified)
+        with self._lock:
+            self._entries[(entry.parent_id, entry.name)] = entry
+            listing = self._listings.get(entry.parent_id)
+            if listing:
+                listing[0][entry.name] = info
+        self._record(entry)
 
     def remove(self, dir_id: bytes, name: bytes) -> None:
-        expires = time.monotonic() + self.ttl
         with self._lock:
-            self._entries[(dir_id, name)] = (None, expires)
+            self._entries.pop((dir_id, name), None)
             listing = self._listings.get(dir_id)
             if listing:
                 listing[0].pop(name, None)
@@ -180,9 +173,6 @@ class Namespace:
     def forget_dir(self, dir_id: bytes) -> None:
         with self._lock:
             self._listings.pop(dir_id, None)
-
-    def names(self, dir_id: bytes) -> set[bytes]:
-        return {e.name for e in self.listdir(dir_id)}
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)

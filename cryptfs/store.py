@@ -15,6 +15,7 @@ from typing import BinaryIO, Callable, Iterator
 
 from . import format as fmt
 from . import keys
+from cachetools import LRUCache
 from .backend.base import ObjectInfo, read_exact
 from .errors import (AlreadyExists, DirectoryNotEmpty, FormatError, IntegrityError, IsADirectory,
                      NotADirectory, NotFound, PreconditionFailed)
@@ -60,6 +61,7 @@ class Store:
         self.block_size = volume.block_size
         self.workers = workers
         self._warned: set[str] = set()
+        self._keys: LRUCache = LRUCache(65536)
 
     # ------------------------------------------------------------ keys and names
 
@@ -67,7 +69,11 @@ class Store:
         return self.vol.prefix + rel
 
     def entry_key(self, dir_id: bytes, name: bytes) -> str:
-        return fmt.dir_prefix(self.vk, dir_id) + fmt.encrypt_name(self.vk, dir_id, name)
+        key = self._keys.get((dir_id, name))
+        if key is None:
+            key = fmt.dir_prefix(self.vk, dir_id) + fmt.encrypt_name(self.vk, dir_id, name)
+            self._keys[(dir_id, name)] = key  # an LRU: harmless races, as values never change
+        return key
 
     def backptr_key(self, dir_id: bytes) -> str:
         return fmt.dir_prefix(self.vk, dir_id) + fmt.BACKPTR_NAME

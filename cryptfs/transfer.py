@@ -5,6 +5,7 @@ into a partial file next to the destination, renamed into place when complete.
 """
 
 import errno
+import hashlib
 import os
 import stat
 import sys
@@ -15,6 +16,17 @@ from .errors import IsADirectory, NoSpace, NotADirectory, NotFound
 from .store import Entry, Store, now_ns
 
 PARTIAL_SUFFIX = ".cryptfs-partial"
+NAME_MAX = 255
+
+
+def partial_path(dest: str) -> str:
+    """Where a download is written before it is renamed to `dest`: next to it, and still a
+    valid name when `dest`'s own name is near the 255-byte limit."""
+    directory, base = os.path.split(dest)
+    name = os.fsencode(base) + PARTIAL_SUFFIX.encode()
+    if len(name) > NAME_MAX:
+        name = b"." + hashlib.sha256(os.fsencode(base)).hexdigest()[:32].encode() + PARTIAL_SUFFIX.encode()
+    return os.path.join(directory, os.fsdecode(name))
 
 
 class Progress:
@@ -103,7 +115,7 @@ def get_entry(store: Store, entry: Entry, dest: str, quiet: bool = False, resume
         os.symlink(target, dest)
         _apply_attrs(dest, entry.attrs, follow=False)
         return 1
-    partial = dest + PARTIAL_SUFFIX
+    partial = partial_path(dest)
     progress = Progress(entry.size, os.fsdecode(entry.name), enabled=None if not quiet else False)
     try:
         with open(partial, "wb") as out:
@@ -112,6 +124,9 @@ def get_entry(store: Store, entry: Entry, dest: str, quiet: bool = False, resume
                 progress(len(chunk))
             out.flush()
             os.fsync(out.fileno())
+        progress.finish()
+        _apply_attrs(partial, entry.attrs, follow=True)
+        os.replace(partial, dest)
     except OSError as exc:
         _discard(partial)
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -120,9 +135,6 @@ def get_entry(store: Store, entry: Entry, dest: str, quiet: bool = False, resume
     except BaseException:
         _discard(partial)
         raise
-    progress.finish()
-    _apply_attrs(partial, entry.attrs, follow=True)
-    os.replace(partial, dest)
     return 1
 
 

@@ -13,6 +13,7 @@ import heapq
 import json
 import logging
 import os
+import sqlite3
 import stat
 import threading
 import time
@@ -24,56 +25,59 @@ from .store import Entry, Store
 
 log = logging.getLogger(__name__)
 
+INLINE_MAX = 1024 * 1024  # objects up to this size are journaled inline
+
 
 class Journal:
+    """Pending uploads in a small sqlite database (WAL): one fsync per durable write, and
+    replacing a record is atomic. `_lock` serialises use of the connection."""
+
     def __init__(self, directory: str):
-        self.dir = directory
         os.makedirs(directory, mode=0o700, exist_ok=True)
+        self._db = sqlite3.connect(os.path.join(directory, "journal.db"), check_same_thread=False,
+                                   isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("CREATE TABLE IF NOT EXISTS pending (uid TEXT PRIMARY KEY, record TEXT)")
+        self._lock = threading.Lock()
 
-    def path(self, uid: str) -> str:
-        return os.path.join(self.dir, uid + ".json")
-
-    def write(self, uid: str, record: dict) -> None:
-        tmp = self.path(uid) + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(record, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path(uid))
-        fd = os.open(self.dir, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    def write(self, uid: str, record: dict, durable: bool = True) -> None:
+        """Replace a record atomically; durable means on disk when this returns."""
+        with self._lock:
+            self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'OFF'}")
+            self._db.execute("INSERT OR REPLACE INTO pending VALUES (?, ?)", (uid, json.dumps(record)))
 
     def remove(self, uid: str) -> None:
-        try:
-            os.unlink(self.path(uid))
-        except FileNotFoundError:
-            pass
+        with self._lock:
+            self._db.execute("PRAGMA synchronous=OFF")
+            self._db.execute("DELETE FROM pending WHERE uid=?", (uid,))
 
     def records(self) -> list[dict]:
+        with self._lock:
+            rows = self._db.execute("SELECT uid, record FROM pending ORDER BY rowid").fetchall()
         out = []
-        for name in sorted(os.listdir(self.dir)):
-            if name.endswith(".json"):
-                try:
-                    with open(os.path.join(self.dir, name)) as f:
-                        out.append(json.load(f))
-                except ValueError:
-                    log.error("journal record %s is unreadable; left in place", name)
+        for uid, raw in rows:
+            try:
+                out.append(json.loads(raw))
+            except ValueError:
+                log.error("journal record %s is unreadable; left in place", uid)
         return out
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
 
 
 class ComposedReader:
     """The object's bytes in order: header, then staged, basis and hole blocks per the plan."""
 
     def __init__(self, store: Store, fk: fmt.FileKey, header: bytes, size: int, runs: list,
-                 staging_fd: int | None, basis_key: str | None, basis_etag: str | None):
+                 read_staged, basis_key: str | None, basis_etag: str | None):
         self.store, self.fk, self.header, self.size = store, fk, header, size
         self.bs = store.block_size
         self.n = fmt.block_count(size, self.bs)
         self.runs = [list(r) for r in runs]
-        self.fd, self.basis_key, self.basis_etag = staging_fd, basis_key, basis_etag
+        self.read_staged = read_staged  # (start, end) -> bytes of the staging file
+        self.basis_key, self.basis_etag = basis_key, basis_etag
         self.buf = bytearray(header)
         self.pos = 0
 
@@ -87,7 +91,7 @@ class ComposedReader:
         step_end = min(end, start + 128)  # 8 MiB at a time
         lo, hi = self._span(start, step_end)
         if kind == "s":
-            data = os.pread(self.fd, hi - lo, lo)
+            data = self.read_staged(lo, hi)
         elif kind == "b":
             data, _ = self.store.backend.get(self.store.abs_key(self.basis_key), lo, hi, if_match=self.basis_etag)
         else:
@@ -134,26 +138,41 @@ class WriteBack:
 
     def record(self, state: FileState, runs: list) -> dict:
         meta = self.store.metadata_for(state.key, state.fk.file_id, state.attrs, state.wrapped, False)
-        return {"version": 1, "uid": state.uid, "key": state.key, "parent": state.parent_id.hex(),
-                "file_id": state.fk.file_id.hex(), "size": state.size, "metadata": meta, "runs": runs,
-                "staging": state.staging_path if state.fd is not None else None,
-                "basis": {"key": state.basis.key, "etag": state.basis.etag} if state.basis else None,
-                "obsolete": list(state.obsolete)}
+        record = {"version": 1, "uid": state.uid, "key": state.key, "parent": state.parent_id.hex(),
+                  "file_id": state.fk.file_id.hex(), "size": state.size, "metadata": meta, "runs": runs,
+                  "staging": None, "inline": None,
+                  "basis": {"key": state.basis.key, "etag": state.basis.etag} if state.basis else None,
+                  "obsolete": list(state.obsolete)}
+        if state.fd is not None:
+            if self._inline(state):
+                record["inline"] = fmt.b64e(state.staged_bytes())
+            else:
+                record["staging"] = state.staging_path
+        return record
+
+    @staticmethod
+    def _inline(state: FileState) -> bool:
+        """Small files go into the journal record itself: one fsync instead of two."""
+        return fmt.object_size(state.size, state.bs) <= INLINE_MAX
 
     def journal_state(self, state: FileState) -> None:
         """Make a modified file durable locally (close/flush, or fsync in journal mode)."""
         with state.lock:
             if state.unlinked or not state.modified:
                 return
-            runs = state.prepare()
+            if state.journaled and state.journaled_at == state.changes:
+                return
+            runs = state.prepare(sync=not self._inline(state))
             self.journal.write(state.uid, self.record(state, runs))
-            state.journaled = True
+            state.journaled, state.journaled_at = True, state.changes
 
     def rejournal(self, state: FileState) -> None:
-        """After a rename or attribute change of a journaled file."""
+        """After a rename or attribute change of a journaled file: atomic, durable with the next flush."""
         with state.lock:
             if state.journaled and not state.unlinked:
-                self.journal.write(state.uid, self.record(state, state.prepare()))
+                runs = state.prepare(sync=False)
+                self.journal.write(state.uid, self.record(state, runs), durable=False)
+                state.journaled_at = state.changes
 
     # ------------------------------------------------------------ uploads
 
@@ -162,10 +181,12 @@ class WriteBack:
         with state.lock:
             if state.unlinked or not state.modified:
                 return
-            runs = state.prepare()
+            fresh = state.journaled and state.journaled_at == state.changes
+            runs = state.prepare(sync=not fresh)
             record = self.record(state, runs)
-            self.journal.write(state.uid, record)
-            state.journaled = True
+            if not fresh:
+                self.journal.write(state.uid, record)
+                state.journaled, state.journaled_at = True, state.changes
             entry = self._send(state, record, runs)
             self.journal.remove(state.uid)
             state.uploaded(entry)
@@ -177,7 +198,8 @@ class WriteBack:
 
     def _send(self, state: FileState, record: dict, runs: list) -> Entry:
         basis = record["basis"]
-        reader = ComposedReader(self.store, state.fk, state.header, state.size, runs, state.fd,
+        reader = ComposedReader(self.store, state.fk, state.header, state.size, runs,
+                                lambda lo, hi: os.pread(state.fd, hi - lo, lo),
                                 basis["key"] if basis else None, basis["etag"] if basis else None)
         obj_size = fmt.object_size(state.size, self.store.block_size)
         etag = self.store.backend.upload(self.store.abs_key(record["key"]), reader, obj_size, record["metadata"])
@@ -257,6 +279,9 @@ def recover(store: Store, journal: Journal) -> list[str]:
 
 
 def _recover_one(store: Store, journal: Journal, record: dict) -> str:
+    if record.get("staging") and not os.path.exists(record["staging"]):
+        journal.remove(record["uid"])  # uploaded before the removal of its record was lost
+        raise CryptfsError(f"staging file of {record['key']} is gone; record dropped")
     meta = fmt.parse_metadata(record["metadata"])
     fk = fmt.FileKey.derive(store.vol.data_keys.unwrap(meta.wrapped_key), meta.obj_id)
     header = fmt.make_header(fk, store.block_size)
@@ -268,9 +293,12 @@ def _recover_one(store: Store, journal: Journal, record: dict) -> str:
         except NotFound:
             key, metadata = _lost_and_found(store, record, fk, meta)
     fd = os.open(record["staging"], os.O_RDONLY) if record.get("staging") else None
+    inline = fmt.b64d(record["inline"]) if record.get("inline") else b""
     try:
         basis = record.get("basis")
-        reader = ComposedReader(store, fk, header, record["size"], record["runs"], fd,
+        reader = ComposedReader(store, fk, header, record["size"], record["runs"],
+                                (lambda lo, hi: os.pread(fd, hi - lo, lo)) if fd is not None
+                                else (lambda lo, hi: inline[lo:hi]),
                                 basis["key"] if basis else None, basis["etag"] if basis else None)
         store.backend.upload(store.abs_key(key), reader, fmt.object_size(record["size"], store.block_size), metadata)
     finally:
