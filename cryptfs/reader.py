@@ -1,7 +1,9 @@
 """Reading blocks of uploaded objects: memory cache, disk cache, coalesced GETs, prefetch.
 
-Fetches go in chunks of CHUNK_BLOCKS blocks (one ranged GET each, If-Match on the ETag);
-a sequential reader gets a prefetch window that doubles up to MAX_WINDOW chunks.
+Blocks are cached in chunks of CHUNK_BLOCKS blocks; missing neighbouring chunks are
+fetched together, up to MAX_RUN chunks in one ranged GET (If-Match on the ETag), since a
+request costs far more than its bytes. A sequential reader gets a prefetch window that
+doubles up to MAX_WINDOW chunks, fetched as several runs in parallel.
 `_lock` guards the in-flight table; caches have their own locks.
 """
 
@@ -11,12 +13,14 @@ import threading
 
 from . import format as fmt
 from .cache import BlockCache, DiskCache
+from .errors import IntegrityError
 from .store import Entry, Store
 
 log = logging.getLogger(__name__)
 
-CHUNK_BLOCKS = 16          # 1 MiB of plaintext per GET with 64 KiB blocks
-MAX_WINDOW = 16            # chunks prefetched ahead of a sequential reader
+CHUNK_BLOCKS = 16          # 1 MiB of plaintext per chunk with 64 KiB blocks
+MAX_RUN = 16               # chunks in one GET
+MAX_WINDOW = 64            # chunks prefetched ahead of a sequential reader
 
 
 class BlockReader:
@@ -32,42 +36,70 @@ class BlockReader:
     def _chunk_key(self, entry: Entry, chunk: int) -> tuple:
         return (entry.key, entry.etag, chunk)
 
-    def _fetch_chunk(self, entry: Entry, fk: fmt.FileKey, header: bytes, chunk: int) -> None:
+    def _span(self, entry: Entry, chunk: int) -> tuple[int, int, int, int]:
+        """(first block, block count, start, end) of a chunk in the object."""
         first = chunk * CHUNK_BLOCKS
-        nblocks = fmt.block_count(entry.size, self.bs)
-        count = min(CHUNK_BLOCKS, nblocks - first)
-        start = fmt.block_offset(first, self.bs)
-        end = fmt.block_offset(first + count - 1, self.bs) + fmt.BLOCK_OVERHEAD + \
-            fmt.block_plain_len(first + count - 1, entry.size, self.bs)
-        key = self._chunk_key(entry, chunk)
-        raw = self.disk.get(key, end - start) if self.disk else None
-        from_disk = raw is not None
-        if raw is None:
-            raw, _ = self.store.backend.get(self.store.abs_key(entry.key), start, end, if_match=entry.etag)
-        try:
-            plains = self.store.decrypt_range(entry, fk, header, first, raw)
-        except Exception:
-            if from_disk:
-                self.disk.drop(key)
-            raise
-        if self.disk and not from_disk:
-            self.disk.put(key, raw)
-        for i, plain in enumerate(plains):
-            self.blocks.put((entry.obj_id, entry.etag, first + i), plain)
+        count = min(CHUNK_BLOCKS, fmt.block_count(entry.size, self.bs) - first)
+        last = first + count - 1
+        return first, count, fmt.block_offset(first, self.bs), \
+            fmt.block_offset(last, self.bs) + fmt.BLOCK_OVERHEAD + fmt.block_plain_len(last, entry.size, self.bs)
 
-    def _ensure(self, entry: Entry, fk, header, chunk: int) -> cf.Future | None:
-        key = self._chunk_key(entry, chunk)
-        with self._lock:
-            fut = self._inflight.get(key)
-            if fut is None:
-                fut = self._pool.submit(self._fetch_chunk, entry, fk, header, chunk)
-                self._inflight[key] = fut
-                fut.add_done_callback(lambda _f, k=key: self._done(k))
-        return fut
+    def _fetch_run(self, entry: Entry, fk: fmt.FileKey, header: bytes, chunks: list[int]) -> None:
+        """Chunks (consecutive) from the disk cache, or all of them in one ranged GET."""
+        spans = [self._span(entry, c) for c in chunks]
+        raws = [self.disk.get(self._chunk_key(entry, c), s[3] - s[2]) if self.disk else None
+                for c, s in zip(chunks, spans)]
+        if any(r is None for r in raws):
+            start, end = spans[0][2], spans[-1][3]
+            data, _ = self.store.backend.get(self.store.abs_key(entry.key), start, end, if_match=entry.etag)
+            if len(data) != end - start:
+                raise IntegrityError(f"{entry.name!r}: object shorter than its listed size")
+            for i, (c, s) in enumerate(zip(chunks, spans)):
+                if raws[i] is None:
+                    raws[i] = data[s[2] - start:s[3] - start]
+                    if self.disk:
+                        self.disk.put(self._chunk_key(entry, c), raws[i])
+        for c, s, raw in zip(chunks, spans, raws):
+            try:
+                plains = self.store.decrypt_range(entry, fk, header, s[0], raw)
+            except Exception:
+                if self.disk:
+                    self.disk.drop(self._chunk_key(entry, c))
+                raise
+            for i, plain in enumerate(plains):
+                self.blocks.put((entry.obj_id, entry.etag, s[0] + i), plain)
 
-    def _done(self, key) -> None:
+    def _ensure(self, entry: Entry, fk, header, chunks: list[int]) -> list[cf.Future]:
+        """Futures for chunks, starting one fetch for the consecutive ones not yet in flight."""
         with self._lock:
-            self._inflight.pop(key, None)
+            futures, todo = {}, []
+            for c in chunks:
+                key = self._chunk_key(entry, c)
+                if key in self._inflight:
+                    futures[c] = self._inflight[key]
+                else:
+                    todo.append(c)
+            runs, run = [], []
+            for c in todo:
+                if run and (c != run[-1] + 1 or c % MAX_RUN == 0):
+                    runs.append(run)
+                    run = []
+                run.append(c)
+            if run:
+                runs.append(run)
+            for run in runs:
+                fut = self._pool.submit(self._fetch_run, entry, fk, header, run)
+                for c in run:
+                    key = self._chunk_key(entry, c)
+                    self._inflight[key] = fut
+                    futures[c] = fut
+                fut.add_done_callback(lambda _f, keys=[self._chunk_key(entry, c) for c in run]: self._done(keys))
+        return [futures[c] for c in chunks]
+
+    def _done(self, keys) -> None:
+        with self._lock:
+            for key in keys:
+                self._inflight.pop(key, None)
 
     def block(self, entry: Entry, fk: fmt.FileKey, header: bytes, index: int) -> bytes:
         """Plaintext of block `index` of an uploaded object version."""
@@ -76,19 +108,20 @@ class BlockReader:
             hit = self.blocks.get(ck)
             if hit is not None:
                 return hit
-            self._ensure(entry, fk, header, index // CHUNK_BLOCKS).result()
-        hit = self.blocks.get(ck)
-        if hit is None:  # evicted as soon as fetched: memory cache too small; read it directly
-            return self.store.read_blocks(entry, fk, header, index, 1)[0]
-        return hit
+            for fut in self._ensure(entry, fk, header, [index // CHUNK_BLOCKS]):
+                fut.result()
+        return self.store.read_blocks(entry, fk, header, index, 1)[0]  # memory cache too small
 
     def prefetch(self, entry: Entry, fk, header, from_block: int, chunks: int) -> None:
+        """Start fetching `chunks` chunks from `from_block` on, in whole MAX_RUN-aligned runs,
+        so that a reader advancing a little at a time still causes few, large GETs."""
         nchunks = -(-fmt.block_count(entry.size, self.bs) // CHUNK_BLOCKS)
         first = from_block // CHUNK_BLOCKS
-        for chunk in range(first, min(first + chunks, nchunks)):
-            if self.blocks.get((entry.obj_id, entry.etag, chunk * CHUNK_BLOCKS)) is None:
-                fut = self._ensure(entry, fk, header, chunk)
-                fut.add_done_callback(_log_failure)
+        end = min(-(-(first + chunks) // MAX_RUN) * MAX_RUN, nchunks)
+        missing = [c for c in range(first, end)
+                   if self.blocks.get((entry.obj_id, entry.etag, c * CHUNK_BLOCKS)) is None]
+        for fut in set(self._ensure(entry, fk, header, missing)):
+            fut.add_done_callback(_log_failure)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -100,17 +133,21 @@ def _log_failure(fut: cf.Future) -> None:
 
 
 class SequentialDetector:
-    """Grows a prefetch window while reads continue where the previous one ended."""
+    """Grows a prefetch window while reads stay near where the previous ones ended
+    (the kernel's read-ahead sends them slightly out of order, from several threads)."""
+
+    SLACK = 4 * 1024 * 1024
 
     def __init__(self):
-        self.next_offset = -1
+        self.next_offset = 0
         self.window = 0
 
     def observe(self, offset: int, size: int) -> int:
         """Chunks to prefetch after a read at offset (0 for random access)."""
-        if offset == self.next_offset or offset == 0 and self.next_offset == -1:
+        if abs(offset - self.next_offset) <= self.SLACK:
             self.window = min(max(1, self.window * 2), MAX_WINDOW)
+            self.next_offset = max(self.next_offset, offset + size)
         else:
             self.window = 0
-        self.next_offset = offset + size
+            self.next_offset = offset + size
         return self.window

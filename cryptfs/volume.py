@@ -184,6 +184,10 @@ def find_prefix(backend: Backend, path: str) -> str:
     parts = [p for p in path.strip("/").split("/") if p]
     for n in range(len(parts), -1, -1):
         prefix = normalize_prefix("/".join(parts[:n]))
+        try:
+            prefix.encode("utf-8")
+        except UnicodeEncodeError:
+            continue  # a name that is not UTF-8 cannot be part of an object key, only a path inside
         for name in (CONFIG_NAME, BACKUP_NAME):
             try:
                 backend.head(prefix + name)

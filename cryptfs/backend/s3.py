@@ -58,7 +58,10 @@ class S3Backend(Backend):
         self.bucket = bucket
         self.url = f"s3://{bucket}"
         self.workers = workers
-        session = boto3.session.Session(profile_name=profile) if profile else boto3.session.Session()
+        try:
+            session = boto3.session.Session(profile_name=profile) if profile else boto3.session.Session()
+        except botocore.exceptions.ProfileNotFound as exc:
+            raise NoCredentials(str(exc)) from None
         config = botocore.config.Config(
             retries={"mode": retry_mode, "max_attempts": max_attempts},
             s3={"addressing_style": "path" if path_style else "auto"},
