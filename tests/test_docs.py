@@ -1,0 +1,46 @@
+"""The README and the example config say what the code does."""
+
+import dataclasses
+import os
+import re
+
+import yaml
+
+from cryptfs import cli, config, errors
+
+from conftest import REPO
+
+README = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
+EXAMPLE = os.path.join(REPO, "config", "cryptfs.example.yaml")
+
+
+def test_exit_code_table_matches_errors_module():
+    table = dict(re.findall(r"^\| (\d) \| (.+?) \|$", README, re.M))
+    codes = {value for name, value in vars(errors).items() if name.startswith("EXIT_")}
+    assert {int(c) for c in table} == codes
+    assert "wrong passphrase" in table[str(errors.EXIT_AUTH)]
+    assert "not found" in table[str(errors.EXIT_NOT_FOUND)]
+    assert "integrity" in table[str(errors.EXIT_INTEGRITY)]
+    assert "unreachable" in table[str(errors.EXIT_NETWORK)]
+    assert "no credentials" in table[str(errors.EXIT_ACCESS)]
+    assert "already exists" in table[str(errors.EXIT_EXISTS)]
+    assert "disk full" in table[str(errors.EXIT_NO_SPACE)]
+
+
+def test_every_cli_command_is_documented():
+    parser = cli.build_parser()
+    commands = set(next(a for a in parser._actions if a.dest == "command").choices)
+    documented = set(re.findall(r"^### (\w+) — ", README, re.M))
+    assert documented <= commands
+    assert commands - documented <= {"mount", "umount"}   # documented with the mount
+
+
+def test_example_config_loads_and_shows_every_setting():
+    volumes = config.load(EXAMPLE)
+    assert len(volumes) == 2
+    with open(EXAMPLE) as f:
+        doc = yaml.safe_load(f)
+    every = {f.name for f in dataclasses.fields(config.VolumeSettings)}
+    assert any(set(entry) == every for entry in doc["volumes"].values())
+    documented = set(re.findall(r"^\| `(\w+)` \|", README, re.M))
+    assert every <= documented
