@@ -20,7 +20,7 @@ from .handles import FileState
 from .namespace import Namespace
 from .reader import BlockReader
 from .store import Entry, Store
-from .writeback import Journal, WriteBack
+from .writeback import Journal, WriteBack, rename_journaled
 
 log = logging.getLogger(__name__)
 
@@ -466,7 +466,7 @@ class CryptFS:
                 self.wb.upload_now(state)
             entry = state.basis
         target = t_entry if t_entry is not None and t_state is None else None
-        moved = self.store.rename(entry, new_parent, new_name, target)
+        moved = rename_journaled(self.store, self.journal, entry, new_parent, new_name, target)
         if state is not None:
             with self._lock:
                 self.files.pop((old_parent, old_name), None)

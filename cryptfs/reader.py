@@ -87,13 +87,16 @@ class BlockReader:
                 run.append(c)
             if run:
                 runs.append(run)
+            started = []
             for run in runs:
                 fut = self._pool.submit(self._fetch_run, entry, fk, header, run)
-                for c in run:
-                    key = self._chunk_key(entry, c)
+                keys = [self._chunk_key(entry, c) for c in run]
+                for c, key in zip(run, keys):
                     self._inflight[key] = fut
                     futures[c] = fut
-                fut.add_done_callback(lambda _f, keys=[self._chunk_key(entry, c) for c in run]: self._done(keys))
+                started.append((fut, keys))
+        for fut, keys in started:  # outside the lock: a finished future calls back at once
+            fut.add_done_callback(lambda _f, keys=keys: self._done(keys))
         return [futures[c] for c in chunks]
 
     def _done(self, keys) -> None:

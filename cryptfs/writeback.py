@@ -19,7 +19,7 @@ import threading
 import time
 
 from . import format as fmt
-from .errors import CryptfsError, NotFound
+from .errors import CryptfsError, NoSpace, NotFound
 from .handles import FileState
 from .store import Entry, Store
 
@@ -42,9 +42,14 @@ class Journal:
 
     def write(self, uid: str, record: dict, durable: bool = True) -> None:
         """Replace a record atomically; durable means on disk when this returns."""
-        with self._lock:
-            self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'OFF'}")
-            self._db.execute("INSERT OR REPLACE INTO pending VALUES (?, ?)", (uid, json.dumps(record)))
+        try:
+            with self._lock:
+                self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'OFF'}")
+                self._db.execute("INSERT OR REPLACE INTO pending VALUES (?, ?)", (uid, json.dumps(record)))
+        except sqlite3.OperationalError as exc:
+            if "full" in str(exc):
+                raise NoSpace("no space left on the cache disk for the journal") from None
+            raise
 
     def remove(self, uid: str) -> None:
         with self._lock:
@@ -265,13 +270,53 @@ class WriteBack:
             self._cond.notify_all()
 
 
+# ---------------------------------------------------------------- renames of uploaded entries
+
+def rename_journaled(store: Store, journal: Journal, entry: Entry, new_parent: bytes, new_name: bytes,
+                     target: Entry | None) -> Entry:
+    """store.rename with an intent recorded first, so a crash half-way is finished at the next mount."""
+    uid = "rename-" + os.urandom(8).hex()
+    journal.write(uid, {"uid": uid, "intent": {
+        "src": entry.key, "dst": store.entry_key(new_parent, new_name), "is_dir": entry.is_dir,
+        "obj_id": entry.obj_id.hex(), "parent": new_parent.hex(), "name": new_name.hex(),
+        "size": fmt.object_size(entry.size, store.block_size) if not entry.is_dir else fmt.DIRENT_SIZE}})
+    moved = store.rename(entry, new_parent, new_name, target)
+    journal.remove(uid)
+    return moved
+
+
+def _finish_rename(store: Store, intent: dict) -> str:
+    """Roll an interrupted rename forward when its new entry was written, else drop it."""
+    try:
+        copied = store.backend.head(store.abs_key(intent["dst"]))
+    except NotFound:
+        return f"rename to {intent['dst']} had not started; source kept"
+    try:
+        same = fmt.parse_metadata(copied.metadata or {}).obj_id.hex() == intent["obj_id"]
+    except CryptfsError:
+        same = False
+    if copied.size != intent["size"] or not same:
+        return f"rename to {intent['dst']} had not completed; source kept"
+    if intent["is_dir"]:
+        child = bytes.fromhex(intent["obj_id"])
+        store.backend.put(store.abs_key(store.backptr_key(child)),
+                          fmt.encrypt_backptr(store.vk, child, bytes.fromhex(intent["parent"]),
+                                              bytes.fromhex(intent["name"])))
+    store.backend.delete(store.abs_key(intent["src"]))
+    return f"finished rename to {intent['dst']}"
+
+
 # ---------------------------------------------------------------- crash recovery
 
 def recover(store: Store, journal: Journal) -> list[str]:
-    """Finish uploads left by a mount that died; returns a line per file for the log."""
+    """Finish uploads and renames left by a mount that died; returns a line per item for the log."""
     done = []
     for record in journal.records():
         try:
+            if "intent" in record:
+                done.append(_finish_rename(store, record["intent"]))
+                journal.remove(record["uid"])
+                continue
             done.append(_recover_one(store, journal, record))
         except Exception as exc:
             log.error("journal record %s not recovered yet: %s", record.get("uid"), exc)
