@@ -330,8 +330,8 @@ def cmd_mount(args) -> int:
     from .namespace import cache_root
     root = cache_root(store.vol.volume_id, settings.cache_dir)
     os.makedirs(root, mode=0o700, exist_ok=True)
-    if args.foreground:
-        logging.getLogger().setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    logging.getLogger().setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    logging.getLogger("botocore").setLevel(logging.WARNING if args.verbose else logging.CRITICAL)
     code = mount.daemonize_and_run(store, settings, mountpoint, options, args.foreground,
                                    os.path.join(root, "mount.log"))
     if code == 0 and not args.foreground and not args.quiet:

@@ -40,8 +40,8 @@ def op(func):
         try:
             return func(self, *args)
         except CryptfsError as exc:
-            if exc.errno not in (errno.ENOENT, errno.EEXIST, errno.ENOTEMPTY, errno.ENAMETOOLONG):
-                log.error("%s%s: %s", func.__name__, args[:1], exc)
+            if exc.errno in (errno.EIO, errno.ENOSPC, errno.EACCES):  # the rest is ordinary use
+                log.error("%s %s: %s", func.__name__, args[0] if args else "", exc)
             raise FuseError(exc.errno) from None
         except OSError:
             raise
@@ -527,7 +527,7 @@ class CryptFS:
     def destroy(self, path):
         states = self.pending_states()
         if states:
-            log.warning("unmount: uploading %d pending file(s)", len(states))
+            log.info("unmount: uploading %d pending file(s)", len(states))
         failed = self.wb.drain(states)
         self.wb.stop()
         if failed:

@@ -54,9 +54,16 @@ class LocalBackend(Backend):
 
     def _read_meta(self, f) -> dict:
         raw = f.read(META_BLOCK)
-        if len(raw) != META_BLOCK:
-            raise BackendError("local object file has no metadata block")
-        return json.loads(raw.decode())
+        try:
+            if len(raw) != META_BLOCK:
+                raise ValueError("short")
+            meta = json.loads(raw.decode())
+            if not isinstance(meta, dict):
+                raise ValueError("not an object")
+            return meta
+        except ValueError:
+            raise BackendError(f"{f.name}: not an object file of the local backend "
+                               "(bad metadata block)") from None
 
     def head(self, key: str) -> ObjectInfo:
         with self._open(key) as f:
