@@ -24,6 +24,7 @@ from .writeback import Journal, WriteBack, rename_journaled
 
 log = logging.getLogger(__name__)
 
+DIR_SIZE = 4096  # what local filesystems show, so tools comparing trees see no difference
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 
@@ -117,9 +118,7 @@ class CryptFS:
 
     def _stat(self, entry: Entry) -> dict:
         a = entry.attrs
-        size = entry.size
-        if stat.S_ISLNK(a.mode):
-            size = entry.size
+        size = DIR_SIZE if entry.is_dir else entry.size
         return {"st_mode": a.mode, "st_ino": ino_of(entry.obj_id), "st_nlink": 2 if entry.is_dir else 1,
                 "st_uid": a.uid, "st_gid": a.gid, "st_size": size, "st_atime": a.mtime_ns,
                 "st_mtime": a.mtime_ns, "st_ctime": a.ctime_ns, "st_blksize": self.store.block_size,

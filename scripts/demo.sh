@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # A real round trip through cryptfs, with nothing to configure: starts its own S3 server
 # (moto, on 127.0.0.1 and a free port) or, when moto is not available, uses the local
-# directory backend; creates a volume with a demo passphrase, uploads a small directory,
-# lists it, downloads it again, compares, runs fsck, and cleans up after itself
-# (it stops only the server it started, by its PID).
+# directory backend; creates a volume with a demo passphrase, mounts it, copies a small
+# directory in with cp, reads it back through the mount and with the mount-free CLI,
+# unmounts (which uploads what is pending), remounts and compares, runs fsck, and cleans
+# up after itself (it stops only the server and the mount it started).
 # CRYPTFS_DEMO_BACKEND=local skips the S3 server and uses the local backend.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,7 +12,11 @@ bash scripts/setup.sh
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/cryptfs-demo.XXXXXX")
 server_pid=""
+mnt="$work/mnt"
 cleanup() {
+    if mountpoint -q "$mnt" 2>/dev/null; then
+        python3 -m cryptfs umount "$mnt" --timeout 60 || fusermount3 -uz "$mnt" || true
+    fi
     if [ -n "$server_pid" ]; then
         kill "$server_pid" 2>/dev/null || true
         wait "$server_pid" 2>/dev/null || true
@@ -76,11 +81,19 @@ find "$data" | sed "s|$work/||" | sort
 step "cryptfs init $url"
 cryptfs init "$url" "${args[@]}"
 
-step "cryptfs put (upload, encrypting on the way)"
-cryptfs put "$data" "$url" "${args[@]}"
+mkdir -p "$mnt"
+step "cryptfs mount $url $mnt"
+cryptfs mount "$url" "$mnt" --cache-dir "$work/cache" "${args[@]}"
+mount | grep " $mnt " || true
 
-step "cryptfs ls -l -R"
-cryptfs ls -l -R "$url" "${args[@]}"
+step "cp -a into the mount; ordinary programs see ordinary files"
+cp -a "$data" "$mnt/"
+ls -lR "$mnt"
+cat "$mnt/holiday/notes/plan.txt"
+sha256sum "$data/photos/2024/beach.raw" "$mnt/holiday/photos/2024/beach.raw"
+
+step "cryptfs umount (waits until everything is uploaded)"
+cryptfs umount "$mnt"
 
 step "What the storage sees: encrypted names, no tree, no attributes"
 if [ -n "$server_pid" ]; then
@@ -96,13 +109,24 @@ else
     (cd "$work/storage/vault" && find . -type f -printf '%9s  %P\n' | sort -k2 | cut -c1-111 | head -8)
 fi
 
-step "cryptfs cat"
+step "The mount-free CLI reads the same volume: cryptfs ls -l -R, cryptfs cat"
+cryptfs ls -l -R "$url" "${args[@]}"
 cryptfs cat "$url/holiday/notes/plan.txt" "${args[@]}"
 
-step "cryptfs get (download and decrypt) and compare with the original"
+listing() { (cd "$1" && find . -printf '%M %T@ %s %p\n' | sort); }
+step "Remount and compare with the original (contents, modes, times, the symlink)"
+cryptfs mount "$url" "$mnt" --cache-dir "$work/cache2" "${args[@]}"
+diff -r --no-dereference "$data" "$mnt/holiday"
+if [ "$(listing "$data")" != "$(listing "$mnt/holiday")" ]; then
+    echo "demo: modes, times or sizes differ through the mount" >&2
+    exit 1
+fi
+echo "identical through the mount"
+cryptfs umount "$mnt"
+
+step "cryptfs get (download and decrypt without a mount) and compare"
 cryptfs get "$url/holiday" "$work/restored" "${args[@]}"
 diff -r --no-dereference "$data" "$work/restored"
-listing() { (cd "$1" && find . -printf '%M %T@ %s %p\n' | sort); }
 if [ "$(listing "$data")" != "$(listing "$work/restored")" ]; then
     echo "demo: modes, times or sizes differ" >&2
     exit 1
