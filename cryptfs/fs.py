@@ -379,8 +379,8 @@ class CryptFS:
                 self.store.backend.delete(self.store.abs_key(self.store.entry_key(parent_id, name)))
         self.ns.remove(parent_id, name)
 
-    @op
-    def mkdir(self, path, mode):
+    def _new_name(self, path: str) -> tuple[bytes, bytes]:
+        """(parent id, name) for an entry about to be made; EEXIST if a pending file has it."""
         self._check_writable()
         parts = split(path)
         parent = self._parent(parts)
@@ -389,8 +389,12 @@ class CryptFS:
         with self._lock:
             if (parent.obj_id, name) in self.files:
                 raise FuseError(errno.EEXIST)
-        entry = self.store.mkdir(parent.obj_id, name, self._new_attrs(stat.S_IFDIR | stat.S_IMODE(mode)))
-        self.ns.put(entry)
+        return parent.obj_id, name
+
+    @op
+    def mkdir(self, path, mode):
+        parent_id, name = self._new_name(path)
+        self.ns.put(self.store.mkdir(parent_id, name, self._new_attrs(stat.S_IFDIR | stat.S_IMODE(mode))))
 
     @op
     def rmdir(self, path):
@@ -409,16 +413,9 @@ class CryptFS:
 
     @op
     def symlink(self, path, target):
-        self._check_writable()
-        parts = split(path)
-        parent = self._parent(parts)
-        name = parts[-1]
-        fmt.check_name(name)
-        with self._lock:
-            if (parent.obj_id, name) in self.files:
-                raise FuseError(errno.EEXIST)
+        parent_id, name = self._new_name(path)
         try:
-            entry = self.store.write_bytes(parent.obj_id, name, os.fsencode(target),
+            entry = self.store.write_bytes(parent_id, name, os.fsencode(target),
                                            self._new_attrs(stat.S_IFLNK | 0o777), create_only=True)
         except AlreadyExists:
             raise FuseError(errno.EEXIST) from None

@@ -374,11 +374,37 @@ def _plain_progress(progress, size: int, obj_size: int):
     return lambda n: progress(n * size // obj_size if obj_size else n)
 
 
-class EncryptingReader:
-    """A read()-able stream of a file object's bytes, encrypting `size` plaintext bytes lazily.
+class ProducedStream:
+    """A read()-able stream over bytes produced on demand by `_more()`, holding only what
+    the last read asked for; subclasses say when they are `_exhausted()`."""
 
-    Memory stays at about one read request; a source that ends early is an error (the file
-    changed while it was read), never a short object.
+    buf: bytearray
+    pos: int
+
+    def _more(self) -> None:
+        raise NotImplementedError
+
+    def _exhausted(self) -> bool:
+        raise NotImplementedError
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            n = 1 << 62
+        while len(self.buf) - self.pos < n and not self._exhausted():
+            if self.pos:
+                del self.buf[:self.pos]
+                self.pos = 0
+            self._more()
+        out = bytes(self.buf[self.pos:self.pos + n])
+        self.pos += len(out)
+        return out
+
+
+class EncryptingReader(ProducedStream):
+    """A file object's bytes, encrypting `size` plaintext bytes from `source` lazily.
+
+    A source that ends early is an error (the file changed while it was read), never a
+    short object.
     """
 
     def __init__(self, source: BinaryIO, fk: fmt.FileKey, size: int, block_size: int):
@@ -389,23 +415,13 @@ class EncryptingReader:
         self.buf = bytearray(self.header)
         self.pos = 0
 
-    def _next_block(self) -> None:
+    def _exhausted(self) -> bool:
+        return self.index >= self.nblocks
+
+    def _more(self) -> None:
         want = fmt.block_plain_len(self.index, self.size, self.bs)
         plain = read_exact(self.source, want)
         if len(plain) != want:
             raise IntegrityError("source file changed size while being encrypted")
         self.buf += fmt.encrypt_block(self.fk, self.header, self.index, plain, self.index == self.nblocks - 1)
         self.index += 1
-
-    def read(self, n: int = -1) -> bytes:
-        if n is None or n < 0:
-            n = 1 << 62
-        while len(self.buf) - self.pos < n and self.index < self.nblocks:
-            if self.pos:
-                del self.buf[:self.pos]
-                self.pos = 0
-            self._next_block()
-        out = bytes(self.buf[self.pos:self.pos + n])
-        self.pos += len(out)
-        return out
-

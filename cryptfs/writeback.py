@@ -21,7 +21,7 @@ import time
 from . import format as fmt
 from .errors import CryptfsError, NoSpace, NotFound
 from .handles import FileState
-from .store import Entry, Store
+from .store import Entry, ProducedStream, Store
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class Journal:
             self._db.close()
 
 
-class ComposedReader:
+class ComposedReader(ProducedStream):
     """The object's bytes in order: header, then staged, basis and hole blocks per the plan."""
 
     def __init__(self, store: Store, fk: fmt.FileKey, header: bytes, size: int, runs: list,
@@ -100,8 +100,9 @@ class ComposedReader:
         elif kind == "b":
             data, _ = self.store.backend.get(self.store.abs_key(self.basis_key), lo, hi, if_match=self.basis_etag)
         else:
-            data = b"".join(fmt.encrypt_block(self.fk, self.header, i, bytes(fmt.block_plain_len(i, self.size, self.bs)),
-                                              i == self.n - 1) for i in range(start, step_end))
+            data = b"".join(fmt.encrypt_block(self.fk, self.header, i,
+                                              bytes(fmt.block_plain_len(i, self.size, self.bs)), i == self.n - 1)
+                            for i in range(start, step_end))
         if len(data) != hi - lo:
             raise CryptfsError(f"upload source for blocks {start}-{step_end} is short")
         self.buf += data
@@ -110,17 +111,8 @@ class ComposedReader:
         else:
             self.runs[0][1] = step_end
 
-    def read(self, n: int = -1) -> bytes:
-        if n is None or n < 0:
-            n = 1 << 62
-        while len(self.buf) - self.pos < n and self.runs:
-            if self.pos:
-                del self.buf[:self.pos]
-                self.pos = 0
-            self._more()
-        out = bytes(self.buf[self.pos:self.pos + n])
-        self.pos += len(out)
-        return out
+    def _exhausted(self) -> bool:
+        return not self.runs
 
 
 class WriteBack:

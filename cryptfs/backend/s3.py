@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import threading
-from typing import BinaryIO, Iterator
+from typing import Iterator
 
 import boto3
 import botocore.config
