@@ -24,6 +24,10 @@ NON_UTF8 = os.fsdecode(b"caf\xe9-\xff.bin")          # not valid UTF-8
 LONG = "L" * 251 + ".txt"                              # exactly 255 bytes
 LONG_DIR = "\u00e9" * 127 + "d"                        # 255 bytes of UTF-8
 TOO_LONG = "x" * 256
+# Shared volumes use the smallest allowed RSA size: every command unwraps two RSA keys, and
+# 2048-bit ones load four times faster. Default-size volumes are covered by the init and
+# passwd tests (volume_url).
+SHARED_INIT = ("--rsa-bits", "2048")
 SIZES = {"empty": 0, "one": 1, "b65535": BS - 1, "b65536": BS, "b65537": BS + 1,
          "big.bin": 3 * 1024 * 1024 + 4321}
 
@@ -116,7 +120,7 @@ def src_tree(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def populated(volume_factory, volume_kind, src_tree):
     """A volume holding /src (the source tree), put once through the CLI; read-only for tests."""
-    vol = volume_factory(volume_kind)
+    vol = volume_factory(volume_kind, extra_init_args=SHARED_INIT)
     vol.put_result = assert_cli_ok(vol.cli("put", src_tree, vol.url))
     return vol
 
@@ -124,13 +128,13 @@ def populated(volume_factory, volume_kind, src_tree):
 @pytest.fixture(scope="module")
 def scratch(volume_factory, volume_kind):
     """A volume for tests that change things; each test works in its own top directory."""
-    return volume_factory(volume_kind)
+    return volume_factory(volume_kind, extra_init_args=SHARED_INIT)
 
 
 @pytest.fixture(scope="module")
 def s3_volume(volume_factory):
     """An S3 volume for the failures only S3 has (credentials, endpoint, multipart)."""
-    return volume_factory("s3")
+    return volume_factory("s3", extra_init_args=SHARED_INIT)
 
 
 def write(path, data: bytes = b"", mode: int | None = None):
@@ -172,10 +176,9 @@ def test_put_tree(populated, src_tree):
 
 
 def test_ls(populated, src_tree):
-    plain, long, recursive, one_file = run_cli_many(
+    plain, long, one_file = run_cli_many(
         ("ls", populated.path("src"), *populated.args),
-        ("ls", "-l", populated.path("src"), *populated.args),
-        ("ls", "-R", populated.url, *populated.args),
+        ("ls", "-l", "-R", populated.url, *populated.args),
         ("ls", "-l", populated.path("src", "b65537"), *populated.args))
     names = sorted(os.listdir(src_tree), key=os.fsencode)
     isdir = {n: os.path.isdir(os.path.join(src_tree, n)) and not os.path.islink(os.path.join(src_tree, n))
@@ -189,34 +192,35 @@ def test_ls(populated, src_tree):
         when = datetime.datetime.fromtimestamp(st.st_mtime_ns / 1e9).strftime("%Y-%m-%d %H:%M")
         return f"{stat.filemode(st.st_mode)} {st.st_uid:>5} {st.st_gid:>5} {size:>12} {when} {display(name)}"
 
-    assert assert_cli_ok(long).stdout.splitlines() == [long_line(os.path.join(src_tree, n), n) for n in names]
     assert assert_cli_ok(one_file).stdout.splitlines() == [long_line(os.path.join(src_tree, "b65537"), "b65537")]
-    out = assert_cli_ok(recursive).stdout
-    for header in ("/:", "/src:", "/src/nested:", "/src/nested/deeper:", f"/src/nested/{LONG_DIR}:",
-                   "/src/emptydir:"):
-        assert header + "\n" in out
-    assert "\ndeepest.txt\n" in out and "\ninner.txt\n" in out and "\nsrc/\n" in out
+    sections = {}
+    for block in assert_cli_ok(long).stdout.split("\n\n"):
+        if block:
+            header, *lines = block.split("\n")
+            sections[header] = lines
+    assert sorted(sections) == sorted(["/:", "/src:", "/src/nested:", "/src/nested/deeper:",
+                                       f"/src/nested/{LONG_DIR}:", "/src/emptydir:"])
+    assert sections["/src:"] == [long_line(os.path.join(src_tree, n), n) for n in names]
+    deepest = os.path.join(src_tree, "nested", "deeper", "deepest.txt")
+    assert sections["/src/nested/deeper:"] == [long_line(deepest, "deepest.txt")]
+    assert sections["/src/emptydir:"] == []
 
 
 def test_get_file_and_tree(populated, src_tree, tmp_path):
-    into_dir, as_name, tree, link, odd = run_cli_many(
-        ("get", populated.path("src", "b65537"), str(tmp_path), *populated.args),
+    into_dir, as_name, tree = run_cli_many(
+        (b"get", os.fsencode(populated.path("src", NON_UTF8)), str(tmp_path), *populated.args),
         ("get", populated.path("src", "big.bin"), str(tmp_path / "renamed.bin"), *populated.args),
-        ("get", populated.path("src"), str(tmp_path / "tree"), *populated.args),
-        ("get", populated.path("src", "link"), str(tmp_path / "link"), *populated.args),
-        (b"get", os.fsencode(populated.path("src", NON_UTF8)), str(tmp_path), *populated.args))
-    for result in (into_dir, as_name, tree, link, odd):
+        ("get", populated.path("src"), str(tmp_path / "tree"), *populated.args))
+    for result in (into_dir, as_name, tree):
         assert_cli_ok(result)
-    assert_same_file(os.path.join(src_tree, "b65537"), str(tmp_path / "b65537"))
-    assert_same_file(os.path.join(src_tree, "big.bin"), str(tmp_path / "renamed.bin"))
-    assert_same_file(os.path.join(src_tree, "link"), str(tmp_path / "link"))
     assert_same_file(os.path.join(src_tree, NON_UTF8), str(tmp_path / NON_UTF8))
-    assert_same_tree(src_tree, str(tmp_path / "tree"))
+    assert_same_file(os.path.join(src_tree, "big.bin"), str(tmp_path / "renamed.bin"))
+    assert_same_tree(src_tree, str(tmp_path / "tree"))   # every size, the symlink, 255-byte names
     assert partials(str(tmp_path)) == []
 
 
 def test_cat(populated, src_tree):
-    names = ["empty", "b65537", "big.bin", NON_UTF8]
+    names = ["empty", "big.bin", NON_UTF8]
     results = run_cli_many(*[(b"cat", os.fsencode(populated.path("src", n)), *populated.args) for n in names])
     for name, result in zip(names, results):
         assert_cli_ok(result)
@@ -229,6 +233,7 @@ def _wait_for(path: str, proc: subprocess.Popen, timeout: float = 60) -> bool:
     while time.monotonic() < deadline and proc.poll() is None:
         if os.path.exists(path):
             return True
+        time.sleep(0.0005)
     return False
 
 
@@ -357,13 +362,16 @@ def test_mv(scratch, tmp_path):
         assert_cli_error(into_itself, errors.EXIT_USAGE, "into itself")
         assert_cli_error(missing, errors.EXIT_NOT_FOUND, "/t_mv/nothing")
 
-    got = tmp_path / "got"
-    assert_cli_ok(vol.cli("get", u(), str(got)))
-    assert sorted(tree_entries(got)) == sorted(["d", "d/keep", "d/f2", "d/ee", "d/ee/top.txt", "d/ee/sub",
-                                                "d/ee/sub/deep.txt", "h"])
-    assert_same_file(str(local / "f1"), str(got / "d" / "f2"))           # attributes follow a rename
-    assert_same_file(str(local / "dd" / "sub" / "deep.txt"), str(got / "d" / "ee" / "sub" / "deep.txt"))
-    assert_same_file(str(local / "g"), str(got / "h"))
+    assert vol.listdir("t_mv") == ["d/", "h"]
+    assert vol.listdir("t_mv/d") == ["ee/", "f2", "keep"]
+    assert vol.listdir("t_mv/d/ee") == ["sub/", "top.txt"]
+    assert vol.listdir("t_mv/d/ee/sub") == ["deep.txt"]
+    for moved, original in [("d/f2", "f1"), ("h", "g"), ("d/ee/sub/deep.txt", "dd/sub/deep.txt"),
+                            ("d/ee", "dd")]:
+        entry, st = vol.entry("t_mv/" + moved), os.lstat(local / original)
+        assert (entry.attrs.mode, entry.attrs.mtime_ns) == (st.st_mode, st.st_mtime_ns), moved  # kept
+        if not entry.is_dir:
+            assert vol.read("t_mv/" + moved) == (local / original).read_bytes(), moved
     vol.assert_clean()
 
 
@@ -415,6 +423,7 @@ def test_configured_volume_name(scratch, tmp_path):
     assert_cli_ok(good)
     assert scratch.listdir("t_config") == ["sub/"]
     assert_cli_error(wrong, errors.EXIT_USAGE, "unknown keys: colour")
+    scratch.assert_clean()
 
 
 def test_passwd(volume_url, tmp_path):
@@ -428,12 +437,9 @@ def test_passwd(volume_url, tmp_path):
     assert sorted(k for k in after if after[k] != before[k]) == ["cryptfs.volume", "cryptfs.volume.bak"]
     old_file = write(tmp_path / "old", PASSPHRASE.encode() + b"\n")
     new_file = write(tmp_path / "new", new.encode() + b"\n")
-    old_env, old_arg, new_arg = run_cli_many(
-        ("ls", vol.url, *vol.args),
-        ("ls", vol.url, "--passphrase-file", old_file, *vol.args),
-        ("ls", vol.url, "--passphrase-file", new_file, *vol.args))
+    old_env, new_arg = run_cli_many(("ls", vol.url, *vol.args),
+                                    ("ls", vol.url, "--passphrase-file", new_file, *vol.args))
     assert_cli_error(old_env, errors.EXIT_AUTH, "wrong passphrase")
-    assert_cli_error(old_arg, errors.EXIT_AUTH, "wrong passphrase")
     assert_cli_ok(new_arg)
     # and back, both passphrases from files
     assert_cli_ok(vol.cli("passwd", vol.url, "--passphrase-file", new_file, "--new-passphrase-file", old_file))
@@ -448,14 +454,12 @@ def test_wrong_passphrase_and_no_passphrase(scratch, tmp_path):
     wrong_file = write(tmp_path / "wrong", b"not it\n")
     empty_file = write(tmp_path / "empty", b"\n")
     with vol.intact():
-        wrong_env = vol.cli("ls", vol.url, env={"CRYPTFS_PASSPHRASE": "not it"})
-        assert_cli_error(wrong_env, errors.EXIT_AUTH, "wrong passphrase")
-        none, wrong, empty = run_cli_many(("ls", vol.url, *vol.args),
-                                          ("ls", vol.url, "--passphrase-file", wrong_file, *vol.args),
+        wrong, none, empty = run_cli_many(("ls", vol.url, "--passphrase-file", wrong_file, *vol.args),
+                                          ("ls", vol.url, *vol.args),
                                           ("ls", vol.url, "--passphrase-file", empty_file, *vol.args),
                                           env={"CRYPTFS_PASSPHRASE": None})
-        assert_cli_error(none, errors.EXIT_USAGE, "no passphrase")
         assert_cli_error(wrong, errors.EXIT_AUTH, "wrong passphrase")
+        assert_cli_error(none, errors.EXIT_USAGE, "no passphrase")
         assert_cli_error(empty, errors.EXIT_USAGE, "empty passphrase")
 
 
@@ -528,14 +532,13 @@ def test_truncated_object(scratch, tmp_path):
     original, meta = vol.raw.read(key)
     try:
         vol.raw.truncate(key, fmt.HEADER_SIZE + fmt.block_ct_size(BS))   # drop the last block
-        at_block = vol.cli("fsck", vol.url)
+        result = vol.cli("fsck", vol.url)
+        assert result.returncode == errors.EXIT_INTEGRITY, result
+        assert "Traceback" not in result.stderr
+        assert "/t_trunc.bin:" in result.stdout and "1 problem(s)" in result.stdout, result
         vol.raw.truncate(key, 40)                                        # shorter than a header
-        in_header = vol.cli("fsck", vol.url)
-        for result in (at_block, in_header):
-            assert result.returncode == errors.EXIT_INTEGRITY, result
-            assert "Traceback" not in result.stderr
-            assert "/t_trunc.bin:" in result.stdout and "1 problem(s)" in result.stdout, result
         assert_cli_error(vol.cli("cat", vol.path("t_trunc.bin")), errors.EXIT_INTEGRITY, "t_trunc.bin")
+        assert [kind for kind, where, _ in vol.fsck().problems if where == "/t_trunc.bin"] == ["metadata"]
     finally:
         vol.raw.write(key, original, meta)
     vol.assert_clean()
