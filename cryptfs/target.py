@@ -5,7 +5,6 @@ file:///dir/path            the volume root is the nearest directory holding one
 """
 
 import os
-import urllib.parse
 from dataclasses import dataclass
 
 from . import volume
@@ -26,23 +25,31 @@ class Target:
         return self.backend.url + "/" + self.prefix + b"/".join(self.parts).decode(errors="replace")
 
 
+def split_url(url: str) -> tuple[str, str, str]:
+    """(scheme, bucket or host, path), taken literally: names may hold '%', '?' or '#'."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        raise UsageError(f"{url}: not a URL (use s3://bucket/prefix or file:///dir)")
+    netloc, _, path = rest.partition("/")
+    return scheme.lower(), netloc, "/" + path
+
+
 def make_backend(url: str, settings: VolumeSettings, root: str | None = None) -> tuple[Backend, str]:
     """(backend, path below the backend's root) for a URL."""
-    parsed = urllib.parse.urlsplit(url)
-    if parsed.scheme == "s3":
-        if not parsed.netloc:
+    scheme, netloc, path = split_url(url)
+    if scheme == "s3":
+        if not netloc:
             raise UsageError(f"{url}: no bucket name")
         from .backend.s3 import S3Backend
-        backend = S3Backend(parsed.netloc, endpoint_url=settings.endpoint_url, region=settings.region,
+        backend = S3Backend(netloc, endpoint_url=settings.endpoint_url, region=settings.region,
                             profile=settings.profile, path_style=settings.path_style,
                             verify_tls=settings.verify_tls, retry_mode=settings.retry_mode,
                             max_attempts=settings.max_attempts, workers=settings.workers)
-        return backend, urllib.parse.unquote(parsed.path).lstrip("/")
-    if parsed.scheme == "file":
-        if parsed.netloc not in ("", "localhost"):
+        return backend, path.lstrip("/")
+    if scheme == "file":
+        if netloc not in ("", "localhost"):
             raise UsageError(f"{url}: file URLs name a local path (file:///dir)")
-        path = os.path.abspath(urllib.parse.unquote(parsed.path) or "/")
-        return LocalBackend(root or path), ""
+        return LocalBackend(root or os.path.abspath(path)), ""
     raise UsageError(f"{url}: unsupported URL scheme (use s3://bucket/prefix or file:///dir)")
 
 
@@ -52,9 +59,9 @@ def _split(path: str) -> list[bytes]:
 
 def locate(url: str, settings: VolumeSettings) -> Target:
     """The volume a URL points into, and the path inside it (fails if there is no volume)."""
-    parsed = urllib.parse.urlsplit(url)
-    if parsed.scheme == "file":
-        path = os.path.abspath(urllib.parse.unquote(parsed.path) or "/")
+    scheme, _, path = split_url(url)
+    if scheme == "file":
+        path = os.path.abspath(path)
         root = path
         while not (os.path.exists(os.path.join(root, volume.CONFIG_NAME))
                    or os.path.exists(os.path.join(root, volume.BACKUP_NAME))):
