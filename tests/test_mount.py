@@ -401,6 +401,12 @@ def test_truncate_against_reference(mnt, work, tmp_path):
     mnt.remount()
     assert read(f) == expected
     assert os.path.getsize(f) == 140004
+    # O_TRUNC (a shell's `>`) on the uploaded file, then growing it again
+    for target in (ref, f):
+        sh(f'printf "short" > "{target}"')
+        assert read(target) == b"short"
+        run("truncate", "-s", "70000", target)
+    assert read(f) == read(ref)
 
 
 def test_o_append(work):
