@@ -154,10 +154,11 @@ class CryptFS:
     def readdir(self, path, fh):
         with self._lock:
             dir_id = self.dirs[fh]
-        # inode numbers must be non-zero, or readdir(3) hides the entry
-        items = {e.name: (e.attrs.mode, ino_of(e.obj_id)) for e in self.ns.listdir(dir_id)}
+        # pending files first: one uploaded meanwhile is then in one list or the other
         with self._lock:
             pending = [s for (d, _), s in self.files.items() if d == dir_id]
+        # inode numbers must be non-zero, or readdir(3) hides the entry
+        items = {e.name: (e.attrs.mode, ino_of(e.obj_id)) for e in self.ns.listdir(dir_id)}
         for state in pending:
             items[state.name] = (state.attrs.mode, ino_of(state.fk.file_id))
         here = {"st_mode": stat.S_IFDIR, "st_ino": ino_of(dir_id)}
@@ -240,6 +241,7 @@ class CryptFS:
                 raise FuseError(errno.EISDIR)
             state.fk, state.wrapped = self.store.new_file_key(existing.obj_id)  # keep the file id (st_ino)
             state.header = fmt.make_header(state.fk, self.store.block_size)
+            state.remote_at_key = True
         except NotFound:
             pass
         return self._register(state)
@@ -442,15 +444,23 @@ class CryptFS:
         src_is_dir = entry is not None and entry.is_dir
         if t_entry is not None and t_entry.is_dir != src_is_dir:
             raise FuseError(errno.EISDIR if t_entry.is_dir else errno.ENOTDIR)
+        replaced_remote = t_entry is not None
         if t_state is not None:
             if src_is_dir:
                 raise FuseError(errno.ENOTDIR)
             self._drop_target(t_state, new_parent, new_name)
+            replaced_remote = t_state.remote_at_key or t_state.basis is not None
+            if state is not None:
+                state.obsolete += t_state.obsolete
         if state is not None and state.basis is None:
-            # never uploaded: a local rename, journaled; the upload goes to the new key
+            # never uploaded: a local rename, journaled; the upload goes to the new key, and
+            # what the bucket still holds under the old key goes once it is done
             with self._lock:
                 self.files.pop((old_parent, old_name), None)
+                if state.remote_at_key:
+                    state.obsolete.append(state.key)
                 state.parent_id, state.name = new_parent, new_name
+                state.remote_at_key = replaced_remote
                 self.files[(new_parent, new_name)] = state
             with state.lock:
                 state.touch(ctime_only=True)

@@ -51,6 +51,7 @@ class FileState:
         self.error: Exception | None = None  # a failed upload, reported on the next fsync/close
         self.seq = SequentialDetector()
         self.obsolete: list[str] = []  # keys to delete once uploaded (renamed away from them)
+        self.remote_at_key = basis is not None  # an older object may sit under our key
 
     # ------------------------------------------------------------ identity
 

@@ -131,7 +131,8 @@ def run(store: Store, settings: VolumeSettings, mountpoint: str, options: dict, 
     def init_with_config(conn, config):
         if config is not None:
             config.use_ino = 1
-            config.hard_remove = 1     # unlink of an open file: we keep it, no .fuse_hidden renames
+            # hard_remove stays off: libfuse hides an open file that is unlinked (.fuse_hidden*)
+            # and removes it at its last close, so fstat on it keeps working
             config.nullpath_ok = 1
             config.auto_cache = 1      # page cache kept while mtime and size are unchanged
             config.attr_timeout = 1.0
