@@ -339,11 +339,13 @@ def own_mounts(tmp_path):
 
 # ---------------------------------------------------------------- whole programs
 
-def test_cp_a_round_trip(work, tmp_path):
+def test_cp_a_round_trip(mnt, work, tmp_path):
     src, back = tmp_path / "src", tmp_path / "back"
     make_tree(src)
     run("cp", "-a", src, os.path.join(work, "tree"))
     compare_trees(src, os.path.join(work, "tree"))
+    # back out from what was stored (test_listing_while_uploads_finish covers listing during uploads)
+    mnt.remount()
     run("cp", "-a", os.path.join(work, "tree"), back)
     compare_trees(src, back)
 
@@ -678,6 +680,25 @@ def test_name_max(work):
     assert read(os.path.join(work, name)) == b"long name"
     proc = run("touch", long, check=False)
     assert proc.returncode != 0 and b"too long" in proc.stderr.lower()
+
+
+@pytest.mark.xfail(reason="bug: a file whose upload finishes during readdir is missing from the listing "
+                          "(/tmp/mount_bugs.md #3)", strict=True)
+def test_listing_while_uploads_finish(work):
+    """`ls` (and so cp -a, tar, rsync reading the mount) sees every file while uploads complete."""
+    short = []
+    for round in range(5):
+        d = os.path.join(work, f"round{round}")
+        os.mkdir(d)
+        for i in range(40):
+            write(os.path.join(d, f"f{i}"), b"x" * 70000)
+        end = time.monotonic() + 1.0
+        while time.monotonic() < end:
+            n = len(os.listdir(d))
+            if n != 40:
+                short.append((round, n))
+                break
+    assert not short, f"listings missing files while uploads finished: {short}"
 
 
 def test_deep_nesting(work):
