@@ -682,8 +682,6 @@ def test_name_max(work):
     assert proc.returncode != 0 and b"too long" in proc.stderr.lower()
 
 
-@pytest.mark.xfail(reason="bug: a file whose upload finishes during readdir is missing from the listing "
-                          "(/tmp/mount_bugs.md #3)", strict=True)
 def test_listing_while_uploads_finish(work):
     """`ls` (and so cp -a, tar, rsync reading the mount) sees every file while uploads complete."""
     short = []
@@ -803,8 +801,6 @@ def test_rename_files_and_directories(mnt, work):
     check()
 
 
-@pytest.mark.xfail(reason="bug: a file replaced by a pending file that is then renamed away comes back "
-                          "after remount (/tmp/mount_bugs.md #1)", strict=True)
 def test_rename_pending_over_uploaded_then_away(mnt, work):
     y, x, z = (os.path.join(work, n) for n in "yxz")
     write(y, b"old")
@@ -951,8 +947,6 @@ def test_open_unlink_read(work):
     assert os.listdir(work) == []
 
 
-@pytest.mark.xfail(reason="bug: fstat of an open unlinked file is ESTALE (hard_remove; /tmp/mount_bugs.md #2)",
-                   strict=True)
 def test_open_unlink_fstat(work):
     """fstat(2) of an open, unlinked file answers (tools unlink temporary files they hold)."""
     for label, wait in (("uploaded", 0.6), ("pending", 0.0)):
