@@ -220,7 +220,7 @@ class Store:
             raise IntegrityError(f"{entry.name!r}: object shorter than its listed size")
         return self.decrypt_range(entry, fk, header, first, raw)
 
-    def iter_plain(self, entry: Entry, chunk_blocks: int = 64, parallel: int = 4) -> Iterator[bytes]:
+    def iter_plain(self, entry: Entry, chunk_blocks: int = 256, parallel: int = 3) -> Iterator[bytes]:
         """A file's plaintext in order, fetching and decrypting `parallel` chunks at once."""
         fk = self.file_key(entry)
         header = self.read_header(entry, fk)

@@ -18,7 +18,8 @@ from ..errors import (AccessDenied, BackendError, BucketNotFound, NoCredentials,
                       PreconditionFailed, Unreachable)
 from .base import Backend, ObjectInfo, PendingUpload, read_exact
 
-PART_SIZE = 16 * 1024 * 1024
+PART_SIZE = 8 * 1024 * 1024
+PARTS_IN_FLIGHT = 4
 MAX_PARTS = 10000
 COPY_LIMIT = 5 * 1024 ** 3  # larger objects are copied in parts
 COPY_PART = 1024 ** 3
@@ -159,8 +160,8 @@ class S3Backend(Backend):
             raise
 
     def _upload_parts(self, key, upload_id, stream, size, part, progress) -> list[dict]:
-        # At most `workers` parts in flight, so memory stays at workers * part size.
-        slots = threading.BoundedSemaphore(self.workers)
+        # At most PARTS_IN_FLIGHT parts in memory at once, whatever the object's size.
+        slots = threading.BoundedSemaphore(min(self.workers, PARTS_IN_FLIGHT))
         futures = []
 
         def send(number: int, data: bytes) -> dict:
