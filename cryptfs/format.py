@@ -96,6 +96,13 @@ def block_offset(index: int, block_size: int) -> int:
     return HEADER_SIZE + index * block_ct_size(block_size)
 
 
+def blocks_extent(first: int, end: int, size: int, block_size: int) -> tuple[int, int]:
+    """Object byte range [start, stop) holding blocks [first, end) of a file of `size` bytes."""
+    last = end - 1
+    return (block_offset(first, block_size),
+            block_offset(last, block_size) + BLOCK_OVERHEAD + block_plain_len(last, size, block_size))
+
+
 def block_span(offset: int, length: int, block_size: int) -> range:
     """Indexes of the blocks that plaintext bytes [offset, offset+length) touch."""
     if length <= 0:

@@ -40,9 +40,7 @@ class BlockReader:
         """(first block, block count, start, end) of a chunk in the object."""
         first = chunk * CHUNK_BLOCKS
         count = min(CHUNK_BLOCKS, fmt.block_count(entry.size, self.bs) - first)
-        last = first + count - 1
-        return first, count, fmt.block_offset(first, self.bs), \
-            fmt.block_offset(last, self.bs) + fmt.BLOCK_OVERHEAD + fmt.block_plain_len(last, entry.size, self.bs)
+        return (first, count) + fmt.blocks_extent(first, first + count, entry.size, self.bs)
 
     def _fetch_run(self, entry: Entry, fk: fmt.FileKey, header: bytes, chunks: list[int]) -> None:
         """Chunks (consecutive) from the disk cache, or all of them in one ranged GET."""

@@ -212,9 +212,7 @@ class Store:
         count = min(count, nblocks - first)
         if count <= 0:
             return []
-        start = fmt.block_offset(first, self.block_size)
-        end = fmt.block_offset(first + count - 1, self.block_size) + fmt.BLOCK_OVERHEAD + \
-            fmt.block_plain_len(first + count - 1, entry.size, self.block_size)
+        start, end = fmt.blocks_extent(first, first + count, entry.size, self.block_size)
         raw, info = self.backend.get(self.abs_key(entry.key), start, end, if_match=entry.etag)
         if len(raw) != end - start:
             raise IntegrityError(f"{entry.name!r}: object shorter than its listed size")

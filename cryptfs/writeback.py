@@ -86,15 +86,10 @@ class ComposedReader(ProducedStream):
         self.buf = bytearray(header)
         self.pos = 0
 
-    def _span(self, start: int, end: int) -> tuple[int, int]:
-        last = end - 1
-        return (fmt.block_offset(start, self.bs),
-                fmt.block_offset(last, self.bs) + fmt.BLOCK_OVERHEAD + fmt.block_plain_len(last, self.size, self.bs))
-
     def _more(self) -> None:
         kind, start, end = self.runs[0]
         step_end = min(end, start + 128)  # 8 MiB at a time
-        lo, hi = self._span(start, step_end)
+        lo, hi = fmt.blocks_extent(start, step_end, self.size, self.bs)
         if kind == "s":
             data = self.read_staged(lo, hi)
         elif kind == "b":
