@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from . import volume
 from .backend.base import Backend
+from .backend.faults import from_environment
 from .backend.local import LocalBackend
 from .config import VolumeSettings
 from .errors import UsageError, VolumeNotFound
@@ -69,9 +70,10 @@ def locate(url: str, settings: VolumeSettings) -> Target:
                 raise VolumeNotFound(f"no cryptfs volume at {path} or any parent of it")
             root = os.path.dirname(root)
         backend, _ = make_backend(url, settings, root=root)
-        return Target(backend, "", _split(os.path.relpath(path, root)))
+        return Target(from_environment(backend), "", _split(os.path.relpath(path, root)))
     backend, path = make_backend(url, settings)
     backend.check()
+    backend = from_environment(backend)
     prefix = volume.find_prefix(backend, path)
     return Target(backend, prefix, _split(path[len(prefix):]))
 
