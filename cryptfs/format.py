@@ -360,31 +360,42 @@ class Attrs:
     gid: int
     mtime_ns: int
     ctime_ns: int
+    atime_ns: int | None = None  # None: the same as mtime (attribute blobs of version 1 have none)
+    rdev: int = 0                # device number of character and block device nodes
+
+    def __post_init__(self):
+        if self.atime_ns is None:
+            object.__setattr__(self, "atime_ns", self.mtime_ns)
 
 
-_ATTR_STRUCT = struct.Struct(">BIIIqq")
+ATTR_VERSION = 2
+_ATTR_V1 = struct.Struct(">BIIIqq")     # version 1: no atime, no rdev
+_ATTR_V2 = struct.Struct(">BIIIqqqQ")   # version 2: atime and rdev appended
+_ATTR_SIZES = {16 + 16 + _ATTR_V1.size: _ATTR_V1, 16 + 16 + _ATTR_V2.size: _ATTR_V2}
 
 
 def encrypt_attrs(vk: VolumeKeys, object_key: str, obj_id: bytes, attrs: Attrs) -> bytes:
     """Attribute blob bound to the object's key (relative to the volume) and its id."""
-    plain = _ATTR_STRUCT.pack(VERSION, attrs.mode, attrs.uid, attrs.gid, attrs.mtime_ns, attrs.ctime_ns)
+    plain = _ATTR_V2.pack(ATTR_VERSION, attrs.mode, attrs.uid, attrs.gid, attrs.mtime_ns, attrs.ctime_ns,
+                          attrs.atime_ns, attrs.rdev)
     nonce = os.urandom(16)
     return nonce + AESSIV(vk.attr_key).encrypt(
         plain, [b"cryptfs v1 attrs", object_key.encode(), obj_id, nonce])
 
 
 def decrypt_attrs(vk: VolumeKeys, object_key: str, obj_id: bytes, blob: bytes) -> Attrs:
-    if len(blob) != 16 + 16 + _ATTR_STRUCT.size:
+    layout = _ATTR_SIZES.get(len(blob))
+    if layout is None:
         raise IntegrityError("attribute blob has a bad length")
     try:
         plain = AESSIV(vk.attr_key).decrypt(
             blob[16:], [b"cryptfs v1 attrs", object_key.encode(), obj_id, blob[:16]])
     except InvalidTag:
         raise IntegrityError("attribute blob failed authentication") from None
-    version, mode, uid, gid, mtime, ctime = _ATTR_STRUCT.unpack(plain)
-    if version != VERSION:
-        raise FormatError(f"unsupported attribute version {version}")
-    return Attrs(mode, uid, gid, mtime, ctime)
+    fields = layout.unpack(plain)
+    if fields[0] != (1 if layout is _ATTR_V1 else ATTR_VERSION):
+        raise FormatError(f"unsupported attribute version {fields[0]}")
+    return Attrs(*fields[1:])
 
 
 def file_metadata(vk: VolumeKeys, object_key: str, file_id: bytes, wrapped_key: bytes,

@@ -8,6 +8,7 @@ import hashlib
 import os
 import re
 import stat
+import struct
 
 import pytest
 from cryptography.hazmat.primitives import hashes
@@ -454,11 +455,24 @@ ATTRS = fmt.Attrs(stat.S_IFREG | 0o640, 1000, 100, 1_700_000_000_123_456_789, 1_
     fmt.Attrs(stat.S_IFDIR | 0o755, 0, 0, 0, 0),
     fmt.Attrs(stat.S_IFLNK | 0o777, 2 ** 32 - 1, 2 ** 32 - 1, -1, -(2 ** 63)),
     fmt.Attrs(stat.S_IFREG | 0o7777, 65534, 65534, 2 ** 63 - 1, 2 ** 63 - 1),
+    fmt.Attrs(stat.S_IFREG | 0o600, 1, 2, 1_950_000_000_200_000_000, 5, atime_ns=1_900_000_000_100_000_000),
+    fmt.Attrs(stat.S_IFCHR | 0o600, 0, 0, 1, 2, atime_ns=-(2 ** 63), rdev=2 ** 64 - 1),
 ])
 def test_attrs_round_trip(vk, attrs):
     blob = fmt.encrypt_attrs(vk, "t/abc/def", b"\x05" * 16, attrs)
-    assert len(blob) == 16 + 16 + 29
+    assert len(blob) == 16 + 16 + 45
     assert fmt.decrypt_attrs(vk, "t/abc/def", b"\x05" * 16, blob) == attrs
+
+
+def test_attrs_version_1_still_read(vk):
+    """Blobs written before atime and rdev were stored: atime reads as mtime, rdev as 0."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESSIV
+    nonce = bytes(16)
+    plain = struct.pack(">BIIIqq", 1, stat.S_IFREG | 0o644, 7, 8, 1000, 2000)
+    blob = nonce + AESSIV(vk.attr_key).encrypt(plain, [b"cryptfs v1 attrs", b"t/k", b"\x01" * 16, nonce])
+    assert len(blob) == 61
+    assert fmt.decrypt_attrs(vk, "t/k", b"\x01" * 16, blob) == fmt.Attrs(stat.S_IFREG | 0o644, 7, 8, 1000, 2000,
+                                                                          atime_ns=1000, rdev=0)
 
 
 def test_attrs_binding(vk):
