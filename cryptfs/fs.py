@@ -1,14 +1,16 @@
 """The FUSE operations: a thin shell over namespace, handles and write-back.
 
 Paths arrive as str (surrogate-escaped bytes); errors leave as errno through `errno_of`.
-`_lock` guards `files` (pending or open files by (directory id, name)), `fhs` and `dirs`.
+Which lock guards what, and their order, is written in namespace.py.
 """
 
+import contextlib
 import errno
 import functools
 import itertools
 import logging
 import os
+import re
 import stat
 import threading
 import time
@@ -17,7 +19,7 @@ from dataclasses import replace
 from . import format as fmt
 from .errors import AlreadyExists, CryptfsError, NotFound
 from .handles import FileState
-from .namespace import Namespace
+from .namespace import ROOT_LOC, Namespace
 from .reader import BlockReader
 from .store import Entry, Store
 from .writeback import Journal, WriteBack, rename_journaled
@@ -25,6 +27,10 @@ from .writeback import Journal, WriteBack, rename_journaled
 log = logging.getLogger(__name__)
 
 DIR_SIZE = 4096  # what local filesystems show, so tools comparing trees see no difference
+# libfuse hides an open file that is unlinked by renaming it to such a name, and unlinks
+# that name at its last close; to us the rename is the unlink, and the name is only ever
+# known in `CryptFS._hidden` (never listed, never stored)
+HIDDEN_NAME = re.compile(rb"\.fuse_hidden[0-9a-f]{16}\Z")
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 
@@ -61,6 +67,13 @@ def ino_of(obj_id: bytes) -> int:
 
 
 class CryptFS:
+    """FUSE operations. Every name is answered by the namespace (`ns`), pending files and
+    uploaded ones alike; an operation that changes what a name is bound to holds that name's
+    lock (`ns.names`) for its whole length. Lock order: see namespace.py.
+
+    `_lock` guards `fhs`, `dirs` and `_hidden` only.
+    """
+
     use_ns = True
 
     def __init__(self, store: Store, ns: Namespace, reader: BlockReader, journal: Journal, staging_dir: str,
@@ -69,13 +82,17 @@ class CryptFS:
         self.staging_dir = staging_dir
         self.fsync_mode = fsync_mode
         self.read_only = read_only
-        self.wb = WriteBack(store, journal, writeback_delay, self._uploaded)
-        self.files: dict[tuple[bytes, bytes], FileState] = {}
+        self.wb = WriteBack(store, journal, writeback_delay, ns.uploaded)
         self.fhs: dict[int, FileState] = {}
         self.dirs: dict[int, bytes] = {}  # open directory handles: their directory ids
+        self._hidden: dict[tuple[bytes, bytes], FileState] = {}  # libfuse's names for unlinked open files
         self._fh = itertools.count(1)
         self._lock = threading.Lock()
         self._symlinks: dict[tuple[bytes, str], bytes] = {}
+        self._stop = threading.Event()
+        self._dir_interval = max(1.0, writeback_delay)
+        self._ticker = threading.Thread(target=self._flush_dirs_loop, name="dir-times", daemon=True)
+        self._ticker.start()
 
     # ------------------------------------------------------------ helpers
 
@@ -84,60 +101,94 @@ class CryptFS:
             from mfusepy import fuse_get_context
             uid, gid, _ = fuse_get_context()
             return uid, gid
-        except Exception:
+        except Exception:  # outside a FUSE request (in-process use)
             return os.getuid(), os.getgid()
 
     def _new_attrs(self, mode: int) -> fmt.Attrs:
         uid, gid = self._ctx()
         now = time.time_ns()
-        return fmt.Attrs(mode, uid, gid, now, now)
+        return fmt.Attrs(mode, uid, gid, now, now, now)
 
-    def _parent(self, parts: list[bytes]) -> Entry:
-        parent = self.ns.resolve(parts[:-1])
-        if not parent.is_dir:
-            raise FuseError(errno.ENOTDIR)
-        return parent
-
-    def _find(self, path: str) -> tuple[Entry | None, FileState | None, bytes | None, bytes]:
-        """(entry, pending state, parent id, name) for a path; NotFound if it has neither."""
+    def _where(self, path: str) -> tuple[bytes, bytes]:
+        """(parent directory id, name) of a path that is not the root."""
         parts = split(path)
         if not parts:
-            return self.ns.root, None, None, b""
-        parent = self._parent(parts)
-        name = parts[-1]
-        fmt.check_name(name)
-        with self._lock:
-            state = self.files.get((parent.obj_id, name))
-        if state is not None:
-            return None, state, parent.obj_id, name
-        return self.ns.lookup(parent.obj_id, name), None, parent.obj_id, name
+            raise FuseError(errno.EBUSY)
+        parent = self.ns.resolve(parts[:-1])
+        if not (isinstance(parent, Entry) and parent.is_dir):
+            raise FuseError(errno.ENOTDIR)
+        fmt.check_name(parts[-1])
+        return parent.obj_id, parts[-1]
+
+    def _node(self, path: str):
+        parts = split(path)
+        return self.ns.resolve(parts) if parts else self.ns.root
+
+    @contextlib.contextmanager
+    def _bound(self, parent_id: bytes, name: bytes):
+        """The node bound to a name; a FileState comes locked and still bound (an upload in
+        flight finishes first). Callers hold the name's lock."""
+        while True:
+            node = self.ns.lookup(parent_id, name)
+            if not isinstance(node, FileState):
+                yield node
+                return
+            with node.lock:
+                if self.ns.bound(parent_id, name, node):
+                    yield node
+                    return
 
     def _check_writable(self) -> None:
         if self.read_only:
             raise FuseError(errno.EROFS)
 
-    def _stat(self, entry: Entry) -> dict:
+    def _stat(self, node) -> dict:
+        entry = node.entry() if isinstance(node, FileState) else node
         a = entry.attrs
         size = DIR_SIZE if entry.is_dir else entry.size
         return {"st_mode": a.mode, "st_ino": ino_of(entry.obj_id), "st_nlink": 2 if entry.is_dir else 1,
-                "st_uid": a.uid, "st_gid": a.gid, "st_size": size, "st_atime": a.mtime_ns,
-                "st_mtime": a.mtime_ns, "st_ctime": a.ctime_ns, "st_blksize": self.store.block_size,
-                "st_blocks": -(-size // 512)}
+                "st_uid": a.uid, "st_gid": a.gid, "st_size": size, "st_atime": a.atime_ns,
+                "st_mtime": a.mtime_ns, "st_ctime": a.ctime_ns, "st_rdev": a.rdev,
+                "st_blksize": self.store.block_size, "st_blocks": -(-size // 512)}
+
+    def _handle(self, state: FileState) -> int:
+        fh = next(self._fh)
+        with self._lock:
+            self.fhs[fh] = state
+        return fh
+
+    def _touch(self, *dir_ids: bytes) -> None:
+        now = time.time_ns()
+        for dir_id in set(dir_ids):
+            self.ns.touch_dir(dir_id, now)
+
+    def _flush_dirs_loop(self) -> None:
+        while not self._stop.wait(self._dir_interval):
+            try:
+                self.ns.flush_dirs()
+            except Exception:  # the loop must survive; the next round retries
+                log.exception("storing directory times failed")
 
     # ------------------------------------------------------------ attributes
+
+    def _hidden_state(self, path: str | None) -> FileState | None:
+        if path is None or not HIDDEN_NAME.match(os.fsencode(path).rsplit(b"/", 1)[-1]):
+            return None
+        where = self._where(path)
+        with self._lock:
+            return self._hidden.get(where)
 
     @op
     def getattr(self, path, fh=None):
         state = self.fhs.get(fh) if fh else None
-        if state is not None:
-            return self._stat(state.entry())
-        entry, state, _, _ = self._find(path)
-        return self._stat(state.entry() if state else entry)
+        if state is None:
+            state = self._hidden_state(path)
+        return self._stat(state if state is not None else self._node(path))
 
     @op
     def opendir(self, path):
-        entry, _, _, _ = self._find(path)
-        if not entry or not entry.is_dir:
+        entry = self._node(path)
+        if not (isinstance(entry, Entry) and entry.is_dir):
             raise FuseError(errno.ENOTDIR)
         fh = next(self._fh)
         with self._lock:
@@ -154,47 +205,65 @@ class CryptFS:
     def readdir(self, path, fh):
         with self._lock:
             dir_id = self.dirs[fh]
-        # pending files first: one uploaded meanwhile is then in one list or the other
-        with self._lock:
-            pending = [s for (d, _), s in self.files.items() if d == dir_id]
-        # inode numbers must be non-zero, or readdir(3) hides the entry
-        items = {e.name: (e.attrs.mode, ino_of(e.obj_id)) for e in self.ns.listdir(dir_id)}
-        for state in pending:
-            items[state.name] = (state.attrs.mode, ino_of(state.fk.file_id))
-        here = {"st_mode": stat.S_IFDIR, "st_ino": ino_of(dir_id)}
-        return [(".", here, 0), ("..", {"st_mode": stat.S_IFDIR, "st_ino": 1}, 0)] + [
-            (os.fsdecode(name), {"st_mode": mode, "st_ino": ino}, 0) for name, (mode, ino) in sorted(items.items())]
+        out = [(".", {"st_mode": stat.S_IFDIR, "st_ino": ino_of(dir_id)}, 0),
+               ("..", {"st_mode": stat.S_IFDIR, "st_ino": 1}, 0)]
+        for name, node in sorted(self.ns.listdir(dir_id), key=lambda item: item[0]):
+            if isinstance(node, FileState):
+                mode, ino = node.attrs.mode, ino_of(node.fk.file_id)
+            else:
+                mode, ino = node.attrs.mode, ino_of(node.obj_id)
+            # inode numbers must be non-zero, or readdir(3) hides the entry
+            out.append((os.fsdecode(name), {"st_mode": mode, "st_ino": ino}, 0))
+        return out
 
     @op
     def readlink(self, path):
-        entry, state, _, _ = self._find(path)
-        if state is not None:
-            return os.fsdecode(state.read(0, state.size))
-        if not entry.is_symlink:
+        node = self._node(path)
+        if isinstance(node, FileState):
+            return os.fsdecode(node.read(0, node.size))
+        if not node.is_symlink:
             raise FuseError(errno.EINVAL)
-        key = (entry.obj_id, entry.etag)
+        key = (node.obj_id, node.etag)
         target = self._symlinks.get(key)
         if target is None:
-            target = self._symlinks[key] = self.store.read_all(entry)
+            target = self._symlinks[key] = self.store.read_all(node)
         return os.fsdecode(target)
 
     def _set_attrs(self, path: str | None, change, fh: int | None) -> None:
         self._check_writable()
         state = self.fhs.get(fh) if fh else None
-        entry = None
-        if state is None:
-            entry, state, _, _ = self._find(path)
-        if state is None:
-            self.ns.put(self.store.set_attrs(entry, change(entry.attrs)))
+        if state is not None:
+            with state.lock:
+                self._set_state_attrs(state, change)
             return
-        with state.lock:
-            state.attrs = change(state.attrs)
-            state.changes += 1
-            if state.modified or state.basis is None:
-                self.wb.rejournal(state)  # the upload carries the new attributes
-                return
-            new = state.basis = self.store.set_attrs(state.basis, state.attrs)
-        self.ns.put(new)
+        parts = split(path)
+        if not parts:
+            with self.ns.names.hold(ROOT_LOC):
+                root = self.ns.root
+                self.ns.stored_dir(ROOT_LOC, root, self.store.set_attrs(root, change(root.attrs)))
+            return
+        parent_id, name = self._where(path)
+        with self.ns.names.hold((parent_id, name)), self._bound(parent_id, name) as node:
+            if isinstance(node, FileState):
+                self._set_state_attrs(node, change)
+            elif node.is_dir:
+                self.ns.stored_dir((parent_id, name), node, self.store.set_attrs(node, change(node.attrs)))
+            else:
+                self.ns.put(parent_id, name, self.store.set_attrs(node, change(node.attrs)))
+
+    def _set_state_attrs(self, state: FileState, change) -> None:
+        """With the state's lock held: pending files carry new attributes in their upload;
+        uploaded ones get a metadata-only copy now."""
+        state.attrs = change(state.attrs)
+        state.changes += 1
+        if state.unlinked:
+            return
+        if state.modified or state.basis is None:
+            self.wb.rejournal(state)
+            return
+        state.basis = self.store.set_attrs(state.basis, state.attrs)
+        state.journaled_at = state.changes
+        self.ns.record(state.basis)
 
     @op
     def chmod(self, path, mode, fh=None):
@@ -210,56 +279,72 @@ class CryptFS:
 
     @op
     def utimens(self, path, times=None, fh=None):
+        """times: (atime, mtime) in ns, either None for UTIME_OMIT; None for both now."""
         now = time.time_ns()
-        mtime = times[1] if times else now
-        if mtime is None:  # only atime, which is not stored
+        atime, mtime = times if times is not None else (now, now)
+        if atime is None and mtime is None:
             return 0
-        self._set_attrs(path, lambda a: replace(a, mtime_ns=int(mtime), ctime_ns=now), fh)
+        self._set_attrs(path, lambda a: replace(a, atime_ns=a.atime_ns if atime is None else int(atime),
+                                                mtime_ns=a.mtime_ns if mtime is None else int(mtime),
+                                                ctime_ns=now), fh)
 
     # ------------------------------------------------------------ files
 
-    def _register(self, state: FileState) -> int:
-        fh = next(self._fh)
-        with self._lock:
-            self.files[(state.parent_id, state.name)] = state
-            self.fhs[fh] = state
-            state.handles += 1
+    def _open_node(self, parent_id: bytes, name: bytes, node, flags: int) -> int:
+        """A handle on the file bound to a name (its lock held by the caller)."""
+        while True:
+            if isinstance(node, FileState):
+                self.ns.hold(node)
+                state = node
+                break
+            if node.is_dir:
+                raise FuseError(errno.EISDIR)
+            fresh = FileState.open_existing(self.store, self.reader, self.staging_dir, node)
+            state = self.ns.adopt(parent_id, name, node, fresh)
+            if state is not None:
+                break
+            node = self.ns.lookup(parent_id, name)  # changed behind our back (another mount)
+        fh = self._handle(state)
+        if flags & os.O_TRUNC and (state.size or state.basis is not None):
+            try:
+                state.rewrite_from_scratch()
+            except BaseException:
+                self.release(None, fh)
+                raise
         return fh
 
     @op
     def create(self, path, mode, flags=0):
         self._check_writable()
-        parts = split(path)
-        parent = self._parent(parts)
-        name = parts[-1]
-        fmt.check_name(name)
-        state = FileState.create(self.store, self.reader, self.staging_dir, parent.obj_id, name,
-                                 self._new_attrs(stat.S_IFREG | stat.S_IMODE(mode)))
-        try:
-            existing = self.ns.lookup(parent.obj_id, name)
-            if existing.is_dir:
-                raise FuseError(errno.EISDIR)
-            state.fk, state.wrapped = self.store.new_file_key(existing.obj_id)  # keep the file id (st_ino)
-            state.header = fmt.make_header(state.fk, self.store.block_size)
-            state.remote_at_key = True
-        except NotFound:
-            pass
-        return self._register(state)
+        parent_id, name = self._where(path)
+        with self.ns.names.hold((parent_id, name)):
+            try:
+                existing = self.ns.lookup(parent_id, name)
+            except NotFound:
+                existing = None
+            if existing is not None:  # made meanwhile: open(2) without O_EXCL opens it
+                if flags & os.O_EXCL:
+                    raise FuseError(errno.EEXIST)
+                return self._open_node(parent_id, name, existing, flags)
+            state = FileState.create(self.store, self.reader, self.staging_dir, parent_id, name,
+                                     self._new_attrs(stat.S_IFREG | stat.S_IMODE(mode)))
+            state.remote_at_key = self.ns.claim(parent_id, name) is not None
+            state.handles = 1
+            self.ns.put(parent_id, name, state)
+            fh = self._handle(state)
+        self._touch(parent_id)
+        return fh
 
     @op
     def open(self, path, flags):
-        writing = flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC)
-        if writing:
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC):
             self._check_writable()
-        entry, state, parent_id, name = self._find(path)
-        if state is None:
-            if entry.is_dir:
-                raise FuseError(errno.EISDIR)
-            state = FileState.open_existing(self.store, self.reader, self.staging_dir, entry)
-        fh = self._register(state)
-        if flags & os.O_TRUNC and (state.size or state.basis is not None):
-            state.rewrite_from_scratch()
-        return fh
+        parts = split(path)
+        if not parts:
+            raise FuseError(errno.EISDIR)
+        parent_id, name = self._where(path)
+        with self.ns.names.hold((parent_id, name)):
+            return self._open_node(parent_id, name, self.ns.lookup(parent_id, name), flags)
 
     @op
     def read(self, path, size, offset, fh):
@@ -273,22 +358,23 @@ class CryptFS:
     def truncate(self, path, length, fh=None):
         self._check_writable()
         state = self.fhs.get(fh) if fh else None
-        temporary = False
+        temporary = None
         if state is None:
-            entry, state, _, _ = self._find(path)
-            if state is None:
-                if entry.is_dir:
-                    raise FuseError(errno.EISDIR)
-                state = FileState.open_existing(self.store, self.reader, self.staging_dir, entry)
-                fh = self._register(state)
-                temporary = True
-        if length == 0:
-            state.rewrite_from_scratch()
-        else:
-            state.truncate(length)
-        if temporary:
-            self.flush(path, fh)
-            self.release(path, fh)
+            parent_id, name = self._where(path)
+            with self.ns.names.hold((parent_id, name)):
+                temporary = self._open_node(parent_id, name, self.ns.lookup(parent_id, name), 0)
+            state = self.fhs[temporary]
+        try:
+            if length == 0:
+                state.rewrite_from_scratch()
+            else:
+                state.truncate(length)
+        finally:
+            if temporary is not None:
+                try:
+                    self.flush(path, temporary)
+                finally:
+                    self.release(path, temporary)
 
     @op
     def flush(self, path, fh):
@@ -320,9 +406,7 @@ class CryptFS:
     def release(self, path, fh):
         with self._lock:
             state = self.fhs.pop(fh)
-            state.handles -= 1
-            last = state.handles == 0
-        if not last:
+        if not self.ns.let_go(state):
             return 0
         if state.unlinked:
             self._discard(state)
@@ -330,167 +414,195 @@ class CryptFS:
             self.wb.journal_state(state)
             self.wb.schedule(state)
         else:
-            self._forget(state)
+            self.ns.settle(state)
         return 0
 
-    def _forget(self, state: FileState) -> None:
-        with self._lock:
-            if state.handles == 0 and not state.modified and \
-                    self.files.get((state.parent_id, state.name)) is state:
-                del self.files[(state.parent_id, state.name)]
-
-    def _uploaded(self, state: FileState, entry: Entry) -> None:
-        self.ns.put(entry)
-        self._forget(state)
-
     def _discard(self, state: FileState) -> None:
-        """An unlinked file's last close: drop local data, delete what the bucket had for it."""
+        """An unlinked file's last close: drop local data; delete its object if it kept it."""
         with state.lock:
             state.discard_staging()
             self.journal.remove(state.uid)
-            basis, obsolete = state.basis, list(state.obsolete)
-        if basis is not None:
-            try:  # unless the name was reused meanwhile
-                if self.store.backend.head(self.store.abs_key(basis.key)).etag == basis.etag:
-                    self.store.backend.delete(self.store.abs_key(basis.key))
-            except NotFound:
-                pass
-        for key in obsolete:
-            self.store.backend.delete(self.store.abs_key(key))
+        with self._lock:
+            for name in [k for k, v in self._hidden.items() if v is state]:
+                del self._hidden[name]
+        where = (state.parent_id, state.name)
+        with self.ns.names.hold(where):
+            if self.ns.release_doomed(state):
+                self.store.delete_key(state.key)
+                self.ns.remove(*where)  # a listing that saw it meanwhile does not bring it back
 
     # ------------------------------------------------------------ names
 
     @op
     def unlink(self, path):
         self._check_writable()
-        entry, state, parent_id, name = self._find(path)
-        if state is None:
-            if entry.is_dir:
-                raise FuseError(errno.EISDIR)
-            self.store.remove(entry)
-        else:
+        if self._hidden_state(path) is not None:  # libfuse's last close of a hidden file
             with self._lock:
-                self.files.pop((parent_id, name), None)
-                state.unlinked = True
-                open_now = state.handles > 0
-            self.journal.remove(state.uid)
-            if not open_now:
-                self._discard(state)
-            if not open_now or state.basis is None:
-                # an older object under this name (a file created over it) goes too
-                self.store.backend.delete(self.store.abs_key(self.store.entry_key(parent_id, name)))
-        self.ns.remove(parent_id, name)
+                self._hidden.pop(self._where(path), None)
+            return
+        parent_id, name = self._where(path)
+        self._unlink(parent_id, name)
+        self._touch(parent_id)
+
+    def _unlink(self, parent_id: bytes, name: bytes, hide_as: tuple[bytes, bytes] | None = None) -> None:
+        with self.ns.names.hold((parent_id, name)):
+            with self._bound(parent_id, name) as node:
+                if isinstance(node, Entry):
+                    if node.is_dir:
+                        raise FuseError(errno.EISDIR)
+                    self.ns.remove(parent_id, name)
+                    self.store.delete_key(node.key)
+                else:
+                    open_now = self.ns.unlink_state(node)
+                    self.journal.remove(node.uid)
+                    if not open_now:
+                        node.discard_staging()
+                    elif hide_as is not None:
+                        with self._lock:
+                            self._hidden[hide_as] = node
+                    if node.remote_at_key if node.basis is None else not open_now:
+                        self.store.delete_key(node.key)
+            self.ns.remove(parent_id, name)  # again, after the DELETE: no listing brings it back
 
     def _new_name(self, path: str) -> tuple[bytes, bytes]:
-        """(parent id, name) for an entry about to be made; EEXIST if a pending file has it."""
         self._check_writable()
-        parts = split(path)
-        parent = self._parent(parts)
-        name = parts[-1]
-        fmt.check_name(name)
-        with self._lock:
-            if (parent.obj_id, name) in self.files:
-                raise FuseError(errno.EEXIST)
-        return parent.obj_id, name
+        return self._where(path)
+
+    def _take_name(self, parent_id: bytes, name: bytes) -> None:
+        """Before a create-only write: EEXIST if bound; an unlinked open file's object goes first."""
+        try:
+            self.ns.lookup(parent_id, name)
+            raise FuseError(errno.EEXIST)
+        except NotFound:
+            pass
+        doomed = self.ns.claim(parent_id, name)
+        if doomed is not None:
+            log.info("%s: deleting an unlinked open file's object early, its name is reused", doomed.key)
+            self.store.delete_key(doomed.key)
 
     @op
     def mkdir(self, path, mode):
         parent_id, name = self._new_name(path)
-        self.ns.put(self.store.mkdir(parent_id, name, self._new_attrs(stat.S_IFDIR | stat.S_IMODE(mode))))
+        with self.ns.names.hold((parent_id, name)):
+            self._take_name(parent_id, name)
+            entry = self.store.mkdir(parent_id, name, self._new_attrs(stat.S_IFDIR | stat.S_IMODE(mode)))
+            self.ns.put(parent_id, name, entry)
+            self.ns.created_dir(entry.obj_id)
+        self._touch(parent_id)
 
     @op
     def rmdir(self, path):
         self._check_writable()
-        entry, state, parent_id, name = self._find(path)
-        if state is not None or not entry.is_dir:
-            raise FuseError(errno.ENOTDIR)
-        if not parent_id:
-            raise FuseError(errno.EBUSY)
-        with self._lock:
-            if any(d == entry.obj_id for (d, _) in self.files):
-                raise FuseError(errno.ENOTEMPTY)
-        self.store.remove(entry)
-        self.ns.remove(parent_id, name)
-        self.ns.forget_dir(entry.obj_id)
+        parent_id, name = self._where(path)
+        with self.ns.names.hold((parent_id, name)):
+            entry = self.ns.lookup(parent_id, name)
+            if not (isinstance(entry, Entry) and entry.is_dir):
+                raise FuseError(errno.ENOTDIR)
+            self._remove_dir(entry)
+            self.ns.remove(parent_id, name)
+            self.ns.forget_dir(entry.obj_id)
+        self._touch(parent_id)
+
+    def _remove_dir(self, entry: Entry) -> None:
+        """Delete an empty directory: empty of pending, uploading and uploaded entries alike."""
+        if not self.ns.is_empty(entry.obj_id):
+            raise FuseError(errno.ENOTEMPTY)
+        for state in self.ns.doomed_in(entry.obj_id):  # unlinked files still open: their objects go now
+            if self.ns.release_doomed(state):
+                self.store.delete_key(state.key)
+        self.store.remove(entry)  # checks the bucket too: entries of another mount
 
     @op
     def symlink(self, path, target):
         parent_id, name = self._new_name(path)
-        try:
-            entry = self.store.write_bytes(parent_id, name, os.fsencode(target),
-                                           self._new_attrs(stat.S_IFLNK | 0o777), create_only=True)
-        except AlreadyExists:
-            raise FuseError(errno.EEXIST) from None
-        self.ns.put(entry)
+        with self.ns.names.hold((parent_id, name)):
+            self._take_name(parent_id, name)
+            try:
+                entry = self.store.write_bytes(parent_id, name, os.fsencode(target),
+                                               self._new_attrs(stat.S_IFLNK | 0o777), create_only=True)
+            except AlreadyExists:
+                raise FuseError(errno.EEXIST) from None
+            self.ns.put(parent_id, name, entry)
+        self._touch(parent_id)
 
     @op
     def rename(self, old, new, flags=0):
         self._check_writable()
         if flags & RENAME_EXCHANGE:
             raise FuseError(errno.EINVAL)
-        entry, state, old_parent, old_name = self._find(old)
-        new_parts = split(new)
-        new_parent = self._parent(new_parts).obj_id
-        new_name = new_parts[-1]
-        fmt.check_name(new_name)
-        try:
-            t_entry, t_state, _, _ = self._find(new)
-        except NotFound:
-            t_entry, t_state = None, None
-        if (t_entry or t_state) and flags & RENAME_NOREPLACE:
-            raise FuseError(errno.EEXIST)
-        if (old_parent, old_name) == (new_parent, new_name):
+        src = self._where(old)
+        dst = self._where(new)
+        if HIDDEN_NAME.match(dst[1]) and not flags:  # libfuse hiding an open file: an unlink
+            self._unlink(*src, hide_as=dst)
+            self._touch(src[0])
             return
-        src_is_dir = entry is not None and entry.is_dir
-        if t_entry is not None and t_entry.is_dir != src_is_dir:
-            raise FuseError(errno.EISDIR if t_entry.is_dir else errno.ENOTDIR)
-        replaced_remote = t_entry is not None
-        if t_state is not None:
-            if src_is_dir:
-                raise FuseError(errno.ENOTDIR)
-            self._drop_target(t_state, new_parent, new_name)
-            replaced_remote = t_state.remote_at_key or t_state.basis is not None
-            if state is not None:
-                state.obsolete += t_state.obsolete
-        if state is not None and state.basis is None:
-            # never uploaded: a local rename, journaled; the upload goes to the new key, and
-            # what the bucket still holds under the old key goes once it is done
-            with self._lock:
-                self.files.pop((old_parent, old_name), None)
-                if state.remote_at_key:
-                    state.obsolete.append(state.key)
-                state.parent_id, state.name = new_parent, new_name
-                state.remote_at_key = replaced_remote
-                self.files[(new_parent, new_name)] = state
-            with state.lock:
-                state.touch(ctime_only=True)
-            self.wb.rejournal(state)
-            self.ns.remove(old_parent, old_name)
-            return
-        if state is not None:
-            if state.modified:
-                self.wb.upload_now(state)
-            entry = state.basis
-        target = t_entry if t_entry is not None and t_state is None else None
-        moved = rename_journaled(self.store, self.journal, entry, new_parent, new_name, target)
-        if state is not None:
-            with self._lock:
-                self.files.pop((old_parent, old_name), None)
-                with state.lock:
-                    state.parent_id, state.name, state.basis = new_parent, new_name, moved
-                self.files[(new_parent, new_name)] = state
-        self.ns.remove(old_parent, old_name)
-        self.ns.put(moved)
+        with self.ns.names.hold(src, dst), self._bound(*src) as node:
+            try:
+                target = self.ns.lookup(*dst)
+            except NotFound:
+                target = None
+            if target is not None and flags & RENAME_NOREPLACE:
+                raise FuseError(errno.EEXIST)
+            if src == dst or target is node:
+                return
+            if isinstance(node, Entry) and node.is_dir:
+                self._rename_dir(node, src, dst, target)
+            else:
+                self._rename_file(node, src, dst, target)
+        self._touch(src[0], dst[0])
 
-    def _drop_target(self, t_state: FileState, parent_id: bytes, name: bytes) -> None:
-        with self._lock:
-            self.files.pop((parent_id, name), None)
-            t_state.unlinked = True
-            open_now = t_state.handles > 0
-        self.journal.remove(t_state.uid)
+    def _rename_dir(self, entry: Entry, src, dst, target) -> None:
+        if target is not None:
+            if not (isinstance(target, Entry) and target.is_dir):
+                raise FuseError(errno.ENOTDIR)
+            self._remove_dir(target)
+            self.ns.remove(*dst)
+            self.ns.forget_dir(target.obj_id)
+        moved = rename_journaled(self.store, self.journal, _ctime_now(entry), dst[0], dst[1], None)
+        self.ns.remove(*src)
+        self.ns.put(dst[0], dst[1], moved)
+
+    def _rename_file(self, node, src, dst, target) -> None:
+        if isinstance(target, Entry) and target.is_dir:
+            raise FuseError(errno.EISDIR)
+        replaced_remote = isinstance(target, Entry)
+        if isinstance(target, FileState):
+            with target.lock:
+                replaced_remote = target.basis is not None or target.remote_at_key
+                self._drop(target)
+        self.ns.claim(*dst)  # our object takes the key: an unlinked open file there no longer owns it
+        if isinstance(node, FileState) and node.modified and node.basis is not None:
+            self.wb.upload_now(node)  # the rename then copies what was written
+            if not self.ns.bound(src[0], src[1], node):
+                node = self.ns.lookup(*src)  # it settled into its uploaded entry
+        if isinstance(node, FileState) and node.basis is None:
+            # never uploaded: a local rename, journaled; the upload goes to the new key
+            if node.remote_at_key:
+                self.store.delete_key(node.key)  # an older object under the old name
+            self.ns.rename_state(node, *dst)
+            node.remote_at_key = replaced_remote
+            node.touch(ctime_only=True)
+            self.wb.rejournal(node)
+            return
+        entry = node.basis if isinstance(node, FileState) else node
+        if isinstance(node, FileState):
+            entry = replace(entry, attrs=node.attrs)
+        moved = rename_journaled(self.store, self.journal, _ctime_now(entry), dst[0], dst[1],
+                                 target if isinstance(target, Entry) else None)
+        if isinstance(node, FileState):
+            node.basis, node.attrs = moved, moved.attrs
+            self.ns.rename_state(node, *dst)
+            self.ns.record(moved)
+        else:
+            self.ns.remove(*src)
+            self.ns.put(dst[0], dst[1], moved)
+
+    def _drop(self, state: FileState) -> None:
+        """A pending or open file replaced by a rename (its lock held)."""
+        open_now = self.ns.unlink_state(state)
+        self.journal.remove(state.uid)
         if not open_now:
-            with t_state.lock:
-                t_state.discard_staging()
+            state.discard_staging()
 
     @op
     def link(self, target, source):
@@ -526,18 +638,25 @@ class CryptFS:
 
     # ------------------------------------------------------------ lifecycle
 
-    def pending_states(self) -> list[FileState]:
-        with self._lock:
-            return [s for s in self.files.values() if s.modified and not s.unlinked]
-
     def destroy(self, path):
-        states = self.pending_states()
+        """Unmount: every closed file and every directory time goes to the bucket first."""
+        states = self.ns.pending()
         if states:
             log.info("unmount: uploading %d pending file(s)", len(states))
         failed = self.wb.drain(states)
         self.wb.stop()
+        self._stop.set()
+        dirs_failed = self.ns.flush_dirs()
         if failed:
             log.error("unmount: %d file(s) could not be uploaded; they stay in the journal and upload "
                       "at the next mount", len(failed))
+        elif dirs_failed:
+            log.warning("unmount: times of %d directories could not be stored", dirs_failed)
         else:
             log.info("unmount: everything uploaded")
+        return failed
+
+
+def _ctime_now(entry: Entry) -> Entry:
+    """A renamed entry's ctime changes, as on a local filesystem."""
+    return replace(entry, attrs=replace(entry.attrs, ctime_ns=time.time_ns()))

@@ -6,7 +6,10 @@ staging file (laid out byte for byte as the object will be), blocks of the uploa
 it was opened from (the basis, same data key), and holes (zeros, encrypted only at upload).
 `prepare()` turns that into an upload plan; no plaintext is ever written to disk.
 
-`lock` (an RLock) guards every field. getattr reads `size` and `attrs` without it.
+`lock` (an RLock) guards every field but `handles` (the namespace's lock guards that);
+`parent_id` and `name` change only with both held. getattr reads `size` and `attrs`
+without it. The lock is held for a whole upload, so anything that must see the file
+either before or after an upload (rename, unlink, chmod) simply takes it.
 """
 
 import errno
@@ -50,8 +53,7 @@ class FileState:
         self.unlinked = False
         self.error: Exception | None = None  # a failed upload, reported on the next fsync/close
         self.seq = SequentialDetector()
-        self.obsolete: list[str] = []  # keys to delete once uploaded (renamed away from them)
-        self.remote_at_key = basis is not None  # an older object may sit under our key
+        self.remote_at_key = basis is not None  # an object (ours or an older one) sits under our key
 
     # ------------------------------------------------------------ identity
 
@@ -80,6 +82,13 @@ class FileState:
         now = time.time_ns()
         self.attrs = replace(self.attrs, ctime_ns=now) if ctime_only else \
             replace(self.attrs, mtime_ns=now, ctime_ns=now)
+
+    def accessed(self) -> None:
+        """relatime: a read moves atime when it is not newer than mtime/ctime, or a day old.
+        Kept here, and carried into the bucket by the file's next upload or attribute change."""
+        a, now = self.attrs, time.time_ns()
+        if a.atime_ns <= max(a.mtime_ns, a.ctime_ns) or now - a.atime_ns > 86_400 * 10 ** 9:
+            self.attrs = replace(a, atime_ns=now)
 
     # ------------------------------------------------------------ block sources
 
@@ -113,6 +122,7 @@ class FileState:
             if offset >= self.size or size <= 0:
                 return b""
             size = min(size, self.size - offset)
+            self.accessed()
             window = self.seq.observe(offset, size)
             clean = not self.dirty and not self.staged and self.basis is not None
             span = fmt.block_span(offset, size, self.bs)

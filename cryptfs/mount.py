@@ -131,8 +131,8 @@ def run(store: Store, settings: VolumeSettings, mountpoint: str, options: dict, 
     def init_with_config(conn, config):
         if config is not None:
             config.use_ino = 1
-            # hard_remove stays off: libfuse hides an open file that is unlinked (.fuse_hidden*)
-            # and removes it at its last close, so fstat on it keeps working
+            # hard_remove stays off, so fstat of an open unlinked file works (the kernel sends it
+            # without a handle); libfuse's .fuse_hidden* rename is an unlink to us (fs.py)
             config.nullpath_ok = 1
             config.auto_cache = 1      # page cache kept while mtime and size are unchanged
             config.attr_timeout = 1.0

@@ -1,16 +1,38 @@
-"""Names to entries for the mount: lookups, listings and the attribute cache.
+"""The one authority for names in the mount: every entry, pending or uploaded, in one table.
 
-Lookups and listings are trusted for `ttl` seconds (so a second mount's changes show up
-after that), misses included. Attribute blobs are cached on local disk keyed by
-(object key, ETag, LastModified, size), holding only what the bucket holds (the encrypted
-blobs), so after a remount a listing needs no HEAD per unchanged entry.
+A directory's children live in one dict, whatever their state:
 
-`_lock` guards the in-memory dicts; network requests run outside it. `AttrDB._lock`
-guards its sqlite connection.
+    ObjectInfo  listed by the bucket, attributes not read yet
+    Entry       in the bucket, attributes known (attribute cache or a HEAD)
+    FileState   open, or closed and waiting to upload: its data is local
+
+A name absent from a listed directory's dict does not exist; one present exists, in every
+state, so no lookup can fall between two structures. Listings (one LIST per directory per
+`ttl`, for changes made by other mounts) are merged under local state: a FileState is never
+replaced by a listing, nor an unflushed directory attribute change, nor a name changed
+locally after the listing began. So a LIST that raced an upload, a rename or an unlink can
+neither hide a name nor bring one back. Local changes are recorded after their bucket write
+returned (or, for a FileState, at once: the state is the authority until it is uploaded).
+
+Attribute blobs are cached on local disk keyed by (object key, ETag, LastModified, size),
+holding only what the bucket holds (the encrypted blobs), so after a remount a listing
+needs no HEAD per unchanged entry.
+
+Locks, always taken in this order (never the other way round):
+
+    NameLocks (at most two, in index order)   one name's binding, across a whole operation
+      -> FileState.lock                         one file's contents and upload
+        -> Namespace._lock                      the tables below; never held during I/O
+          -> AttrDB._lock                       its sqlite connection
+
+`_lock` guards `_dirs` (children, freshness, change marks), `_seq`, `_where`, `_dirty`,
+`_doomed`, `root`, and FileState.handles; FileState.parent_id/name change only with both
+the state's lock and `_lock` held.
 """
-
 import concurrent.futures as cf
+import contextlib
 import json
+import logging
 import os
 import sqlite3
 import threading
@@ -20,7 +42,10 @@ from dataclasses import replace
 from . import format as fmt
 from .backend.base import ObjectInfo
 from .errors import CryptfsError, FormatError, IntegrityError, NotADirectory, NotFound
+from .handles import FileState
 from .store import Entry, Store
+
+log = logging.getLogger(__name__)
 
 
 class AttrDB:
@@ -59,53 +84,171 @@ class AttrDB:
             self._db.close()
 
 
+class NameLocks:
+    """Striped locks over (directory id, name): held across an operation that changes what a
+    name is bound to (create, open of an uploaded file, unlink, rename, mkdir, rmdir)."""
+
+    def __init__(self, stripes: int = 128):
+        self._locks = [threading.Lock() for _ in range(stripes)]
+
+    @contextlib.contextmanager
+    def hold(self, *names: tuple[bytes, bytes]):
+        order = sorted({hash(n) % len(self._locks) for n in names})
+        for i in order:
+            self._locks[i].acquire()
+        try:
+            yield
+        finally:
+            for i in reversed(order):
+                self._locks[i].release()
+
+
+class _Dir:
+    __slots__ = ("children", "fresh_until", "listing", "changed")
+
+    def __init__(self):
+        self.children: dict[bytes, ObjectInfo | Entry | FileState] = {}
+        self.fresh_until = 0.0       # monotonic time the last listing is trusted until; 0: never listed
+        self.listing: threading.Event | None = None  # a LIST in flight
+        self.changed: dict[bytes, int] = {}  # name -> sequence number of its last local change
+
+
+Node = Entry | FileState
+ROOT_LOC = (fmt.ROOT_DIR_ID, b"")
+
+
 class Namespace:
-    """Listings (one LIST per directory per `ttl`) answer lookups, hits and misses alike;
-    entries are resolved from the attribute cache, or a HEAD when it has nothing."""
+    """Every name of the mount: lookups, listings, local changes, directory times."""
 
     def __init__(self, store: Store, attr_db: AttrDB, ttl: float = 5.0, workers: int = 8):
         self.store = store
         self.db = attr_db
         self.ttl = ttl
-        self._listings: dict[bytes, tuple[dict[bytes, ObjectInfo], float]] = {}
-        self._entries: dict[tuple[bytes, bytes], Entry] = {}
+        self.names = NameLocks()
+        self._dirs: dict[bytes, _Dir] = {}
+        self._seq = 0
+        self._where: dict[bytes, tuple[bytes, bytes]] = {fmt.ROOT_DIR_ID: ROOT_LOC}  # dir id -> its entry
+        self._dirty: set[tuple[bytes, bytes]] = set()  # directory entries with unflushed attributes
+        self._doomed: dict[tuple[bytes, bytes], FileState] = {}  # unlinked while open: DELETE at last close
         self._lock = threading.Lock()
         self._pool = cf.ThreadPoolExecutor(workers, thread_name_prefix="head")
         self.root = store.root()
 
     # ------------------------------------------------------------ lookups
 
-    def resolve(self, parts: list[bytes]) -> Entry:
-        entry = self.root
+    def resolve(self, parts: list[bytes]) -> Node:
+        """The node at a path (a list of names from the root)."""
+        node: Node = self.root
         for name in parts:
-            if not entry.is_dir:
+            if not (isinstance(node, Entry) and node.is_dir):
                 raise NotADirectory("not a directory")
-            entry = self.lookup(entry.obj_id, name)
-        return entry
+            node = self.lookup(node.obj_id, name)
+        return node
 
-    def _listing(self, dir_id: bytes) -> dict[bytes, ObjectInfo]:
-        now = time.monotonic()
-        with self._lock:
-            cached = self._listings.get(dir_id)
-        if cached and cached[1] > now:
-            return cached[0]
-        listing = {name: info for name, info, _ in self.store.list_dir(dir_id)}
-        with self._lock:
-            self._listings[dir_id] = (listing, time.monotonic() + self.ttl)
-        return listing
-
-    def lookup(self, dir_id: bytes, name: bytes) -> Entry:
+    def lookup(self, dir_id: bytes, name: bytes) -> Node:
         fmt.check_name(name)
-        info = self._listing(dir_id).get(name)
-        if info is None:
-            raise NotFound("no such entry")
-        return self._resolve(dir_id, name, info)
-
-    def _resolve(self, dir_id: bytes, name: bytes, info: ObjectInfo) -> Entry:
+        self._fresh(dir_id)
         with self._lock:
-            known = self._entries.get((dir_id, name))
-        if known is not None and known.etag == info.etag and known.key == info.key[len(self.store.vol.prefix):]:
-            return known
+            child = self._dir(dir_id).children.get(name)
+        if child is None:
+            raise NotFound("no such entry")
+        if isinstance(child, ObjectInfo):
+            return self._resolve(dir_id, name, child)
+        return child
+
+    def listdir(self, dir_id: bytes) -> list[tuple[bytes, Node]]:
+        """Every child with attributes: one LIST per `ttl`, attribute cache hits, parallel HEADs."""
+        self._fresh(dir_id)
+        with self._lock:
+            items = list(self._dir(dir_id).children.items())
+
+        def one(item) -> tuple[bytes, Node] | None:
+            name, child = item
+            if not isinstance(child, ObjectInfo):
+                return name, child
+            try:
+                return name, self._resolve(dir_id, name, child)
+            except NotFound:
+                return None
+            except (FormatError, IntegrityError) as exc:
+                self.store.warn_once(child.key, f"skipped: {exc}")
+                return None
+
+        unresolved = [i for i in items if isinstance(i[1], ObjectInfo)]
+        done = dict(r for r in self._pool.map(one, unresolved) if r is not None) if len(unresolved) > 1 \
+            else dict(r for r in map(one, unresolved) if r is not None)
+        out = []
+        for name, child in items:
+            if isinstance(child, ObjectInfo):
+                if name in done:
+                    out.append((name, done[name]))
+            else:
+                out.append((name, child))
+        return out
+
+    def is_empty(self, dir_id: bytes) -> bool:
+        """No child in any state: pending, uploading and uploaded entries alike."""
+        self._fresh(dir_id)
+        with self._lock:
+            return not self._dir(dir_id).children
+
+    def _dir(self, dir_id: bytes) -> _Dir:
+        d = self._dirs.get(dir_id)
+        if d is None:
+            d = self._dirs[dir_id] = _Dir()
+        return d
+
+    def _fresh(self, dir_id: bytes) -> None:
+        """Make sure the directory's listing is no older than `ttl` (one LIST, shared by waiters)."""
+        while True:
+            with self._lock:
+                d = self._dir(dir_id)
+                if d.fresh_until > time.monotonic():
+                    return
+                event, mine = d.listing, d.listing is None
+                if mine:
+                    event = d.listing = threading.Event()
+                    seq0 = self._seq
+            if not mine:
+                event.wait()
+                with self._lock:
+                    if d.fresh_until:  # listed (perhaps already stale again under a tiny ttl)
+                        return
+                continue  # the LIST failed: try it ourselves
+            try:
+                listing = {name: info for name, info, _ in self.store.list_dir(dir_id)}
+            except BaseException:
+                with self._lock:
+                    d.listing = None
+                event.set()
+                raise
+            with self._lock:
+                self._merge(dir_id, d, listing, seq0)
+                d.listing = None
+                d.fresh_until = time.monotonic() + self.ttl
+            event.set()
+            return
+
+    def _merge(self, dir_id: bytes, d: _Dir, listing: dict[bytes, ObjectInfo], seq0: int) -> None:
+        """Lay a listing begun at sequence number seq0 under the local state (with _lock held)."""
+        prefix_len = len(self.store.vol.prefix)
+        local = {name: child for name, child in d.children.items()
+                 if isinstance(child, FileState) or d.changed.get(name, -1) > seq0
+                 or (dir_id, name) in self._dirty}
+        merged: dict[bytes, ObjectInfo | Entry | FileState] = {}
+        for name, info in listing.items():
+            if name in local or d.changed.get(name, -1) > seq0 or (dir_id, name) in self._doomed:
+                continue  # changed here after the LIST began (ours is newer), or unlinked while open
+            old = d.children.get(name)
+            if isinstance(old, Entry) and old.etag == info.etag and old.key == info.key[prefix_len:]:
+                merged[name] = old
+            else:
+                merged[name] = info
+        merged.update(local)
+        d.children = merged
+        d.changed = {n: s for n, s in d.changed.items() if s > seq0}
+
+    def _resolve(self, dir_id: bytes, name: bytes, info: ObjectInfo) -> Node:
         rel = info.key[len(self.store.vol.prefix):]
         meta = self.db.get(info)
         entry = None
@@ -115,64 +258,261 @@ class Namespace:
             except CryptfsError:
                 self.db.forget(info.key)  # a blob failing its check is a miss, not EIO
         if entry is None:
-            entry = self.store.stat_listed(dir_id, name, rel)
+            try:
+                entry = self.store.stat_listed(dir_id, name, rel)
+            except NotFound:
+                with self._lock:
+                    d = self._dir(dir_id)
+                    if d.children.get(name) is info:
+                        del d.children[name]  # removed behind our back since the LIST
+                raise
             if entry.etag == info.etag:
                 self.db.put(info.key, entry.etag, info.last_modified, info.size, entry.raw_meta)
         with self._lock:
-            self._entries[(dir_id, name)] = entry
-        return entry
+            d = self._dir(dir_id)
+            current = d.children.get(name)
+            if current is info:
+                d.children[name] = entry
+                if entry.is_dir:
+                    self._where[entry.obj_id] = (dir_id, name)
+                return entry
+        if current is None:
+            raise NotFound("no such entry")
+        return current if not isinstance(current, ObjectInfo) else entry
+
+    # ------------------------------------------------------------ local changes
+
+    def put(self, dir_id: bytes, name: bytes, node: Node) -> None:
+        """Bind a name: a FileState at once, an Entry after its bucket write returned."""
+        with self._lock:
+            self._set(dir_id, name, node)
+        if isinstance(node, Entry):
+            self._record(node)
+
+    def _set(self, dir_id: bytes, name: bytes, node: Node) -> None:
+        d = self._dir(dir_id)
+        self._seq += 1
+        d.children[name] = node
+        d.changed[name] = self._seq
+        if isinstance(node, Entry) and node.is_dir:
+            self._where[node.obj_id] = (dir_id, name)
+
+    def remove(self, dir_id: bytes, name: bytes) -> Node | ObjectInfo | None:
+        """Unbind a name (after its bucket delete returned); returns what it was bound to."""
+        with self._lock:
+            d = self._dir(dir_id)
+            self._seq += 1
+            d.changed[name] = self._seq
+            self._dirty.discard((dir_id, name))
+            return d.children.pop(name, None)
+
+    def swap(self, dir_id: bytes, name: bytes, expect, new: Node) -> bool:
+        """Bind a name to `new` if it is still bound to `expect` (the same object)."""
+        with self._lock:
+            d = self._dirs.get(dir_id)
+            if d is None or d.children.get(name) is not expect:
+                return False
+            self._set(dir_id, name, new)
+        if isinstance(new, Entry):
+            self._record(new)
+        return True
+
+    def bound(self, dir_id: bytes, name: bytes, node) -> bool:
+        """Whether the name is still bound to this very node."""
+        with self._lock:
+            d = self._dirs.get(dir_id)
+            return d is not None and d.children.get(name) is node
+
+    def created_dir(self, dir_id: bytes) -> None:
+        """A directory we just made: known to be empty, no LIST needed for a while."""
+        with self._lock:
+            self._dir(dir_id).fresh_until = time.monotonic() + self.ttl
+
+    def forget_dir(self, dir_id: bytes) -> None:
+        with self._lock:
+            self._dirs.pop(dir_id, None)
+            self._where.pop(dir_id, None)
+
+    def record(self, entry: Entry) -> None:
+        self._record(entry)
 
     def _record(self, entry: Entry) -> None:
         """Persist an entry's encrypted metadata (as the bucket holds it) for later listings."""
         if entry.raw_meta is not None and entry.obj_id != fmt.ROOT_DIR_ID:
-            self.db.put(self.store.abs_key(entry.key), entry.etag, None, self._obj_size(entry), entry.raw_meta)
+            size = fmt.DIRENT_SIZE if entry.is_dir else fmt.object_size(entry.size, self.store.block_size)
+            self.db.put(self.store.abs_key(entry.key), entry.etag, None, size, entry.raw_meta)
 
-    def _obj_size(self, entry: Entry) -> int:
-        return fmt.DIRENT_SIZE if entry.is_dir else fmt.object_size(entry.size, self.store.block_size)
+    # ------------------------------------------------------------ open and pending files
 
-    # ------------------------------------------------------------ listings
-
-    def listdir(self, dir_id: bytes) -> list[Entry]:
-        """Every entry with attributes: one LIST, attribute cache hits, parallel HEADs for the rest."""
-        listing = self._listing(dir_id)
-
-        def one(item) -> Entry | None:
-            name, info = item
-            try:
-                return self._resolve(dir_id, name, info)
-            except NotFound:
-                return None
-            except (FormatError, IntegrityError) as exc:
-                self.store.warn_once(info.key, f"skipped: {exc}")
-                return None
-
-        return [e for e in self._pool.map(one, list(listing.items())) if e is not None]
-
-    # ------------------------------------------------------------ our own changes
-
-    def put(self, entry: Entry) -> None:
-        """An entry we just wrote: visible at once, and its metadata remembered."""
-        if entry.obj_id == fmt.ROOT_DIR_ID and entry.is_dir:
-            self.root = entry
-            return
-        info = ObjectInfo(self.store.abs_key(entry.key), self._obj_size(entry), entry.etag, entry.last_modified)
+    def hold(self, state: FileState) -> None:
         with self._lock:
-            self._entries[(entry.parent_id, entry.name)] = entry
-            listing = self._listings.get(entry.parent_id)
-            if listing:
-                listing[0][entry.name] = info
+            state.handles += 1
+
+    def let_go(self, state: FileState) -> bool:
+        """One handle fewer; True when it was the last."""
+        with self._lock:
+            state.handles -= 1
+            return state.handles == 0
+
+    def adopt(self, dir_id: bytes, name: bytes, entry: Entry, state: FileState) -> FileState | None:
+        """Open an uploaded file: `state` replaces `entry` as the child, with one handle; or the
+        FileState already there gets one more handle. None if the name changed meanwhile."""
+        with self._lock:
+            current = self._dir(dir_id).children.get(name)
+            if current is entry:
+                self._dir(dir_id).children[name] = state
+                state.handles += 1
+                return state
+            if isinstance(current, FileState):
+                current.handles += 1
+                return current
+            return None
+
+    def settle(self, state: FileState) -> None:
+        """A closed file with nothing to upload goes back to being its uploaded entry (keeping
+        attributes changed only here, such as atime)."""
+        with state.lock, self._lock:
+            if state.handles or state.modified or state.unlinked or state.basis is None:
+                return
+            d = self._dirs.get(state.parent_id)
+            if d is not None and d.children.get(state.name) is state:
+                d.children[state.name] = replace(state.basis, attrs=state.attrs)
+
+    def uploaded(self, state: FileState, entry: Entry) -> None:
+        """A file's upload landed (called with the state's lock held, after state.uploaded)."""
+        with self._lock:
+            d = self._dirs.get(state.parent_id)
+            if d is not None and d.children.get(state.name) is state:
+                self._seq += 1
+                d.changed[state.name] = self._seq
+                if not state.handles and not state.modified:
+                    d.children[state.name] = entry
         self._record(entry)
 
-    def remove(self, dir_id: bytes, name: bytes) -> None:
+    def rename_state(self, state: FileState, new_parent: bytes, new_name: bytes) -> None:
+        """Move a FileState to another name (with its lock held): both names change at once."""
         with self._lock:
-            self._entries.pop((dir_id, name), None)
-            listing = self._listings.get(dir_id)
-            if listing:
-                listing[0].pop(name, None)
+            old = self._dir(state.parent_id)
+            if old.children.get(state.name) is state:
+                del old.children[state.name]
+            self._seq += 1
+            old.changed[state.name] = self._seq
+            state.parent_id, state.name = new_parent, new_name
+            self._set(new_parent, new_name, state)
 
-    def forget_dir(self, dir_id: bytes) -> None:
+    def unlink_state(self, state: FileState) -> bool:
+        """Unbind an open or pending file (with its lock held); True if handles remain open."""
         with self._lock:
-            self._listings.pop(dir_id, None)
+            d = self._dir(state.parent_id)
+            if d.children.get(state.name) is state:
+                del d.children[state.name]
+            self._seq += 1
+            d.changed[state.name] = self._seq
+            state.unlinked = True
+            open_now = state.handles > 0
+            if open_now and state.basis is not None:
+                self._doomed[(state.parent_id, state.name)] = state
+            return open_now
+
+    def claim(self, dir_id: bytes, name: bytes) -> FileState | None:
+        """A new binding of a name: the unlinked-but-open file whose object still sits under its
+        key, if any, is no longer to be deleted at its last close (the new owner replaces it)."""
+        with self._lock:
+            return self._doomed.pop((dir_id, name), None)
+
+    def doomed_in(self, dir_id: bytes) -> list[FileState]:
+        with self._lock:
+            return [s for (d, _), s in self._doomed.items() if d == dir_id]
+
+    def release_doomed(self, state: FileState) -> bool:
+        """At an unlinked file's last close: True if its object is still ours to delete."""
+        with self._lock:
+            if self._doomed.get((state.parent_id, state.name)) is state:
+                del self._doomed[(state.parent_id, state.name)]
+                return True
+            return False
+
+    def pending(self) -> list[FileState]:
+        with self._lock:
+            return [c for d in self._dirs.values() for c in d.children.values()
+                    if isinstance(c, FileState) and c.modified]
+
+    # ------------------------------------------------------------ directory attributes
+
+    def dir_entry(self, dir_id: bytes) -> Entry | None:
+        with self._lock:
+            return self._dir_entry(self._where.get(dir_id))
+
+    def _dir_entry(self, loc: tuple[bytes, bytes] | None) -> Entry | None:
+        if loc is None:
+            return None
+        if loc == ROOT_LOC:
+            return self.root
+        d = self._dirs.get(loc[0])
+        child = d.children.get(loc[1]) if d else None
+        return child if isinstance(child, Entry) and child.is_dir else None
+
+    def _put_dir_entry(self, loc: tuple[bytes, bytes], entry: Entry) -> None:
+        if loc == ROOT_LOC:
+            self.root = entry
+        else:
+            self._set(loc[0], loc[1], entry)
+
+    def set_dir_attrs(self, dir_id: bytes, change, persist: bool) -> Entry | None:
+        """Change a directory's attributes here; `persist`: also mark them for the next flush."""
+        with self._lock:
+            loc = self._where.get(dir_id)
+            entry = self._dir_entry(loc)
+            if entry is None:
+                return None
+            new = replace(entry, attrs=change(entry.attrs))
+            self._put_dir_entry(loc, new)
+            if persist:
+                self._dirty.add(loc)
+            return new
+
+    def touch_dir(self, dir_id: bytes, now_ns: int) -> None:
+        """An entry was made, removed or renamed in the directory: its mtime and ctime move."""
+        self.set_dir_attrs(dir_id, lambda a: replace(a, mtime_ns=now_ns, ctime_ns=now_ns), persist=True)
+
+    def stored_dir(self, loc: tuple[bytes, bytes], old: Entry, new: Entry) -> None:
+        """A directory's attributes were written to the bucket as `new` (from `old`)."""
+        with self._lock:
+            current = self._dir_entry(loc)
+            if current is old:
+                self._put_dir_entry(loc, new)
+                self._dirty.discard(loc)
+            elif current is not None and current.obj_id == old.obj_id and current.key == old.key:
+                # changed again meanwhile: keep those attributes (still dirty), take the new ETag
+                self._put_dir_entry(loc, replace(current, etag=new.etag, last_modified=new.last_modified,
+                                                 raw_meta=None))
+        if new.raw_meta is not None:
+            self._record(new)
+
+    def flush_dirs(self) -> int:
+        """Write directory attributes changed here to the bucket; returns how many failed."""
+        with self._lock:
+            todo = list(self._dirty)
+        failed = 0
+        for loc in todo:
+            with self.names.hold(loc):
+                with self._lock:
+                    entry = self._dir_entry(loc)
+                    if entry is None or loc not in self._dirty:
+                        self._dirty.discard(loc)
+                        continue
+                try:
+                    new = self.store.set_attrs(entry, entry.attrs)
+                except CryptfsError as exc:
+                    failed += 1
+                    log.warning("directory times of %s not stored yet: %s", entry.key, exc)
+                    continue
+                self.stored_dir(loc, entry, new)
+        return failed
+
+    def location(self, dir_id: bytes) -> tuple[bytes, bytes] | None:
+        with self._lock:
+            return self._where.get(dir_id)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)

@@ -310,6 +310,10 @@ class Store:
         else:
             self.backend.delete(self.abs_key(entry.key))
 
+    def delete_key(self, rel: str) -> None:
+        """Delete the object under a volume-relative key (absent is not an error)."""
+        self.backend.delete(self.abs_key(rel))
+
     def check_backptr(self, entry: Entry) -> bool:
         """Whether a directory entry is the canonical one its directory points back to."""
         try:

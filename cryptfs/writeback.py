@@ -115,7 +115,7 @@ class WriteBack:
 
     def __init__(self, store: Store, journal: Journal, delay: float, on_uploaded, workers: int = 4):
         self.store, self.journal, self.delay = store, journal, delay
-        self.on_uploaded = on_uploaded  # callback(state, entry) after a successful upload
+        self.on_uploaded = on_uploaded  # callback(state, entry) after a successful upload, lock held
         self._due: list[tuple[float, int, FileState]] = []
         self._busy: set[str] = set()
         self._counter = 0
@@ -133,8 +133,7 @@ class WriteBack:
         record = {"version": 1, "uid": state.uid, "key": state.key, "parent": state.parent_id.hex(),
                   "file_id": state.fk.file_id.hex(), "size": state.size, "metadata": meta, "runs": runs,
                   "staging": None, "inline": None,
-                  "basis": {"key": state.basis.key, "etag": state.basis.etag} if state.basis else None,
-                  "obsolete": list(state.obsolete)}
+                  "basis": {"key": state.basis.key, "etag": state.basis.etag} if state.basis else None}
         if state.fd is not None:
             if self._inline(state):
                 record["inline"] = fmt.b64e(state.staged_bytes())
@@ -182,11 +181,7 @@ class WriteBack:
             entry = self._send(state, record, runs)
             self.journal.remove(state.uid)
             state.uploaded(entry)
-            for key in state.obsolete:
-                if key != entry.key:
-                    self.store.backend.delete(self.store.abs_key(key))
-            state.obsolete.clear()
-        self.on_uploaded(state, entry)
+            self.on_uploaded(state, entry)  # still under the lock: no rename or unlink in between
 
     def _send(self, state: FileState, record: dict, runs: list) -> Entry:
         basis = record["basis"]
@@ -217,7 +212,7 @@ class WriteBack:
                     continue
                 self._busy.add(state.uid)
             try:
-                if state.handles == 0 or self._stop:
+                if (state.handles == 0 or self._stop) and not state.unlinked:
                     self.upload_now(state)
             except Exception as exc:
                 state.error = exc
