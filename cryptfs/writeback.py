@@ -9,6 +9,7 @@ mount uploads it (into /lost+found if its directory is gone).
 `_cond` guards `_due` and `_busy`; a file's own lock is held while it uploads.
 """
 
+import concurrent.futures as cf
 import heapq
 import json
 import logging
@@ -232,18 +233,21 @@ class WriteBack:
         """Upload everything now (unmount); returns what could not be uploaded."""
         with self._cond:
             self._due.clear()
-        failed = []
-        for state in states:
+
+        def one(state: FileState) -> FileState | None:
             with self._cond:
                 while state.uid in self._busy:
                     self._cond.wait(1.0)
             try:
                 self.upload_now(state)
-            except Exception as exc:
+            except Exception as exc:  # reported and kept: the next mount uploads it from the journal
                 log.error("could not upload %s at unmount: %s (kept in the journal for the next mount)",
                           state.key, exc)
-                failed.append(state)
-        return failed
+                return state
+            return None
+
+        with cf.ThreadPoolExecutor(max(1, len(self._threads)), thread_name_prefix="drain") as pool:
+            return [s for s in pool.map(one, states) if s is not None]
 
     def stop(self) -> None:
         with self._cond:

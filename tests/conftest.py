@@ -555,3 +555,7 @@ def tmpfs(tmp_path):
 def file_digest(path) -> str:
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
+
+
+# the real-mount fixtures live with their helpers (hang_guard, shared_mount, mnt, work, own_mounts)
+from mountlib import hang_guard, mnt, own_mounts, shared_mount, work  # noqa: E402,F401

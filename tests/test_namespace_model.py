@@ -13,7 +13,6 @@ against what the bucket holds.
 from __future__ import annotations
 
 import errno
-import os
 import random
 import threading
 

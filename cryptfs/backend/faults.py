@@ -5,9 +5,11 @@ another process reads its rules from the JSON file named by $CRYPTFS_FAULTS, re-
 it changes, so a test can open and close a window from outside:
 
     {"rules": [{"ops": ["upload", "put"], "delay": 0.5, "jitter": 0.2,
-                "pause_file": "/tmp/hold", "fail_rate": 0.0, "key_contains": ""}]}
+                "pause_file": "/tmp/hold", "arrived_file": "/tmp/held",
+                "fail_rate": 0.0, "key_contains": ""}]}
 
-`pause_file`: requests matching the rule wait while that file exists.
+`pause_file`: requests matching the rule wait while that file exists; `arrived_file` is
+created when one starts waiting (so a test knows the request is in flight).
 `_lock` guards the rule list; requests wait outside it.
 """
 
@@ -38,6 +40,8 @@ class Rule:
     fail_times: int = 0              # fail the next n matching requests
     gate: threading.Event | None = None  # cleared: matching requests wait
     pause_file: str | None = None
+    arrived_file: str | None = None
+    arrived: threading.Event = field(default_factory=threading.Event)  # set when a request matched
     key_contains: str = ""
     seen: int = field(default=0)
 
@@ -58,11 +62,9 @@ class FaultPlan:
             self._rules.append(rule)
         return rule
 
-    def pause(self, *ops: str, key_contains: str = "") -> threading.Event:
-        """Matching requests wait until the returned event is set."""
-        gate = threading.Event()
-        self.add(Rule(frozenset(ops), gate=gate, key_contains=key_contains))
-        return gate
+    def pause(self, *ops: str, key_contains: str = "") -> Rule:
+        """Matching requests wait until `rule.gate` is set; `rule.arrived` tells one is waiting."""
+        return self.add(Rule(frozenset(ops), gate=threading.Event(), key_contains=key_contains))
 
     def slow(self, *ops: str, delay: float, jitter: float = 0.0) -> Rule:
         return self.add(Rule(frozenset(ops), delay=delay, jitter=jitter))
@@ -89,7 +91,8 @@ class FaultPlan:
                     doc = json.load(f)
                 rules = [Rule(frozenset(r.get("ops", OPS)), delay=float(r.get("delay", 0)),
                               jitter=float(r.get("jitter", 0)), fail_rate=float(r.get("fail_rate", 0)),
-                              pause_file=r.get("pause_file"), key_contains=r.get("key_contains", ""))
+                              pause_file=r.get("pause_file"), arrived_file=r.get("arrived_file"),
+                              key_contains=r.get("key_contains", ""))
                          for r in doc.get("rules", [])]
             except (OSError, ValueError, AttributeError) as exc:
                 log.warning("fault rules in %s unreadable: %s", self._path, exc)
@@ -112,6 +115,10 @@ class FaultPlan:
                 elif r.fail_rate and random.random() < r.fail_rate:
                     fail = True
         for r in rules:
+            r.arrived.set()
+            if r.pause_file and os.path.exists(r.pause_file) and r.arrived_file:
+                with open(r.arrived_file, "a"):
+                    pass
             if r.gate is not None:
                 r.gate.wait()
             while r.pause_file and os.path.exists(r.pause_file):
