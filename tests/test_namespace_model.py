@@ -196,3 +196,25 @@ def test_namespace_against_model(volume_factory, volume_kind, tmp_path, seed):
     finally:
         close_mount(again)
     assert not problems, f"{len(problems)} inconsistencies:\n" + "\n".join(problems[:40])
+
+
+def test_read_moves_atime_relatime_without_a_write(volume_factory, tmp_path):
+    ref = volume_factory("local")
+    plan = FaultPlan()
+    mount = open_mount(ref, str(tmp_path / "cache"), plan)
+    ops = Ops(mount.fs)
+    try:
+        ops.write_file("/f", b"data")
+        mount.fs.fsync("/f", 0, fh := mount.fs.open("/f", 0))
+        mount.fs.release("/f", fh)
+        mount.fs.utimens("/f", (1_000_000_000_000_000_000, 1_500_000_000_000_000_000))
+        writes = plan.slow("put", "upload", "copy", "delete", delay=0.0)
+        assert ops.read_file("/f") == b"data"
+        st = ops.stat("/f")
+        assert st["st_atime"] > 1_500_000_000_000_000_000 and st["st_mtime"] == 1_500_000_000_000_000_000
+        moved = st["st_atime"]
+        assert ops.read_file("/f") == b"data"
+        assert ops.stat("/f")["st_atime"] == moved  # newer than mtime and ctime: relatime keeps it
+        assert writes.seen == 0  # atime moved in memory: no upload per read
+    finally:
+        close_mount(mount)
