@@ -89,6 +89,7 @@ class CryptFS:
         self._fh = itertools.count(1)
         self._lock = threading.Lock()
         self._symlinks: dict[tuple[bytes, str], bytes] = {}
+        self.unmount_failed: int | None = None  # files left in the journal at unmount (None: no unmount)
         self._stop = threading.Event()
         self._dir_interval = max(1.0, writeback_delay)
         self._ticker = threading.Thread(target=self._flush_dirs_loop, name="dir-times", daemon=True)
@@ -644,6 +645,7 @@ class CryptFS:
         if states:
             log.info("unmount: uploading %d pending file(s)", len(states))
         failed = self.wb.drain(states)
+        self.unmount_failed = len(failed)
         self.wb.stop()
         self._stop.set()
         dirs_failed = self.ns.flush_dirs()
@@ -654,7 +656,6 @@ class CryptFS:
             log.warning("unmount: times of %d directories could not be stored", dirs_failed)
         else:
             log.info("unmount: everything uploaded")
-        return failed
 
 
 def _ctime_now(entry: Entry) -> Entry:

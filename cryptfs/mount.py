@@ -152,6 +152,7 @@ def run(store: Store, settings: VolumeSettings, mountpoint: str, options: dict, 
     try:
         FUSE(fs, mountpoint, foreground=True, nothreads=False, **kwargs)
     finally:
+        _write_status(mountpoint, fs.unmount_failed)
         mount.ns.close()
         mount.reader.close()
 
@@ -218,6 +219,32 @@ def daemonize_and_run(store: Store, settings: VolumeSettings, mountpoint: str, o
     return 1
 
 
+def status_file(mountpoint: str) -> str:
+    """What the mount process says of its unmount, for `cryptfs umount` to report."""
+    return pidfile(mountpoint)[:-len(".pid")] + ".status"
+
+
+def _write_status(mountpoint: str, failed: int | None) -> None:
+    try:
+        with open(status_file(mountpoint), "w") as f:
+            f.write("unknown" if failed is None else str(failed))
+    except OSError as exc:
+        log.warning("could not record the unmount's outcome: %s", exc)
+
+
+def _read_status(mountpoint: str) -> str | None:
+    try:
+        with open(status_file(mountpoint)) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+    finally:
+        try:
+            os.unlink(status_file(mountpoint))
+        except OSError:
+            pass
+
+
 def _write_pid(mountpoint: str) -> None:
     path = pidfile(mountpoint)
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
@@ -235,6 +262,10 @@ def unmount(mountpoint: str, timeout: float | None = None) -> int:
             pid = int(f.read().strip())
     except (OSError, ValueError):
         pid = None
+    try:
+        os.unlink(status_file(mountpoint))  # left by an earlier mount
+    except OSError:
+        pass
     tool = "fusermount3" if _which("fusermount3") else "fusermount"
     result = subprocess.run([tool, "-u", mountpoint], capture_output=True, text=True)
     if result.returncode != 0:
@@ -252,6 +283,12 @@ def unmount(mountpoint: str, timeout: float | None = None) -> int:
                   "(or at the next mount)", file=sys.stderr)
             return 1
         time.sleep(0.1)
+    failed = _read_status(mountpoint)
+    if failed is not None and failed != "0":
+        what = "the mount ended before uploading what was pending" if failed == "unknown" else \
+            f"{failed} closed file(s) could not be uploaded"
+        raise CryptfsError(f"{what}; they stay in the local journal and upload at the next mount of this "
+                           "volume with the same cache directory (see the mount log)")
     return 0
 
 

@@ -401,3 +401,24 @@ def test_atime_mtime_ctime_kept_apart_with_nanoseconds(mnt, work):
     assert (st.st_atime_ns, st.st_mtime_ns) == (want.st_atime_ns, want.st_mtime_ns)
     st = os.stat(os.path.join(work, "dir"))
     assert (st.st_atime_ns, st.st_mtime_ns) == (1_800_000_000_000_000_001, 1_700_000_000_000_000_002)
+
+
+@pytest.mark.expect_log_errors(r"upload", r"injected failure")
+def test_umount_fails_when_uploads_fail_and_the_next_mount_uploads(volume_factory, volume_kind, own_mounts,
+                                                                     tmp_path):
+    """An unmount that returns 0 has every closed file in the bucket; one that could not
+    upload says so, and the next mount finishes from the journal."""
+    from conftest import assert_cli_error, run_cli
+    ref = volume_factory(volume_kind)
+    faults = Faults(str(tmp_path), [{"ops": ["upload"], "fail_rate": 1.0}])
+    m = own_mounts(ref, "--writeback-delay", "30", name="failing", env=faults.env)
+    write(m.path("kept"), b"closed before the outage")
+    result = run_cli("umount", m.mountpoint, "--timeout", "60")
+    assert_cli_error(result, 1, "could not be uploaded", "journal")
+    assert not os.path.ismount(m.mountpoint)
+    assert bucket_names(ref) == []
+    faults.write([])
+    m.mount()
+    assert read(m.path("kept")) == b"closed before the outage"
+    m.umount()
+    assert bucket_names(ref) == ["kept"]
