@@ -172,18 +172,21 @@ class CryptFS:
 
     # ------------------------------------------------------------ attributes
 
-    def _hidden_state(self, path: str | None) -> FileState | None:
+    def _hidden_name(self, path: str | None) -> tuple[bytes, bytes] | None:
+        """(parent id, name) of a path libfuse gave an unlinked open file, if it is one."""
         if path is None or not HIDDEN_NAME.match(os.fsencode(path).rsplit(b"/", 1)[-1]):
             return None
         where = self._where(path)
         with self._lock:
-            return self._hidden.get(where)
+            return where if where in self._hidden else None
 
     @op
     def getattr(self, path, fh=None):
         state = self.fhs.get(fh) if fh else None
         if state is None:
-            state = self._hidden_state(path)
+            hidden = self._hidden_name(path)
+            with self._lock:
+                state = self._hidden.get(hidden) if hidden else None
         return self._stat(state if state is not None else self._node(path))
 
     @op
@@ -437,9 +440,10 @@ class CryptFS:
     @op
     def unlink(self, path):
         self._check_writable()
-        if self._hidden_state(path) is not None:  # libfuse's last close of a hidden file
+        hidden = self._hidden_name(path)
+        if hidden is not None:  # libfuse's last close of a hidden file
             with self._lock:
-                self._hidden.pop(self._where(path), None)
+                self._hidden.pop(hidden, None)
             return
         parent_id, name = self._where(path)
         self._unlink(parent_id, name)
@@ -451,7 +455,6 @@ class CryptFS:
                 if isinstance(node, Entry):
                     if node.is_dir:
                         raise FuseError(errno.EISDIR)
-                    self.ns.remove(parent_id, name)
                     self.store.delete_key(node.key)
                 else:
                     open_now = self.ns.unlink_state(node)
@@ -585,9 +588,7 @@ class CryptFS:
             node.touch(ctime_only=True)
             self.wb.rejournal(node)
             return
-        entry = node.basis if isinstance(node, FileState) else node
-        if isinstance(node, FileState):
-            entry = replace(entry, attrs=node.attrs)
+        entry = replace(node.basis, attrs=node.attrs) if isinstance(node, FileState) else node
         moved = rename_journaled(self.store, self.journal, _ctime_now(entry), dst[0], dst[1],
                                  target if isinstance(target, Entry) else None)
         if isinstance(node, FileState):

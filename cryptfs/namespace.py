@@ -162,29 +162,19 @@ class Namespace:
         with self._lock:
             items = list(self._dir(dir_id).children.items())
 
-        def one(item) -> tuple[bytes, Node] | None:
-            name, child = item
-            if not isinstance(child, ObjectInfo):
-                return name, child
+        def resolved(item) -> tuple[bytes, Node] | None:
+            name, info = item
             try:
-                return name, self._resolve(dir_id, name, child)
+                return name, self._resolve(dir_id, name, info)
             except NotFound:
                 return None
             except (FormatError, IntegrityError) as exc:
-                self.store.warn_once(child.key, f"skipped: {exc}")
+                self.store.warn_once(info.key, f"skipped: {exc}")
                 return None
 
-        unresolved = [i for i in items if isinstance(i[1], ObjectInfo)]
-        done = dict(r for r in self._pool.map(one, unresolved) if r is not None) if len(unresolved) > 1 \
-            else dict(r for r in map(one, unresolved) if r is not None)
-        out = []
-        for name, child in items:
-            if isinstance(child, ObjectInfo):
-                if name in done:
-                    out.append((name, done[name]))
-            else:
-                out.append((name, child))
-        return out
+        known = [(name, child) for name, child in items if not isinstance(child, ObjectInfo)]
+        listed = [(name, child) for name, child in items if isinstance(child, ObjectInfo)]
+        return known + [r for r in self._pool.map(resolved, listed) if r is not None]
 
     def is_empty(self, dir_id: bytes) -> bool:
         """No child in any state: pending, uploading and uploaded entries alike."""
@@ -287,7 +277,7 @@ class Namespace:
         with self._lock:
             self._set(dir_id, name, node)
         if isinstance(node, Entry):
-            self._record(node)
+            self.record(node)
 
     def _set(self, dir_id: bytes, name: bytes, node: Node) -> None:
         d = self._dir(dir_id)
@@ -314,7 +304,7 @@ class Namespace:
                 return False
             self._set(dir_id, name, new)
         if isinstance(new, Entry):
-            self._record(new)
+            self.record(new)
         return True
 
     def bound(self, dir_id: bytes, name: bytes, node) -> bool:
@@ -334,9 +324,6 @@ class Namespace:
             self._where.pop(dir_id, None)
 
     def record(self, entry: Entry) -> None:
-        self._record(entry)
-
-    def _record(self, entry: Entry) -> None:
         """Persist an entry's encrypted metadata (as the bucket holds it) for later listings."""
         if entry.raw_meta is not None and entry.obj_id != fmt.ROOT_DIR_ID:
             size = fmt.DIRENT_SIZE if entry.is_dir else fmt.object_size(entry.size, self.store.block_size)
@@ -387,27 +374,27 @@ class Namespace:
                 d.changed[state.name] = self._seq
                 if not state.handles and not state.modified:
                     d.children[state.name] = entry
-        self._record(entry)
+        self.record(entry)
+
+    def _unbind(self, state: FileState) -> None:
+        """Take a FileState off its name, marking the change (with _lock held)."""
+        d = self._dir(state.parent_id)
+        if d.children.get(state.name) is state:
+            del d.children[state.name]
+        self._seq += 1
+        d.changed[state.name] = self._seq
 
     def rename_state(self, state: FileState, new_parent: bytes, new_name: bytes) -> None:
         """Move a FileState to another name (with its lock held): both names change at once."""
         with self._lock:
-            old = self._dir(state.parent_id)
-            if old.children.get(state.name) is state:
-                del old.children[state.name]
-            self._seq += 1
-            old.changed[state.name] = self._seq
+            self._unbind(state)
             state.parent_id, state.name = new_parent, new_name
             self._set(new_parent, new_name, state)
 
     def unlink_state(self, state: FileState) -> bool:
         """Unbind an open or pending file (with its lock held); True if handles remain open."""
         with self._lock:
-            d = self._dir(state.parent_id)
-            if d.children.get(state.name) is state:
-                del d.children[state.name]
-            self._seq += 1
-            d.changed[state.name] = self._seq
+            self._unbind(state)
             state.unlinked = True
             open_now = state.handles > 0
             if open_now and state.basis is not None:
@@ -487,7 +474,7 @@ class Namespace:
                 self._put_dir_entry(loc, replace(current, etag=new.etag, last_modified=new.last_modified,
                                                  raw_meta=None))
         if new.raw_meta is not None:
-            self._record(new)
+            self.record(new)
 
     def flush_dirs(self) -> int:
         """Write directory attributes changed here to the bucket; returns how many failed."""
