@@ -18,7 +18,9 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from .errors import FormatError, IntegrityError, NameTooLong
 
-VERSION = 1
+VERSION = 2                 # what new volumes are written in
+VERSIONS = (1, 2)           # what this module reads
+ENTRY_VERSION = 1           # directory entries, back-pointers and metadata: unchanged in version 2
 FILE_MAGIC = b"CRYF"
 DIRENT_MAGIC = b"CRYD"
 BACKPTR_MAGIC = b"CRYB"
@@ -30,6 +32,7 @@ BLOCK_OVERHEAD = NONCE_SIZE + TAG_SIZE
 FILE_ID_SIZE = 16
 DIR_ID_SIZE = 16
 COMMIT_SIZE = 32
+TABLE_MAC_SIZE = 32  # version 2: HMAC-SHA256 over the tag table
 HEADER_SIZE = 4 + 1 + 1 + 2 + FILE_ID_SIZE + COMMIT_SIZE  # 56
 DIRENT_SIZE = 4 + 1 + 3 + 16 + 16 + DIR_ID_SIZE  # 56: never a valid file object size
 NAME_MAX = 255
@@ -70,37 +73,74 @@ def block_count(plain_size: int, block_size: int) -> int:
     return max(1, -(-plain_size // block_size))
 
 
-def object_size(plain_size: int, block_size: int) -> int:
-    if plain_size < 0:
-        raise ValueError("negative size")
-    return HEADER_SIZE + plain_size + BLOCK_OVERHEAD * block_count(plain_size, block_size)
+@dataclass(frozen=True)
+class Layout:
+    """Where the bytes of a file object go, for one block size and format version.
 
+    Version 1: header, blocks. Version 2: header, blocks, then the tag table (every
+    block's GCM tag, in order, and a MAC over them), which binds each block to the version
+    of the file it was written for.
+    """
+    block_size: int
+    version: int = VERSION
 
-def plain_size(obj_size: int, block_size: int) -> int:
-    """Plaintext size for an object size; FormatError when no plaintext size maps to it."""
-    body = obj_size - HEADER_SIZE
-    if body < BLOCK_OVERHEAD:
-        raise FormatError(f"object of {obj_size} bytes is too short for a cryptfs file")
-    full, rest = divmod(body, block_ct_size(block_size))
-    if rest == 0:
-        return full * block_size
-    if rest == BLOCK_OVERHEAD and full == 0:
-        return 0
-    if rest <= BLOCK_OVERHEAD:
-        raise FormatError(f"object size {obj_size} maps to no plaintext size")
-    return full * block_size + rest - BLOCK_OVERHEAD
+    def __post_init__(self):
+        log2_block_size(self.block_size)
+        if self.version not in VERSIONS:
+            raise FormatError(f"unsupported file format version {self.version}")
 
+    @property
+    def has_table(self) -> bool:
+        return self.version >= 2
 
-def block_offset(index: int, block_size: int) -> int:
-    """Object offset where ciphertext block `index` starts."""
-    return HEADER_SIZE + index * block_ct_size(block_size)
+    @property
+    def _per_block(self) -> int:
+        """Object bytes per block beyond its plaintext."""
+        return BLOCK_OVERHEAD + (TAG_SIZE if self.has_table else 0)
 
+    @property
+    def _fixed(self) -> int:
+        return HEADER_SIZE + (TABLE_MAC_SIZE if self.has_table else 0)
 
-def blocks_extent(first: int, end: int, size: int, block_size: int) -> tuple[int, int]:
-    """Object byte range [start, stop) holding blocks [first, end) of a file of `size` bytes."""
-    last = end - 1
-    return (block_offset(first, block_size),
-            block_offset(last, block_size) + BLOCK_OVERHEAD + block_plain_len(last, size, block_size))
+    def object_size(self, plain_size: int) -> int:
+        if plain_size < 0:
+            raise ValueError("negative size")
+        return self._fixed + plain_size + self._per_block * block_count(plain_size, self.block_size)
+
+    def plain_size(self, obj_size: int) -> int:
+        """Plaintext size for an object size; FormatError when no plaintext size maps to it."""
+        body, per = obj_size - self._fixed, self._per_block
+        if body < per:
+            raise FormatError(f"object of {obj_size} bytes is too short for a cryptfs file")
+        full, rest = divmod(body, self.block_size + per)
+        if rest == 0:
+            return full * self.block_size
+        if rest == per and full == 0:
+            return 0
+        if rest <= per:
+            raise FormatError(f"object size {obj_size} maps to no plaintext size")
+        return full * self.block_size + rest - per
+
+    def block_offset(self, index: int) -> int:
+        """Object offset where ciphertext block `index` starts."""
+        return HEADER_SIZE + index * block_ct_size(self.block_size)
+
+    def blocks_extent(self, first: int, end: int, size: int) -> tuple[int, int]:
+        """Object byte range [start, stop) holding blocks [first, end) of a file of `size` bytes."""
+        last = end - 1
+        return (self.block_offset(first),
+                self.block_offset(last) + BLOCK_OVERHEAD + block_plain_len(last, size, self.block_size))
+
+    def split_blocks(self, data: bytes, first: int, end: int, size: int) -> list[bytes]:
+        """Blocks [first, end) out of the object bytes that hold them, laid out as in the object."""
+        base = self.block_offset(first)
+        return [data[lo - base:hi - base] for lo, hi in (self.blocks_extent(i, i + 1, size) for i in range(first, end))]
+
+    def table_extent(self, size: int) -> tuple[int, int]:
+        """Object byte range of the tag table (version 2) of a file of `size` bytes."""
+        n = block_count(size, self.block_size)
+        start = self.blocks_extent(n - 1, n, size)[1]
+        return start, start + TAG_SIZE * n + TABLE_MAC_SIZE
 
 
 def block_span(offset: int, length: int, block_size: int) -> range:
@@ -129,6 +169,7 @@ class FileKey:
     file_id: bytes
     block_key: bytes
     commitment: bytes
+    table_key: bytes  # version 2: MAC key of the tag table
 
     @classmethod
     def derive(cls, data_key: bytes, file_id: bytes) -> "FileKey":
@@ -136,7 +177,8 @@ class FileKey:
             raise FormatError("bad data key or file id length")
         return cls(data_key, file_id,
                    hkdf(data_key, b"cryptfs v1 block key", salt=file_id),
-                   hkdf(data_key, b"cryptfs v1 key commitment", salt=file_id))
+                   hkdf(data_key, b"cryptfs v1 key commitment", salt=file_id),
+                   hkdf(data_key, b"cryptfs v2 tag table key", salt=file_id))
 
     @classmethod
     def new(cls, file_id: bytes | None = None) -> "FileKey":
@@ -152,8 +194,8 @@ def log2_block_size(block_size: int) -> int:
     return exp
 
 
-def make_header(fk: FileKey, block_size: int) -> bytes:
-    return (FILE_MAGIC + bytes([VERSION, log2_block_size(block_size)]) + b"\0\0"
+def make_header(fk: FileKey, layout: Layout) -> bytes:
+    return (FILE_MAGIC + bytes([layout.version, log2_block_size(layout.block_size)]) + b"\0\0"
             + fk.file_id + fk.commitment)
 
 
@@ -163,6 +205,7 @@ class Header:
     block_size: int
     file_id: bytes
     commitment: bytes
+    version: int
 
 
 def parse_header(raw: bytes) -> Header:
@@ -171,14 +214,25 @@ def parse_header(raw: bytes) -> Header:
     raw = bytes(raw[:HEADER_SIZE])
     if raw[:4] != FILE_MAGIC:
         raise FormatError("not a cryptfs file object (bad magic)")
-    if raw[4] != VERSION:
+    if raw[4] not in VERSIONS:
         raise FormatError(f"unsupported file format version {raw[4]}")
     if raw[6:8] != b"\0\0":
         raise FormatError("unknown header flags")
     exp = raw[5]
     if not 12 <= exp <= 24:
         raise FormatError(f"bad block size exponent {exp}")
-    return Header(raw, 1 << exp, raw[8:24], raw[24:56])
+    return Header(raw, 1 << exp, raw[8:24], raw[24:56], raw[4])
+
+
+def check_header(fk: FileKey, raw: bytes, layout: Layout) -> Header:
+    """The stored header of a file object, checked against its key and the volume's layout."""
+    header = parse_header(raw)
+    if header.block_size != layout.block_size:
+        raise FormatError("file block size differs from the volume's")
+    if header.version != layout.version:
+        raise FormatError(f"file format version {header.version} in a version {layout.version} volume")
+    check_commitment(fk, header)
+    return header
 
 
 def check_commitment(fk: FileKey, header: Header) -> None:
@@ -206,30 +260,59 @@ def decrypt_block(fk: FileKey, header: bytes, index: int, block: bytes, last: bo
         raise IntegrityError(f"block {index} failed authentication") from None
 
 
-def encrypt_file(fk: FileKey, plain: bytes, block_size: int) -> bytes:
+def block_tag(block: bytes) -> bytes:
+    """The GCM tag of an encrypted block: what the tag table lists for it."""
+    return bytes(block[-TAG_SIZE:])
+
+
+def _table_mac(fk: FileKey, header: bytes, tags: bytes) -> bytes:
+    return hmac.new(fk.table_key, b"cryptfs v2 tag table" + header + struct.pack(">Q", len(tags) // TAG_SIZE)
+                    + tags, hashlib.sha256).digest()
+
+
+def make_table(fk: FileKey, header: bytes, tags: bytes) -> bytes:
+    """The tag table that ends a version 2 object: the blocks' tags in order, then their MAC."""
+    return tags + _table_mac(fk, header, tags)
+
+
+def open_table(fk: FileKey, header: bytes, raw: bytes, nblocks: int) -> bytes:
+    """The blocks' tags from a stored tag table, after checking its length and MAC."""
+    tags, mac = raw[:-TABLE_MAC_SIZE], raw[-TABLE_MAC_SIZE:]
+    if len(raw) != TAG_SIZE * nblocks + TABLE_MAC_SIZE:
+        raise IntegrityError("tag table has the wrong length for the object's size")
+    if not hmac.compare_digest(mac, _table_mac(fk, header, bytes(tags))):
+        raise IntegrityError("tag table failed authentication")
+    return bytes(tags)
+
+
+def check_tag(tags: bytes, index: int, block: bytes) -> None:
+    """A block must be the one this version of the file lists, not one of another version."""
+    if not hmac.compare_digest(tags[index * TAG_SIZE:(index + 1) * TAG_SIZE], block_tag(block)):
+        raise IntegrityError(f"block {index} belongs to another version of the file")
+
+
+def encrypt_file(fk: FileKey, plain: bytes, layout: Layout) -> bytes:
     """A whole object body for small contents (tests, symlinks, vectors)."""
-    header = make_header(fk, block_size)
-    n = block_count(len(plain), block_size)
-    parts = [header]
-    for i in range(n):
-        parts.append(encrypt_block(fk, header, i, plain[i * block_size:(i + 1) * block_size],
-                                   i == n - 1))
-    return b"".join(parts)
+    header = make_header(fk, layout)
+    bs = layout.block_size
+    n = block_count(len(plain), bs)
+    blocks = [encrypt_block(fk, header, i, plain[i * bs:(i + 1) * bs], i == n - 1) for i in range(n)]
+    table = make_table(fk, header, b"".join(map(block_tag, blocks))) if layout.has_table else b""
+    return header + b"".join(blocks) + table
 
 
-def decrypt_file(fk: FileKey, body: bytes, block_size: int) -> bytes:
-    """Decrypt a whole object body, checking every block and the exact end."""
-    header = parse_header(body)
-    if header.block_size != block_size:
-        raise FormatError("file block size differs from the volume's")
-    check_commitment(fk, header)
-    size = plain_size(len(body), block_size)
-    n = block_count(size, block_size)
+def decrypt_file(fk: FileKey, body: bytes, layout: Layout) -> bytes:
+    """Decrypt a whole object body, checking every block, the tag table and the exact end."""
+    header = check_header(fk, body, layout).raw
+    size = layout.plain_size(len(body))
+    n = block_count(size, layout.block_size)
+    tags = open_table(fk, header, body[slice(*layout.table_extent(size))], n) if layout.has_table else None
     out = []
     for i in range(n):
-        start = block_offset(i, block_size)
-        end = start + block_plain_len(i, size, block_size) + BLOCK_OVERHEAD
-        out.append(decrypt_block(fk, header.raw, i, body[start:end], i == n - 1))
+        block = body[slice(*layout.blocks_extent(i, i + 1, size))]
+        if tags is not None:
+            check_tag(tags, i, block)
+        out.append(decrypt_block(fk, header, i, block, i == n - 1))
     return b"".join(out)
 
 
@@ -312,13 +395,13 @@ def encrypt_dirent(vk: VolumeKeys, parent_id: bytes, name: bytes, child_id: byte
     """The object body of a directory entry: the child's id bound to (parent, name)."""
     nonce = os.urandom(16)
     sealed = AESSIV(vk.entry_key).encrypt(child_id, [b"cryptfs v1 dirent", parent_id, name, nonce])
-    return DIRENT_MAGIC + bytes([VERSION]) + b"\0\0\0" + nonce + sealed
+    return DIRENT_MAGIC + bytes([ENTRY_VERSION]) + b"\0\0\0" + nonce + sealed
 
 
 def decrypt_dirent(vk: VolumeKeys, parent_id: bytes, name: bytes, body: bytes) -> bytes:
     if len(body) != DIRENT_SIZE or body[:4] != DIRENT_MAGIC:
         raise FormatError("not a cryptfs directory entry")
-    if body[4] != VERSION:
+    if body[4] != ENTRY_VERSION:
         raise FormatError(f"unsupported directory entry version {body[4]}")
     if body[5:8] != b"\0\0\0":
         raise FormatError("unknown directory entry flags")
@@ -333,14 +416,14 @@ def encrypt_backptr(vk: VolumeKeys, dir_id: bytes, parent_id: bytes, name: bytes
     """A directory's own record of where it belongs: (its id, parent id, name)."""
     nonce = os.urandom(16)
     sealed = AESSIV(vk.entry_key).encrypt(parent_id + name, [b"cryptfs v1 backptr", dir_id, nonce])
-    return BACKPTR_MAGIC + bytes([VERSION]) + b"\0\0\0" + nonce + sealed
+    return BACKPTR_MAGIC + bytes([ENTRY_VERSION]) + b"\0\0\0" + nonce + sealed
 
 
 def decrypt_backptr(vk: VolumeKeys, dir_id: bytes, body: bytes) -> tuple[bytes, bytes]:
     """(parent id, name) from a back-pointer body."""
     if len(body) < 24 + 16 + DIR_ID_SIZE or body[:4] != BACKPTR_MAGIC:
         raise FormatError("not a cryptfs directory back-pointer")
-    if body[4] != VERSION:
+    if body[4] != ENTRY_VERSION:
         raise FormatError(f"unsupported back-pointer version {body[4]}")
     if body[5:8] != b"\0\0\0":
         raise FormatError("unknown back-pointer flags")
@@ -401,12 +484,12 @@ def decrypt_attrs(vk: VolumeKeys, object_key: str, obj_id: bytes, blob: bytes) -
 def file_metadata(vk: VolumeKeys, object_key: str, file_id: bytes, wrapped_key: bytes,
                   attrs: Attrs) -> dict[str, str]:
     """User metadata of a file object: always carries the wrapped key with the attributes."""
-    return {META_VERSION: str(VERSION), META_ID: b64e(file_id), META_KEY: b64e(wrapped_key),
+    return {META_VERSION: str(ENTRY_VERSION), META_ID: b64e(file_id), META_KEY: b64e(wrapped_key),
             META_ATTR: b64e(encrypt_attrs(vk, object_key, file_id, attrs))}
 
 
 def dirent_metadata(vk: VolumeKeys, object_key: str, dir_id: bytes, attrs: Attrs) -> dict[str, str]:
-    return {META_VERSION: str(VERSION), META_ID: b64e(dir_id),
+    return {META_VERSION: str(ENTRY_VERSION), META_ID: b64e(dir_id),
             META_ATTR: b64e(encrypt_attrs(vk, object_key, dir_id, attrs))}
 
 
@@ -418,7 +501,7 @@ class ParsedMeta:
 
 
 def parse_metadata(meta: dict[str, str]) -> ParsedMeta:
-    if meta.get(META_VERSION) != str(VERSION):
+    if meta.get(META_VERSION) != str(ENTRY_VERSION):
         raise FormatError(f"unsupported or missing metadata version {meta.get(META_VERSION)!r}")
     try:
         obj_id = b64d(meta[META_ID])

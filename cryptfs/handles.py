@@ -32,12 +32,13 @@ class FileState:
                  attrs: fmt.Attrs, basis: Entry | None, fk: fmt.FileKey, wrapped: bytes):
         self.store, self.reader, self.staging_dir = store, reader, staging_dir
         self.bs = store.block_size
+        self.layout = store.layout
         self.lock = threading.RLock()
         self.uid = uuid.uuid4().hex
         self.parent_id, self.name = parent_id, name
         self.attrs = attrs
         self.fk, self.wrapped = fk, wrapped
-        self.header = fmt.make_header(fk, self.bs)
+        self.header = fmt.make_header(fk, self.layout)
         self.basis = basis
         self.size = basis.size if basis else 0
         self.basis_blocks = fmt.block_count(basis.size, self.bs) if basis else 0
@@ -104,7 +105,7 @@ class FileState:
             return bytes(self.dirty[i])
         if i in self.staged:
             last, length = self.staged[i]
-            ct = os.pread(self.fd, length + fmt.BLOCK_OVERHEAD, fmt.block_offset(i, self.bs))
+            ct = os.pread(self.fd, length + fmt.BLOCK_OVERHEAD, self.layout.block_offset(i))
             return fmt.decrypt_block(self.fk, self.header, i, ct, last)
         if self.basis is not None and i < self.basis_blocks:
             return self.reader.block(self.basis, self.fk, self.header, i)
@@ -168,7 +169,7 @@ class FileState:
     def _stage(self, i: int, last: bool) -> None:
         plain = self.dirty[i]
         ct = fmt.encrypt_block(self.fk, self.header, i, plain, last)
-        _pwrite(self._open_staging(), ct, fmt.block_offset(i, self.bs))
+        _pwrite(self._open_staging(), ct, self.layout.block_offset(i))
         del self.dirty[i]
         self.staged[i] = (last, len(plain))
         self.unsynced = True
@@ -191,14 +192,14 @@ class FileState:
             self.dirty[last] = keep
             self.basis_blocks = min(self.basis_blocks, last)
             if self.fd is not None:
-                os.ftruncate(self.fd, fmt.block_offset(last, self.bs))
+                os.ftruncate(self.fd, self.layout.block_offset(last))
         self.size = length
 
     def rewrite_from_scratch(self) -> None:
         """O_TRUNC or truncate to 0: a new data key (same file id), nothing kept."""
         with self.lock:
             self.fk, self.wrapped = self.store.new_file_key(self.fk.file_id)
-            self.header = fmt.make_header(self.fk, self.bs)
+            self.header = fmt.make_header(self.fk, self.layout)
             self.basis, self.basis_blocks = None, 0
             self.dirty.clear()
             self.staged.clear()

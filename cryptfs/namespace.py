@@ -326,7 +326,7 @@ class Namespace:
     def record(self, entry: Entry) -> None:
         """Persist an entry's encrypted metadata (as the bucket holds it) for later listings."""
         if entry.raw_meta is not None and entry.obj_id != fmt.ROOT_DIR_ID:
-            size = fmt.DIRENT_SIZE if entry.is_dir else fmt.object_size(entry.size, self.store.block_size)
+            size = fmt.DIRENT_SIZE if entry.is_dir else self.store.layout.object_size(entry.size)
             self.db.put(self.store.abs_key(entry.key), entry.etag, None, size, entry.raw_meta)
 
     # ------------------------------------------------------------ open and pending files

@@ -13,7 +13,6 @@ import threading
 
 from . import format as fmt
 from .cache import BlockCache, DiskCache
-from .errors import IntegrityError
 from .store import Entry, Store
 
 log = logging.getLogger(__name__)
@@ -40,21 +39,30 @@ class BlockReader:
         """(first block, block count, start, end) of a chunk in the object."""
         first = chunk * CHUNK_BLOCKS
         count = min(CHUNK_BLOCKS, fmt.block_count(entry.size, self.bs) - first)
-        return (first, count) + fmt.blocks_extent(first, first + count, entry.size, self.bs)
+        return (first, count) + self.store.layout.blocks_extent(first, first + count, entry.size)
 
     def _fetch_run(self, entry: Entry, fk: fmt.FileKey, header: bytes, chunks: list[int]) -> None:
-        """Chunks (consecutive) from the disk cache, or all of them in one ranged GET."""
+        """Chunks (consecutive) from the disk cache, or all of them in one ranged GET. The GET
+        of the first chunk also brings the stored header, checked here; that of the last
+        brings the tag table."""
         spans = [self._span(entry, c) for c in chunks]
         raws = [self.disk.get(self._chunk_key(entry, c), s[3] - s[2]) if self.disk else None
                 for c, s in zip(chunks, spans)]
         if any(r is None for r in raws):
             start, end = spans[0][2], spans[-1][3]
-            data, _ = self.store.backend.get(self.store.abs_key(entry.key), start, end, if_match=entry.etag)
-            if len(data) != end - start:
-                raise IntegrityError(f"{entry.name!r}: object shorter than its listed size")
+            with_header = chunks[0] == 0
+            with_table = self.store.layout.has_table and spans[-1][0] + spans[-1][1] == \
+                fmt.block_count(entry.size, self.bs)
+            lo = 0 if with_header else start
+            hi = self.store.layout.table_extent(entry.size)[1] if with_table else end
+            data = self.store.get_range(entry.key, lo, hi, entry.etag)
+            if with_header:
+                self.store.check_header(entry, fk, data[:fmt.HEADER_SIZE])
+            if with_table:
+                self.store.tag_table(entry, fk, header, data[end - lo:])
             for i, (c, s) in enumerate(zip(chunks, spans)):
                 if raws[i] is None:
-                    raws[i] = data[s[2] - start:s[3] - start]
+                    raws[i] = data[s[2] - lo:s[3] - lo]
                     if self.disk:
                         self.disk.put(self._chunk_key(entry, c), raws[i])
         for c, s, raw in zip(chunks, spans, raws):

@@ -9,6 +9,7 @@ import concurrent.futures as cf
 import logging
 import os
 import stat
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from typing import BinaryIO, Callable, Iterator
@@ -59,9 +60,12 @@ class Store:
         self.backend = volume.backend
         self.vk = volume.volume_keys
         self.block_size = volume.block_size
+        self.layout = volume.layout
         self.workers = workers
         self._warned: set[str] = set()
         self._keys: LRUCache = LRUCache(65536)
+        self._tables: LRUCache = LRUCache(64 << 20, getsizeof=len)  # (key, etag) -> tags of that version
+        self._tables_lock = threading.Lock()
 
     # ------------------------------------------------------------ keys and names
 
@@ -104,14 +108,15 @@ class Store:
         if body is not None and len(body) >= fmt.HEADER_SIZE:
             if fmt.parse_header(body).file_id != meta.obj_id:
                 raise IntegrityError("file header and metadata name different files")
-        size = fmt.plain_size(info.size, self.block_size)
+        size = self.layout.plain_size(info.size)
         return Entry(parent_id, name, rel, False, meta.obj_id, size, info.etag, info.last_modified,
                      attrs, meta.wrapped_key, raw_meta=info.metadata)
 
     def lookup(self, dir_id: bytes, name: bytes, first: int | None = None) -> tuple[Entry, bytes]:
-        """One request: the entry and the first bytes of its object (by default header and first block)."""
+        """One request: the entry and the first bytes of its object (by default header and first
+        block, and the tag table of a one-block file)."""
         rel = self.entry_key(dir_id, name)
-        first = first or fmt.HEADER_SIZE + fmt.block_ct_size(self.block_size)
+        first = first or self.layout.object_size(self.block_size)
         body, info = self.backend.get(self.abs_key(rel), 0, first)
         try:
             return self.entry_from(dir_id, name, rel, info, body), body
@@ -178,33 +183,73 @@ class Store:
     def file_key(self, entry: Entry) -> fmt.FileKey:
         return fmt.FileKey.derive(self.vol.data_keys.unwrap(entry.wrapped_key), entry.obj_id)
 
+    def tag_table(self, entry: Entry, fk: fmt.FileKey, header: bytes, raw: bytes | None = None) -> bytes | None:
+        """The block tags of this version of the file (None in version 1 volumes), fetched once
+        unless the caller already has the table's bytes (`raw`)."""
+        if not self.layout.has_table:
+            return None
+        with self._tables_lock:
+            tags = self._tables.get((entry.key, entry.etag))
+        if tags is None:
+            if raw is None:
+                raw = self.get_range(entry.key, *self.layout.table_extent(entry.size), entry.etag)
+            try:
+                tags = fmt.open_table(fk, header, raw, fmt.block_count(entry.size, self.block_size))
+            except IntegrityError as exc:
+                log.error("%s: %s", entry.key, exc)
+                raise IntegrityError(f"{exc} (object {entry.key})") from None
+            with self._tables_lock:
+                self._tables[(entry.key, entry.etag)] = tags
+        return tags
+
     def decrypt_range(self, entry: Entry, fk: fmt.FileKey, header: bytes, first: int,
                       raw: bytes) -> list[bytes]:
-        """Plaintext blocks from raw ciphertext starting at block `first`."""
+        """Plaintext blocks from raw ciphertext starting at block `first`, each checked to be
+        a block of this version of the file."""
         ct = fmt.block_ct_size(self.block_size)
         nblocks = fmt.block_count(entry.size, self.block_size)
+        tags = self.tag_table(entry, fk, header)
         out = []
         for n, pos in enumerate(range(0, len(raw), ct)):
             index = first + n
+            block = raw[pos:pos + ct]
             try:
-                out.append(fmt.decrypt_block(fk, header, index, raw[pos:pos + ct], index == nblocks - 1))
+                if tags is not None:
+                    fmt.check_tag(tags, index, block)
+                out.append(fmt.decrypt_block(fk, header, index, block, index == nblocks - 1))
             except IntegrityError as exc:
-                log.error("%s: block %d of %s failed authentication", entry.key, index,
-                          entry.name.decode(errors="replace"))
+                log.error("%s: block %d of %s failed authentication: %s", entry.key, index,
+                          entry.name.decode(errors="replace"), exc)
                 raise IntegrityError(f"{entry.name.decode(errors='replace')}: {exc} (object {entry.key})") \
                     from None
         return out
 
+    def check_header(self, entry: Entry, fk: fmt.FileKey, raw: bytes) -> bytes:
+        """The header an object stores, checked against the entry's key, id and the volume."""
+        try:
+            header = fmt.check_header(fk, raw, self.layout)
+            if header.file_id != entry.obj_id:
+                raise IntegrityError("header and metadata name different files")
+        except (FormatError, IntegrityError) as exc:
+            log.error("%s: %s", entry.key, exc)
+            raise type(exc)(f"{exc} (object {entry.key})") from None
+        return header.raw
+
     def read_header(self, entry: Entry, fk: fmt.FileKey, raw: bytes | None = None) -> bytes:
         if raw is None:
             raw, _ = self.backend.get(self.abs_key(entry.key), 0, fmt.HEADER_SIZE, if_match=entry.etag)
-        header = fmt.parse_header(raw)
-        if header.block_size != self.block_size:
-            raise FormatError("file block size differs from the volume's")
-        if header.file_id != entry.obj_id:
-            raise IntegrityError(f"{entry.name!r}: header and metadata name different files")
-        fmt.check_commitment(fk, header)
-        return header.raw
+        return self.check_header(entry, fk, raw)
+
+    def get_range(self, rel: str, start: int, end: int, etag: str | None) -> bytes:
+        """Object bytes [start, end) of one version (If-Match on its ETag); short is an error."""
+        raw, _ = self.backend.get(self.abs_key(rel), start, end, if_match=etag)
+        if len(raw) != end - start:
+            raise IntegrityError(f"object {rel} is shorter than its listed size")
+        return raw
+
+    def upload(self, rel: str, stream, size: int, metadata: dict[str, str]) -> str:
+        """Store an object from a stream of exactly `size` bytes; returns its ETag."""
+        return self.backend.upload(self.abs_key(rel), stream, size, metadata)
 
     def read_blocks(self, entry: Entry, fk: fmt.FileKey, header: bytes, first: int, count: int) -> list[bytes]:
         """Blocks [first, first+count) of an unchanged object (If-Match on the entry's ETag)."""
@@ -212,11 +257,8 @@ class Store:
         count = min(count, nblocks - first)
         if count <= 0:
             return []
-        start, end = fmt.blocks_extent(first, first + count, entry.size, self.block_size)
-        raw, info = self.backend.get(self.abs_key(entry.key), start, end, if_match=entry.etag)
-        if len(raw) != end - start:
-            raise IntegrityError(f"{entry.name!r}: object shorter than its listed size")
-        return self.decrypt_range(entry, fk, header, first, raw)
+        start, end = self.layout.blocks_extent(first, first + count, entry.size)
+        return self.decrypt_range(entry, fk, header, first, self.get_range(entry.key, start, end, entry.etag))
 
     def iter_plain(self, entry: Entry, chunk_blocks: int = 256, parallel: int = 3) -> Iterator[bytes]:
         """A file's plaintext in order, fetching and decrypting `parallel` chunks at once."""
@@ -260,8 +302,8 @@ class Store:
             raise IsADirectory(f"{name.decode(errors='replace')} is a directory")
         fk, wrapped = self.new_file_key(existing.obj_id if existing else None)
         meta = self.metadata_for(rel, fk.file_id, attrs, wrapped, False)
-        reader = EncryptingReader(stream, fk, size, self.block_size)
-        obj_size = fmt.object_size(size, self.block_size)
+        reader = EncryptingReader(stream, fk, size, self.layout)
+        obj_size = self.layout.object_size(size)
         try:
             etag = self.backend.upload(self.abs_key(rel), reader, obj_size, meta,
                                        if_none_match=create_only, progress=_plain_progress(progress, size,
@@ -344,7 +386,7 @@ class Store:
         else:
             etag = self.backend.copy(self.abs_key(entry.key), self.abs_key(new_rel), meta, if_match=entry.etag)
             copied = self.backend.head(self.abs_key(new_rel))
-            if copied.size != fmt.object_size(entry.size, self.block_size):
+            if copied.size != self.layout.object_size(entry.size):
                 raise IntegrityError(f"copy of {entry.name!r} has the wrong size; source kept")
         if new_rel != entry.key:
             self.backend.delete(self.abs_key(entry.key))
@@ -409,21 +451,45 @@ class EncryptingReader(ProducedStream):
     short object.
     """
 
-    def __init__(self, source: BinaryIO, fk: fmt.FileKey, size: int, block_size: int):
-        self.source, self.fk, self.size, self.bs = source, fk, size, block_size
-        self.header = fmt.make_header(fk, block_size)
-        self.nblocks = fmt.block_count(size, block_size)
+    def __init__(self, source: BinaryIO, fk: fmt.FileKey, size: int, layout: fmt.Layout):
+        self.source, self.fk, self.size, self.layout = source, fk, size, layout
+        self.bs = layout.block_size
+        self.header = fmt.make_header(fk, layout)
+        self.nblocks = fmt.block_count(size, self.bs)
         self.index = 0
+        self.tags = TagCollector(fk, self.header, layout)
         self.buf = bytearray(self.header)
         self.pos = 0
 
     def _exhausted(self) -> bool:
-        return self.index >= self.nblocks
+        return self.index > self.nblocks
 
     def _more(self) -> None:
+        if self.index == self.nblocks:
+            self.buf += self.tags.table()
+            self.index += 1
+            return
         want = fmt.block_plain_len(self.index, self.size, self.bs)
         plain = read_exact(self.source, want)
         if len(plain) != want:
             raise IntegrityError("source file changed size while being encrypted")
-        self.buf += fmt.encrypt_block(self.fk, self.header, self.index, plain, self.index == self.nblocks - 1)
+        block = fmt.encrypt_block(self.fk, self.header, self.index, plain, self.index == self.nblocks - 1)
+        self.tags.add(block)
+        self.buf += block
         self.index += 1
+
+
+class TagCollector:
+    """The tag table of an object being written, from its blocks as they go out in order."""
+
+    def __init__(self, fk: fmt.FileKey, header: bytes, layout: fmt.Layout):
+        self.fk, self.header, self.layout = fk, header, layout
+        self.tags = bytearray()
+
+    def add(self, block: bytes) -> None:
+        self.tags += fmt.block_tag(block)
+
+
+    def table(self) -> bytes:
+        """What ends the object: the tag table (version 2), or nothing (version 1)."""
+        return fmt.make_table(self.fk, self.header, bytes(self.tags)) if self.layout.has_table else b""

@@ -88,6 +88,11 @@ class Volume:
         return self.body["block_size"]
 
     @property
+    def layout(self) -> fmt.Layout:
+        """How this volume's file objects are laid out (its format version decides)."""
+        return fmt.Layout(self.body["block_size"], self.body["version"])
+
+    @property
     def volume_id(self) -> str:
         return self.body["volume_id"]
 
@@ -124,7 +129,7 @@ def normalize_prefix(prefix: str) -> str:
 
 
 def create(backend: Backend, prefix: str, passphrase: bytes, block_size: int = fmt.DEFAULT_BLOCK_SIZE,
-           rsa_bits: int = keys.DEFAULT_RSA_BITS) -> Volume:
+           rsa_bits: int = keys.DEFAULT_RSA_BITS, version: int = fmt.VERSION) -> Volume:
     """Write a new volume's config and root directory; AlreadyExists if one is there."""
     prefix = normalize_prefix(prefix)
     backend.check()
@@ -134,13 +139,13 @@ def create(backend: Backend, prefix: str, passphrase: bytes, block_size: int = f
             raise AlreadyExists(f"a cryptfs volume already exists at {backend.url}/{prefix}")
         except NotFound:
             pass
-    fmt.log2_block_size(block_size)
+    fmt.Layout(block_size, version)
     owner = keys.generate_rsa(rsa_bits)
     content = keys.generate_rsa(rsa_bits)
     secret = os.urandom(32)
     owner_fp = keys.fingerprint(owner)
     body = {
-        "format": FORMAT_NAME, "version": fmt.VERSION, "generation": 1,
+        "format": FORMAT_NAME, "version": version, "generation": 1,
         "volume_id": os.urandom(16).hex(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "block_size": block_size,
@@ -231,10 +236,10 @@ def _check_envelope(envelope) -> dict:
         envelope["signature"]
         if body["format"] != FORMAT_NAME:
             raise FormatError(f"not a cryptfs volume config (format {body['format']!r})")
-        if body["version"] != fmt.VERSION:
+        if body["version"] not in fmt.VERSIONS:
             raise FormatError(f"unsupported volume format version {body['version']} "
-                              f"(this cryptfs reads version {fmt.VERSION})")
-        fmt.log2_block_size(body["block_size"])
+                              f"(this cryptfs reads versions {', '.join(map(str, fmt.VERSIONS))})")
+        fmt.Layout(body["block_size"], body["version"])
         return body
     except (KeyError, TypeError):
         raise FormatError("volume config is malformed") from None

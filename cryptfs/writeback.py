@@ -22,7 +22,7 @@ import time
 from . import format as fmt
 from .errors import CryptfsError, NoSpace, NotFound
 from .handles import FileState
-from .store import Entry, ProducedStream, Store
+from .store import Entry, ProducedStream, Store, TagCollector
 
 log = logging.getLogger(__name__)
 
@@ -74,33 +74,47 @@ class Journal:
 
 
 class ComposedReader(ProducedStream):
-    """The object's bytes in order: header, then staged, basis and hole blocks per the plan."""
+    """The object's bytes in order: header, then staged, basis and hole blocks per the plan,
+    then the tag table. Basis blocks are checked against the basis's own tag table, so a
+    block spliced into the basis is never carried into the new version."""
 
     def __init__(self, store: Store, fk: fmt.FileKey, header: bytes, size: int, runs: list,
-                 read_staged, basis_key: str | None, basis_etag: str | None):
+                 read_staged, basis: Entry | None):
         self.store, self.fk, self.header, self.size = store, fk, header, size
+        self.layout = store.layout
         self.bs = store.block_size
         self.n = fmt.block_count(size, self.bs)
         self.runs = [list(r) for r in runs]
         self.read_staged = read_staged  # (start, end) -> bytes of the staging file
-        self.basis_key, self.basis_etag = basis_key, basis_etag
+        self.basis = basis
+        self.basis_tags = store.tag_table(basis, fk, header) if any(r[0] == "b" for r in runs) else None
+        self.tags = TagCollector(fk, header, store.layout)
+        self.finished = False
         self.buf = bytearray(header)
         self.pos = 0
 
     def _more(self) -> None:
+        if not self.runs:
+            self.buf += self.tags.table()
+            self.finished = True
+            return
         kind, start, end = self.runs[0]
         step_end = min(end, start + 128)  # 8 MiB at a time
-        lo, hi = fmt.blocks_extent(start, step_end, self.size, self.bs)
+        lo, hi = self.layout.blocks_extent(start, step_end, self.size)
         if kind == "s":
             data = self.read_staged(lo, hi)
         elif kind == "b":
-            data, _ = self.store.backend.get(self.store.abs_key(self.basis_key), lo, hi, if_match=self.basis_etag)
+            data = self.store.get_range(self.basis.key, lo, hi, self.basis.etag)
         else:
             data = b"".join(fmt.encrypt_block(self.fk, self.header, i,
                                               bytes(fmt.block_plain_len(i, self.size, self.bs)), i == self.n - 1)
                             for i in range(start, step_end))
         if len(data) != hi - lo:
             raise CryptfsError(f"upload source for blocks {start}-{step_end} is short")
+        for i, block in enumerate(self.layout.split_blocks(data, start, step_end, self.size), start):
+            if kind == "b" and self.basis_tags is not None:
+                fmt.check_tag(self.basis_tags, i, block)
+            self.tags.add(block)
         self.buf += data
         if step_end == end:
             self.runs.pop(0)
@@ -108,7 +122,20 @@ class ComposedReader(ProducedStream):
             self.runs[0][1] = step_end
 
     def _exhausted(self) -> bool:
-        return not self.runs
+        return self.finished
+
+
+def upload_record(store: Store, record: dict, fk: fmt.FileKey, header: bytes, read_staged,
+                  key: str | None = None, metadata: dict | None = None) -> str:
+    """Upload the object a journal record describes (normal uploads and recovery alike);
+    `key` and `metadata` override the record's (a recovered file moved to /lost+found)."""
+    basis = record.get("basis")
+    basis_entry = None if basis is None else Entry(  # records of version 1 volumes have no basis size
+        bytes.fromhex(record["parent"]), b"", basis["key"], False, fk.file_id, basis.get("size", 0), basis["etag"],
+        0.0, None)
+    reader = ComposedReader(store, fk, header, record["size"], record["runs"], read_staged, basis_entry)
+    return store.upload(key or record["key"], reader, store.layout.object_size(record["size"]),
+                        metadata or record["metadata"])
 
 
 class WriteBack:
@@ -134,7 +161,8 @@ class WriteBack:
         record = {"version": 1, "uid": state.uid, "key": state.key, "parent": state.parent_id.hex(),
                   "file_id": state.fk.file_id.hex(), "size": state.size, "metadata": meta, "runs": runs,
                   "staging": None, "inline": None,
-                  "basis": {"key": state.basis.key, "etag": state.basis.etag} if state.basis else None}
+                  "basis": {"key": state.basis.key, "etag": state.basis.etag, "size": state.basis.size}
+                  if state.basis else None}
         if state.fd is not None:
             if self._inline(state):
                 record["inline"] = fmt.b64e(state.staged_bytes())
@@ -145,7 +173,7 @@ class WriteBack:
     @staticmethod
     def _inline(state: FileState) -> bool:
         """Small files go into the journal record itself: one fsync instead of two."""
-        return fmt.object_size(state.size, state.bs) <= INLINE_MAX
+        return state.layout.object_size(state.size) <= INLINE_MAX
 
     def journal_state(self, state: FileState) -> None:
         """Make a modified file durable locally (close/flush, or fsync in journal mode)."""
@@ -179,18 +207,14 @@ class WriteBack:
             if not fresh:
                 self.journal.write(state.uid, record)
                 state.journaled, state.journaled_at = True, state.changes
-            entry = self._send(state, record, runs)
+            entry = self._send(state, record)
             self.journal.remove(state.uid)
             state.uploaded(entry)
             self.on_uploaded(state, entry)  # still under the lock: no rename or unlink in between
 
-    def _send(self, state: FileState, record: dict, runs: list) -> Entry:
-        basis = record["basis"]
-        reader = ComposedReader(self.store, state.fk, state.header, state.size, runs,
-                                lambda lo, hi: os.pread(state.fd, hi - lo, lo),
-                                basis["key"] if basis else None, basis["etag"] if basis else None)
-        obj_size = fmt.object_size(state.size, self.store.block_size)
-        etag = self.store.backend.upload(self.store.abs_key(record["key"]), reader, obj_size, record["metadata"])
+    def _send(self, state: FileState, record: dict) -> Entry:
+        etag = upload_record(self.store, record, state.fk, state.header,
+                             lambda lo, hi: os.pread(state.fd, hi - lo, lo))
         return Entry(state.parent_id, state.name, record["key"], False, state.fk.file_id, state.size, etag,
                      time.time(), state.attrs, state.wrapped, raw_meta=record["metadata"])
 
@@ -265,7 +289,7 @@ def rename_journaled(store: Store, journal: Journal, entry: Entry, new_parent: b
     journal.write(uid, {"uid": uid, "intent": {
         "src": entry.key, "dst": store.entry_key(new_parent, new_name), "is_dir": entry.is_dir,
         "obj_id": entry.obj_id.hex(), "parent": new_parent.hex(), "name": new_name.hex(),
-        "size": fmt.object_size(entry.size, store.block_size) if not entry.is_dir else fmt.DIRENT_SIZE}})
+        "size": store.layout.object_size(entry.size) if not entry.is_dir else fmt.DIRENT_SIZE}})
     moved = store.rename(entry, new_parent, new_name, target)
     journal.remove(uid)
     return moved
@@ -315,7 +339,7 @@ def _recover_one(store: Store, journal: Journal, record: dict) -> str:
         raise CryptfsError(f"staging file of {record['key']} is gone; record dropped")
     meta = fmt.parse_metadata(record["metadata"])
     fk = fmt.FileKey.derive(store.vol.data_keys.unwrap(meta.wrapped_key), meta.obj_id)
-    header = fmt.make_header(fk, store.block_size)
+    header = fmt.make_header(fk, store.layout)
     parent = bytes.fromhex(record["parent"])
     key, metadata = record["key"], record["metadata"]
     if parent != fmt.ROOT_DIR_ID:
@@ -326,12 +350,9 @@ def _recover_one(store: Store, journal: Journal, record: dict) -> str:
     fd = os.open(record["staging"], os.O_RDONLY) if record.get("staging") else None
     inline = fmt.b64d(record["inline"]) if record.get("inline") else b""
     try:
-        basis = record.get("basis")
-        reader = ComposedReader(store, fk, header, record["size"], record["runs"],
-                                (lambda lo, hi: os.pread(fd, hi - lo, lo)) if fd is not None
-                                else (lambda lo, hi: inline[lo:hi]),
-                                basis["key"] if basis else None, basis["etag"] if basis else None)
-        store.backend.upload(store.abs_key(key), reader, fmt.object_size(record["size"], store.block_size), metadata)
+        upload_record(store, record, fk, header,
+                      (lambda lo, hi: os.pread(fd, hi - lo, lo)) if fd is not None else (lambda lo, hi: inline[lo:hi]),
+                      key, metadata)
     finally:
         if fd is not None:
             os.close(fd)

@@ -160,7 +160,7 @@ def test_init_and_info(volume_url, tmp_path):
     assert_cli_ok(info)
     assert f"owner key:     {fp}" in info.stdout
     assert "block size:    65536" in info.stdout
-    assert "format:        cryptfs-volume version 1" in info.stdout
+    assert "format:        cryptfs-volume version 2" in info.stdout
     assert "scrypt N=131072 r=8" in info.stdout
     assert f"recipient:     owner {fp}" in info.stdout
     assert_cli_error(again, errors.EXIT_EXISTS, "already exists")

@@ -46,77 +46,98 @@ def _hkdf(ikm, info, length=32, salt=None):
 # ---------------------------------------------------------------- constants
 
 def test_constants():
-    assert fmt.VERSION == 1
+    assert fmt.VERSION == 2 and fmt.VERSIONS == (1, 2) and fmt.ENTRY_VERSION == 1
     assert fmt.HEADER_SIZE == 56
     assert fmt.BLOCK_OVERHEAD == 28
+    assert fmt.TAG_SIZE == 16 and fmt.TABLE_MAC_SIZE == 32
     assert fmt.DIRENT_SIZE == 56
     assert fmt.DEFAULT_BLOCK_SIZE == 65536
     assert fmt.NAME_MAX == 255
     assert fmt.NAME_COMPONENT_MAX == 240
     assert fmt.ROOT_DIR_ID == bytes(16)
-    # a directory entry can never be mistaken for a file object
-    assert fmt.DIRENT_SIZE < fmt.object_size(0, SMALL)
-    for bs in (SMALL, B):
+    for version in fmt.VERSIONS:
+        # a directory entry can never be mistaken for a file object
+        assert fmt.DIRENT_SIZE < fmt.Layout(SMALL, version).object_size(0)
+        for bs in (SMALL, B):
+            with pytest.raises(FormatError):
+                fmt.Layout(bs, version).plain_size(fmt.DIRENT_SIZE)
+
+
+def test_layout_refuses_unknown_versions_and_block_sizes():
+    for version in (0, 3):
         with pytest.raises(FormatError):
-            fmt.plain_size(fmt.DIRENT_SIZE, bs)
+            fmt.Layout(B, version)
+    with pytest.raises(FormatError):
+        fmt.Layout(1000)
 
 
 # ---------------------------------------------------------------- sizes
 
+# (version, bytes besides blocks, bytes per block besides its plaintext)
+LAYOUTS = [(1, 56, 28), (2, 56 + 32, 28 + 16)]
+
+
+@pytest.mark.parametrize("version,fixed,per", LAYOUTS)
 @pytest.mark.parametrize("bs", [SMALL, B])
 @pytest.mark.parametrize("which", range(7))
-def test_size_mapping_both_ways(bs, which):
+def test_size_mapping_both_ways(bs, which, version, fixed, per):
     n = sizes_for(bs)[which]
-    obj = fmt.object_size(n, bs)
-    assert obj == 56 + n + 28 * max(1, -(-n // bs))
-    assert fmt.plain_size(obj, bs) == n
+    obj = fmt.Layout(bs, version).object_size(n)
+    assert obj == fixed + n + per * max(1, -(-n // bs))
+    assert fmt.Layout(bs, version).plain_size(obj) == n
 
 
-def test_worked_sizes_default_block():
-    table = {0: 84, 1: 85, 65535: 65619, 65536: 65620, 65537: 65649, 131072: 131184,
-             131073: 131213}
+@pytest.mark.parametrize("version,table", [
+    (1, {0: 84, 1: 85, 65535: 65619, 65536: 65620, 65537: 65649, 131072: 131184, 131073: 131213}),
+    (2, {0: 132, 1: 133, 65535: 65667, 65536: 65668, 65537: 65713, 131072: 131248, 131073: 131293})])
+def test_worked_sizes_default_block(version, table):
     for n, obj in table.items():
-        assert fmt.object_size(n, B) == obj
-        assert fmt.plain_size(obj, B) == n
+        assert fmt.Layout(B, version).object_size(n) == obj
+        assert fmt.Layout(B, version).plain_size(obj) == n
 
 
 def test_object_size_negative():
     with pytest.raises(ValueError):
-        fmt.object_size(-1, B)
+        fmt.Layout(B).object_size(-1)
 
 
+@pytest.mark.parametrize("version,fixed,per", LAYOUTS)
 @pytest.mark.parametrize("bs", [SMALL, B])
-def test_invalid_short_objects(bs):
-    # empty, shorter than a header, header only, header + 1..27 bytes
-    for obj in list(range(0, 56)) + [56] + [56 + k for k in range(1, 28)]:
+def test_invalid_short_objects(bs, version, fixed, per):
+    # empty, shorter than a header, header only, header + less than one empty block
+    layout = fmt.Layout(bs, version)
+    for obj in list(range(0, fixed)) + [fixed] + [fixed + k for k in range(1, per)]:
         with pytest.raises(FormatError):
-            fmt.plain_size(obj, bs)
-    assert fmt.plain_size(56 + 28, bs) == 0
+            layout.plain_size(obj)
+    assert layout.plain_size(fixed + per) == 0
 
 
+@pytest.mark.parametrize("version,fixed,per", LAYOUTS)
 @pytest.mark.parametrize("bs", [SMALL, B])
-def test_invalid_sizes_between_blocks(bs):
-    # after k full blocks, a trailing piece of 1..28 bytes holds no plaintext
+def test_invalid_sizes_between_blocks(bs, version, fixed, per):
+    # after k full blocks, a trailing piece of 1..per bytes holds no plaintext
+    layout = fmt.Layout(bs, version)
     for k in (1, 2, 3):
-        full = fmt.object_size(k * bs, bs)
-        for extra in range(1, 29):
+        full = layout.object_size(k * bs)
+        for extra in range(1, per + 1):
             with pytest.raises(FormatError):
-                fmt.plain_size(full + extra, bs)
-        assert fmt.plain_size(full + 29, bs) == k * bs + 1
+                layout.plain_size(full + extra)
+        assert layout.plain_size(full + per + 1) == k * bs + 1
 
 
-def test_size_mapping_is_a_bijection_small_block():
-    bs = SMALL
-    limit = fmt.object_size(3 * bs + 3, bs)
+@pytest.mark.parametrize("version", fmt.VERSIONS)
+def test_size_mapping_is_a_bijection_small_block(version):
+    layout = fmt.Layout(SMALL, version)
+    limit = layout.object_size(3 * SMALL + 3)
     valid = {}
     for obj in range(limit + 1):
         try:
-            n = fmt.plain_size(obj, bs)
+            n = layout.plain_size(obj)
         except FormatError:
             continue
-        assert fmt.object_size(n, bs) == obj
+        assert layout.object_size(n) == obj
         valid[obj] = n
-    assert sorted(valid.values()) == list(range(3 * bs + 4))
+    assert sorted(valid.values()) == list(range(3 * SMALL + 4))
 
 
 def test_block_count_and_offset():
@@ -125,8 +146,8 @@ def test_block_count_and_offset():
     assert fmt.block_count(B, B) == 1
     assert fmt.block_count(B + 1, B) == 2
     assert fmt.block_count(2 * B, B) == 2
-    assert fmt.block_offset(0, B) == 56
-    assert fmt.block_offset(1, B) == 56 + B + 28
+    assert fmt.Layout(B).block_offset(0) == 56
+    assert fmt.Layout(B).block_offset(1) == 56 + B + 28
     assert fmt.block_ct_size(B) == B + 28
 
 
@@ -199,24 +220,25 @@ def test_volume_keys_pinned():
 
 def test_header_layout():
     fk = fmt.FileKey.new()
-    h = fmt.make_header(fk, B)
+    h = fmt.make_header(fk, fmt.Layout(B))
     assert len(h) == 56
-    assert h[:4] == b"CRYF" and h[4] == 1 and h[5] == 16 and h[6:8] == b"\0\0"
+    assert h[:4] == b"CRYF" and h[4] == 2 and h[5] == 16 and h[6:8] == b"\0\0"
+    assert fmt.make_header(fk, fmt.Layout(B, 1))[4] == 1
     assert h[8:24] == fk.file_id and h[24:56] == fk.commitment
     parsed = fmt.parse_header(h + b"extra")
     assert parsed.raw == h and parsed.block_size == B
     assert parsed.file_id == fk.file_id and parsed.commitment == fk.commitment
     fmt.check_commitment(fk, parsed)
-    assert fmt.make_header(fk, SMALL)[5] == 12
+    assert fmt.make_header(fk, fmt.Layout(SMALL))[5] == 12
 
 
 def test_header_refusals():
-    h = fmt.make_header(fmt.FileKey.new(), B)
+    h = fmt.make_header(fmt.FileKey.new(), fmt.Layout(B))
     with pytest.raises(FormatError):
         fmt.parse_header(h[:55])
     with pytest.raises(FormatError, match="magic"):
         fmt.parse_header(b"CRYX" + h[4:])
-    for version in (0, 2, 255):
+    for version in (0, 3, 255):
         with pytest.raises(FormatError, match="version"):
             fmt.parse_header(h[:4] + bytes([version]) + h[5:])
     with pytest.raises(FormatError, match="flags"):
@@ -228,7 +250,7 @@ def test_header_refusals():
 
 def test_commitment_mismatch():
     fk = fmt.FileKey.new()
-    header = fmt.parse_header(fmt.make_header(fk, B))
+    header = fmt.parse_header(fmt.make_header(fk, fmt.Layout(B)))
     with pytest.raises(IntegrityError):
         fmt.check_commitment(fmt.FileKey.derive(os.urandom(32), fk.file_id), header)
     with pytest.raises(IntegrityError):
@@ -243,30 +265,30 @@ def test_encrypt_decrypt_round_trip(bs, which):
     n = sizes_for(bs)[which]
     plain = os.urandom(n)
     fk = fmt.FileKey.new()
-    body = fmt.encrypt_file(fk, plain, bs)
-    assert len(body) == fmt.object_size(n, bs)
-    assert fmt.decrypt_file(fk, body, bs) == plain
+    body = fmt.encrypt_file(fk, plain, fmt.Layout(bs))
+    assert len(body) == fmt.Layout(bs).object_size(n)
+    assert fmt.decrypt_file(fk, body, fmt.Layout(bs)) == plain
     assert n < 16 or plain not in body
 
 
 def test_encryptions_differ_by_nonce():
     fk = fmt.FileKey.new()
-    a, b = fmt.encrypt_file(fk, b"same", SMALL), fmt.encrypt_file(fk, b"same", SMALL)
+    a, b = fmt.encrypt_file(fk, b"same", fmt.Layout(SMALL)), fmt.encrypt_file(fk, b"same", fmt.Layout(SMALL))
     assert a[:56] == b[:56] and a != b
 
 
 def test_decrypt_file_wrong_key_or_block_size():
     fk = fmt.FileKey.new()
-    body = fmt.encrypt_file(fk, b"x" * 5000, SMALL)
+    body = fmt.encrypt_file(fk, b"x" * 5000, fmt.Layout(SMALL))
     with pytest.raises(IntegrityError):
-        fmt.decrypt_file(fmt.FileKey.new(fk.file_id), body, SMALL)
+        fmt.decrypt_file(fmt.FileKey.new(fk.file_id), body, fmt.Layout(SMALL))
     with pytest.raises(FormatError):
-        fmt.decrypt_file(fk, body, B)
+        fmt.decrypt_file(fk, body, fmt.Layout(B))
 
 
 def test_block_aad_binds_index_and_last_flag():
     fk = fmt.FileKey.new()
-    header = fmt.make_header(fk, SMALL)
+    header = fmt.make_header(fk, fmt.Layout(SMALL))
     nonce = bytes(12)
     block = fmt.encrypt_block(fk, header, 3, b"abc", True, nonce=nonce)
     assert block[:12] == nonce and len(block) == 3 + 28
@@ -275,7 +297,7 @@ def test_block_aad_binds_index_and_last_flag():
         fmt.decrypt_block(fk, header, 2, block, True)
     with pytest.raises(IntegrityError):
         fmt.decrypt_block(fk, header, 3, block, False)
-    other_header = fmt.make_header(fk, B)
+    other_header = fmt.make_header(fk, fmt.Layout(B))
     with pytest.raises(IntegrityError):
         fmt.decrypt_block(fk, other_header, 3, block, True)
     with pytest.raises(IntegrityError):
@@ -286,7 +308,7 @@ def test_block_construction_pinned():
     """A block is nonce || AES-256-GCM(block key, nonce, plain, header || u64be index || u8 last)."""
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
     fk = fmt.FileKey.derive(bytes(32), bytes(16))
-    header = fmt.make_header(fk, SMALL)
+    header = fmt.make_header(fk, fmt.Layout(SMALL))
     nonce = bytes(range(12))
     expected = nonce + AESGCM(fk.block_key).encrypt(
         nonce, b"hello", header + (7).to_bytes(8, "big") + b"\x01")
@@ -674,7 +696,7 @@ def _block_update(fk, header, body, size, new_size, patches):
         dirty |= {old_n - 1, new_n - 1}
     parts = [header]
     for i in range(new_n):
-        start = fmt.block_offset(i, BS)
+        start = fmt.Layout(BS).block_offset(i)
         if i not in dirty:
             end = start + fmt.block_plain_len(i, size, BS) + fmt.BLOCK_OVERHEAD
             parts.append(body[start:end])
@@ -692,7 +714,7 @@ def _block_update(fk, header, body, size, new_size, patches):
             if lo < hi:
                 plain[lo - base:hi - base] = data[lo - off:hi - off]
         parts.append(fmt.encrypt_block(fk, header, i, bytes(plain), i == new_n - 1))
-    return b"".join(parts)
+    return b"".join(parts) + fmt.make_table(fk, header, b"".join(map(fmt.block_tag, parts[1:])))
 
 
 op = st.one_of(
@@ -706,9 +728,9 @@ op = st.one_of(
 @given(initial=st.binary(max_size=2 * BS + 5), ops=st.lists(op, max_size=12))
 def test_model_random_writes_truncates_appends(initial, ops):
     fk = fmt.FileKey.new()
-    header = fmt.make_header(fk, BS)
+    header = fmt.make_header(fk, fmt.Layout(BS))
     model = bytearray(initial)
-    whole = fmt.encrypt_file(fk, bytes(model), BS)
+    whole = fmt.encrypt_file(fk, bytes(model), fmt.Layout(BS))
     body = whole
     for kind, off, data in ops:
         size = len(model)
@@ -733,14 +755,14 @@ def test_model_random_writes_truncates_appends(initial, ops):
         for off2, data2 in patches:
             untouched -= set(fmt.block_span(off2, len(data2), BS))
         for i in untouched:
-            s = fmt.block_offset(i, BS)
+            s = fmt.Layout(BS).block_offset(i)
             assert new_body[s:s + BS + 28] == body[s:s + BS + 28]
         body = new_body
-        whole = fmt.encrypt_file(fk, bytes(model), BS)
-        assert len(body) == len(whole) == fmt.object_size(len(model), BS)
-        assert fmt.plain_size(len(body), BS) == len(model)
-        assert fmt.decrypt_file(fk, body, BS) == bytes(model)
-        assert fmt.decrypt_file(fk, whole, BS) == bytes(model)
+        whole = fmt.encrypt_file(fk, bytes(model), fmt.Layout(BS))
+        assert len(body) == len(whole) == fmt.Layout(BS).object_size(len(model))
+        assert fmt.Layout(BS).plain_size(len(body)) == len(model)
+        assert fmt.decrypt_file(fk, body, fmt.Layout(BS)) == bytes(model)
+        assert fmt.decrypt_file(fk, whole, fmt.Layout(BS)) == bytes(model)
 
 
 @settings(max_examples=200, deadline=None)
@@ -751,4 +773,4 @@ def test_block_span_property(size, offset, length):
     assert set(span) == touched
     n = fmt.block_count(size, BS)
     assert sum(fmt.block_plain_len(i, size, BS) for i in range(n)) == size
-    assert fmt.plain_size(fmt.object_size(size, BS), BS) == size
+    assert fmt.Layout(BS).plain_size(fmt.Layout(BS).object_size(size)) == size

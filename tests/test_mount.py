@@ -714,8 +714,8 @@ def test_flipped_bit_gives_eio(volume_factory, volume_kind, own_mounts):
     after = ref.raw.snapshot()
     new = [k for k in after if after[k] != before.get(k)]
     key = max(new, key=lambda k: after[k][0])
-    assert len(ref.raw.read(key)[0]) == fmt.object_size(len(body), BLOCK)
-    ref.raw.flip(key, fmt.block_offset(1, BLOCK) + fmt.BLOCK_OVERHEAD + 100)
+    assert len(ref.raw.read(key)[0]) == fmt.Layout(BLOCK).object_size(len(body))
+    ref.raw.flip(key, fmt.Layout(BLOCK).block_offset(1) + fmt.BLOCK_OVERHEAD + 100)
     m.mount()
     assert read(m.path("bystander.txt")) == b"still fine"
     raises_errno(errno.EIO, read, m.path("victim.bin"))

@@ -36,10 +36,10 @@ def flip(data: bytes, pos: int, bit: int = 0) -> bytes:
 
 
 def blocks_of(body: bytes, bs: int) -> list[bytes]:
-    size = fmt.plain_size(len(body), bs)
+    size = fmt.Layout(bs).plain_size(len(body))
     out = []
     for i in range(fmt.block_count(size, bs)):
-        start = fmt.block_offset(i, bs)
+        start = fmt.Layout(bs).block_offset(i)
         out.append(body[start:start + fmt.block_plain_len(i, size, bs) + fmt.BLOCK_OVERHEAD])
     return out
 
@@ -50,14 +50,14 @@ def blocks_of(body: bytes, bs: int) -> list[bytes]:
 def pure():
     fk = fmt.FileKey.new()
     plain = os.urandom(2 * BS + 100)          # blocks of BS, BS, 100 bytes
-    body = fmt.encrypt_file(fk, plain, BS)
-    assert fmt.decrypt_file(fk, body, BS) == plain
+    body = fmt.encrypt_file(fk, plain, fmt.Layout(BS))
+    assert fmt.decrypt_file(fk, body, fmt.Layout(BS)) == plain
     return fk, plain, body
 
 
 def refused(fk, body, bs=BS):
     with pytest.raises(REFUSED):
-        fmt.decrypt_file(fk, body, bs)
+        fmt.decrypt_file(fk, body, fmt.Layout(bs))
 
 
 @pytest.mark.parametrize("field", list(HEADER_FIELDS))
@@ -81,12 +81,12 @@ def test_header_block_size_byte_any_value(pure, exp):
     refused(fk, body[:5] + bytes([exp]) + body[6:])
 
 
-@pytest.mark.parametrize("version", [0, 2, 3, 255])
+@pytest.mark.parametrize("version", [0, 1, 3, 255])
 def test_header_future_version_refused(version):
     fk = fmt.FileKey.new()
-    body = fmt.encrypt_file(fk, b"data", BS)
+    body = fmt.encrypt_file(fk, b"data", fmt.Layout(BS))
     with pytest.raises(FormatError, match="version"):
-        fmt.decrypt_file(fk, body[:4] + bytes([version]) + body[5:], BS)
+        fmt.decrypt_file(fk, body[:4] + bytes([version]) + body[5:], fmt.Layout(BS))
 
 
 @pytest.mark.parametrize("block", [0, 1, 2])
@@ -97,13 +97,13 @@ def test_block_bit_flip(pure, block, where):
     blen = [BS, BS, 100][block] + fmt.BLOCK_OVERHEAD
     rel = {"nonce-first": 0, "nonce-last": 11, "ct-first": 12, "ct-middle": 12 + (blen - 28) // 2,
            "ct-last": blen - 17, "tag-first": blen - 16, "tag-last": blen - 1}[where]
-    refused(fk, flip(body, fmt.block_offset(block, BS) + rel, 5))
+    refused(fk, flip(body, fmt.Layout(BS).block_offset(block) + rel, 5))
 
 
 def test_empty_file_block_flips():
     fk = fmt.FileKey.new()
-    body = fmt.encrypt_file(fk, b"", BS)
-    assert len(body) == 84
+    body = fmt.encrypt_file(fk, b"", fmt.Layout(BS))
+    assert len(body) == 132
     for pos in range(len(body)):
         refused(fk, flip(body, pos))
 
@@ -111,7 +111,7 @@ def test_empty_file_block_flips():
 def _cut_points(bs, total):
     points = {0, 1, 55, 56, 57, 56 + 27, 56 + 28, 56 + 29, total - 1, total - 16, total - 28, total - 29}
     for i in range(1, 3):
-        boundary = fmt.block_offset(i, bs)
+        boundary = fmt.Layout(bs).block_offset(i)
         points |= {boundary - 1, boundary, boundary + 1, boundary + 27, boundary + 28, boundary + 29}
     return sorted(p for p in points if 0 <= p < total)
 
@@ -122,14 +122,28 @@ def test_truncation(pure):
         refused(fk, body[:cut])
 
 
-def test_truncation_to_block_boundary_is_detected_by_last_flag(pure):
-    """Cutting whole blocks leaves a valid size; the missing last-block flag still refuses it."""
-    fk, _, body = pure
+def test_truncation_to_block_boundary_is_detected_by_last_flag():
+    """Version 1: cutting whole blocks leaves a valid size; the missing last-block flag still refuses it."""
+    fk, v1 = fmt.FileKey.new(), fmt.Layout(BS, 1)
+    body = fmt.encrypt_file(fk, os.urandom(2 * BS + 100), v1)
     for n in (1, 2):
-        cut = body[:fmt.block_offset(n, BS)]
-        assert fmt.plain_size(len(cut), BS) == n * BS   # the size alone looks fine
+        cut = body[:v1.block_offset(n)]
+        assert v1.plain_size(len(cut)) == n * BS   # the size alone looks fine
         with pytest.raises(IntegrityError):
-            fmt.decrypt_file(fk, cut, BS)
+            fmt.decrypt_file(fk, cut, v1)
+
+
+def test_truncation_to_block_boundary_with_a_shortened_table(pure):
+    """Version 2: whole blocks cut and the tag table cut to match give a valid size; the
+    table's MAC (over the block count) refuses it."""
+    fk, plain, body = pure
+    layout = fmt.Layout(BS)
+    tags = body[layout.table_extent(len(plain))[0]:][:-fmt.TABLE_MAC_SIZE]
+    for n in (1, 2):
+        cut = body[:layout.block_offset(n)] + tags[:16 * n] + body[-fmt.TABLE_MAC_SIZE:]
+        assert layout.plain_size(len(cut)) == n * BS
+        with pytest.raises(IntegrityError):
+            fmt.decrypt_file(fk, cut, layout)
 
 
 @pytest.mark.parametrize("extra", [1, 27, 28, 29, BS + 28, 2 * BS + 56])
@@ -147,7 +161,7 @@ def test_appended_valid_looking_blocks(pure):
     # even a properly encrypted extra block (not possible without the key) is refused:
     # the old last block carries the last flag
     refused(fk, body + fmt.encrypt_block(fk, body[:56], 3, b"more", True))
-    full = fmt.encrypt_file(fk, os.urandom(2 * BS), BS)
+    full = fmt.encrypt_file(fk, os.urandom(2 * BS), fmt.Layout(BS))
     refused(fk, full + fmt.encrypt_block(fk, full[:56], 2, b"z", True))
 
 
@@ -155,7 +169,7 @@ def test_blocks_reordered(pure):
     fk, _, body = pure
     b0, b1, b2 = blocks_of(body, BS)
     refused(fk, body[:56] + b1 + b0 + b2)
-    full = fmt.encrypt_file(fk, os.urandom(3 * BS), BS)
+    full = fmt.encrypt_file(fk, os.urandom(3 * BS), fmt.Layout(BS))
     c0, c1, c2 = blocks_of(full, BS)
     for order in ((c0, c2, c1), (c1, c0, c2), (c2, c1, c0), (c1, c2, c0)):
         refused(fk, full[:56] + b"".join(order))
@@ -169,7 +183,7 @@ def test_block_duplicated(pure):
 
 def test_block_from_another_file_different_key(pure):
     fk, _, body = pure
-    other = fmt.encrypt_file(fmt.FileKey.new(), os.urandom(2 * BS + 100), BS)
+    other = fmt.encrypt_file(fmt.FileKey.new(), os.urandom(2 * BS + 100), fmt.Layout(BS))
     mine, theirs = blocks_of(body, BS), blocks_of(other, BS)
     for i in range(3):
         swapped = mine[:i] + [theirs[i]] + mine[i + 1:]
@@ -180,7 +194,7 @@ def test_block_from_another_file_same_data_key(pure):
     """Same data key, different file id: the block key and header (AAD) differ."""
     fk, _, body = pure
     twin = fmt.FileKey.derive(fk.data_key, os.urandom(16))
-    other = fmt.encrypt_file(twin, os.urandom(2 * BS + 100), BS)
+    other = fmt.encrypt_file(twin, os.urandom(2 * BS + 100), fmt.Layout(BS))
     mine, theirs = blocks_of(body, BS), blocks_of(other, BS)
     for i in range(3):
         swapped = mine[:i] + [theirs[i]] + mine[i + 1:]
@@ -192,7 +206,7 @@ def test_block_from_another_file_same_data_key(pure):
 def test_block_from_same_key_other_index(pure):
     """Under the very same file key, a block only decrypts at its own index."""
     fk, _, body = pure
-    other = fmt.encrypt_file(fk, os.urandom(3 * BS), BS)
+    other = fmt.encrypt_file(fk, os.urandom(3 * BS), fmt.Layout(BS))
     theirs = blocks_of(other, BS)
     mine = blocks_of(body, BS)
     refused(fk, body[:56] + theirs[1] + mine[1] + mine[2])
@@ -201,7 +215,7 @@ def test_block_from_same_key_other_index(pure):
 
 def test_header_swapped_from_another_file(pure):
     fk, _, body = pure
-    other = fmt.encrypt_file(fmt.FileKey.new(), b"x", BS)
+    other = fmt.encrypt_file(fmt.FileKey.new(), b"x", fmt.Layout(BS))
     refused(fk, other[:56] + body[56:])
 
 
@@ -220,16 +234,16 @@ def test_wrapped_key_replaced_commitment(pure, content_key):
     with pytest.raises(IntegrityError, match="commitment"):
         fmt.check_commitment(wrong, fmt.parse_header(body))
     with pytest.raises(IntegrityError, match="commitment"):
-        fmt.decrypt_file(wrong, body, BS)
+        fmt.decrypt_file(wrong, body, fmt.Layout(BS))
 
 
 @pytest.mark.parametrize("bs", [BS, B])
 def test_wrong_block_size_claimed(bs):
     fk = fmt.FileKey.new()
-    body = fmt.encrypt_file(fk, os.urandom(100), bs)
+    body = fmt.encrypt_file(fk, os.urandom(100), fmt.Layout(bs))
     other = BS if bs == B else B
     with pytest.raises(FormatError):
-        fmt.decrypt_file(fk, body, other)
+        fmt.decrypt_file(fk, body, fmt.Layout(other))
     patched = body[:5] + bytes([fmt.log2_block_size(other)]) + body[6:]
     refused(fk, patched, other)
 
@@ -346,7 +360,7 @@ def env(tmp_path_factory, state_root):
 @pytest.mark.parametrize("size", [0, 1, B - 1, B, B + 1, 2 * B, 2 * B + 1])
 def test_volume_untampered_reads_back(env, size):
     name, data, entry = env.write(size)
-    assert os.path.getsize(env.path(entry.key)) == META_BLOCK + fmt.object_size(size, B)
+    assert os.path.getsize(env.path(entry.key)) == META_BLOCK + fmt.Layout(B).object_size(size)
     assert env.read(name) == data
 
 
@@ -369,7 +383,7 @@ def test_volume_block_flip(env, block, where):
     meta, body = load_obj(path)
     blen = (B if block < 2 else 1) + fmt.BLOCK_OVERHEAD
     rel = {"nonce": 5, "ciphertext": 12 + (blen - 28) // 2, "tag": blen - 3}[where]
-    save_obj(path, meta, flip(body, fmt.block_offset(block, B) + rel, 6))
+    save_obj(path, meta, flip(body, fmt.Layout(B).block_offset(block) + rel, 6))
     env.refused(name)
 
 
@@ -381,9 +395,9 @@ def test_volume_truncation(env, cut):
     path = env.path(entry.key)
     meta, body = load_obj(path)
     at = {"empty": 0, "header-only": 56, "header+1": 57, "header+27": 83,
-          "block-1-boundary": fmt.block_offset(1, B), "block-2-boundary": fmt.block_offset(2, B),
-          "block-1+1": fmt.block_offset(1, B) + 1, "block-1+28": fmt.block_offset(1, B) + 28,
-          "block-2-1": fmt.block_offset(2, B) - 1, "one-byte-short": len(body) - 1}[cut]
+          "block-1-boundary": fmt.Layout(B).block_offset(1), "block-2-boundary": fmt.Layout(B).block_offset(2),
+          "block-1+1": fmt.Layout(B).block_offset(1) + 1, "block-1+28": fmt.Layout(B).block_offset(1) + 28,
+          "block-2-1": fmt.Layout(B).block_offset(2) - 1, "one-byte-short": len(body) - 1}[cut]
     save_obj(path, meta, body[:at])
     env.refused(name)
 
@@ -587,7 +601,7 @@ def test_volume_fsck_names_tampered_objects(env):
     name, _, entry = env.write(B + 5)
     path = env.path(entry.key)
     meta, body = load_obj(path)
-    save_obj(path, meta, flip(body, fmt.block_offset(1, B) + 20))
+    save_obj(path, meta, flip(body, fmt.Layout(B).block_offset(1) + 20))
     name2, _, entry2 = env.write(7)
     set_meta_field(env.path(entry2.key), fmt.META_ATTR, load_obj(env.path(entry.key))[0][fmt.META_ATTR])
     report = fsck.check(env.reader)
@@ -738,7 +752,7 @@ def test_config_scrypt_parameters_lowered(config):
 def test_config_unknown_version_or_malformed(config, edit):
     root, envelope, write = config
     if edit == "version":
-        envelope["body"]["version"] = 2
+        envelope["body"]["version"] = 3
     elif edit == "format":
         envelope["body"]["format"] = "something-else"
     elif edit == "no-signature":

@@ -1,7 +1,7 @@
-"""Golden vectors: the committed format version 1 volume must open and decrypt, forever.
+"""Golden vectors: the committed volume of every format version must open and decrypt, forever.
 
-tests/vectors/volume was made once by tests/vectors/make_vectors.py (never re-run here);
-tests/vectors/manifest.json lists what it holds. Tests work on a copy, since opening a
+tests/vectors/volume (version 1) and tests/vectors/volume-v2 were each made once by
+tests/vectors/make_vectors.py (never re-run here); their manifests list what they hold. Tests work on a copy, since opening a
 volume records state. One test decodes files with nothing but the `cryptography` primitives
 and docs/format.md, so the specification and the code cannot drift apart unnoticed.
 """
@@ -28,10 +28,23 @@ from cryptfs.backend.local import LocalBackend
 from cryptfs.store import Store
 
 HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vectors")
-with open(os.path.join(HERE, "manifest.json")) as _f:
-    MANIFEST = json.load(_f)
-PASSPHRASE = MANIFEST["passphrase"].encode()
-ENTRIES = {tuple(bytes.fromhex(p) for p in e["path_hex"]): e for e in MANIFEST["entries"]}
+
+
+class Vectors:
+    """One version's committed volume and manifest."""
+
+    def __init__(self, version: int):
+        self.version = version
+        suffix = "" if version == 1 else f"-v{version}"
+        self.dir = os.path.join(HERE, "volume" + suffix)
+        with open(os.path.join(HERE, f"manifest{suffix}.json")) as f:
+            self.manifest = json.load(f)
+        self.passphrase = self.manifest["passphrase"].encode()
+        self.entries = {tuple(bytes.fromhex(p) for p in e["path_hex"]): e for e in self.manifest["entries"]}
+
+
+SETS = {v: Vectors(v) for v in fmt.VERSIONS}
+PATHS = list(SETS[1].entries)  # every version holds the same tree
 META_BLOCK = 4096   # the local backend's metadata block in front of every object body
 
 
@@ -45,18 +58,23 @@ def _state_dir(monkeypatch, state_root):
     monkeypatch.setenv("CRYPTFS_STATE_DIR", state_root)
 
 
+@pytest.fixture(scope="module", params=fmt.VERSIONS, ids=lambda v: f"v{v}")
+def vec(request) -> Vectors:
+    return SETS[request.param]
+
+
 @pytest.fixture(scope="module")
-def copy(tmp_path_factory):
+def copy(tmp_path_factory, vec):
     dest = str(tmp_path_factory.mktemp("vectors") / "volume")
-    shutil.copytree(os.path.join(HERE, "volume"), dest)
+    shutil.copytree(vec.dir, dest)
     return dest
 
 
 @pytest.fixture(scope="module")
-def store(copy, state_root):
+def store(copy, state_root, vec):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("CRYPTFS_STATE_DIR", state_root)
-        return Store(volume.open_volume(LocalBackend(copy), "", PASSPHRASE))
+        return Store(volume.open_volume(LocalBackend(copy), "", vec.passphrase))
 
 
 def walk(store):
@@ -73,17 +91,17 @@ def walk(store):
     return out
 
 
-def test_manifest_covers_the_brief():
-    sizes = {e["size"] for e in MANIFEST["entries"] if e["type"] == "file"}
-    b = MANIFEST["block_size"]
-    assert b == 65536 and MANIFEST["format_version"] == 1
+def test_manifest_covers_the_brief(vec):
+    sizes = {e["size"] for e in vec.manifest["entries"] if e["type"] == "file"}
+    b = vec.manifest["block_size"]
+    assert b == 65536 and vec.manifest["format_version"] == vec.version
     assert {0, 1, b - 1, b, b + 1, 2 * b} <= sizes
-    names = [p[-1] for p in ENTRIES if p]
+    names = [p[-1] for p in vec.entries if p]
     assert any(len(n) == 255 for n in names)
     assert any(_not_utf8(n) for n in names)
-    assert any(len(p) == 3 for p in ENTRIES)
-    assert {e["type"] for e in MANIFEST["entries"]} == {"file", "dir", "symlink"}
-    total = sum(os.path.getsize(os.path.join(d, n)) for d, _, ns in os.walk(HERE) for n in ns)
+    assert any(len(p) == 3 for p in vec.entries)
+    assert {e["type"] for e in vec.manifest["entries"]} == {"file", "dir", "symlink"}
+    total = sum(os.path.getsize(os.path.join(d, n)) for d, _, ns in os.walk(vec.dir) for n in ns)
     assert total < 2 * 1024 * 1024
 
 
@@ -95,27 +113,27 @@ def _not_utf8(name: bytes) -> bool:
         return True
 
 
-def test_config(store):
+def test_config(store, vec):
     body = store.vol.body
-    assert body["format"] == "cryptfs-volume" and body["version"] == 1 and body["generation"] == 1
-    assert body["block_size"] == MANIFEST["block_size"]
-    assert body["volume_id"] == MANIFEST["volume_id"]
-    assert store.vol.owner_fingerprint() == MANIFEST["owner_fingerprint"]
-    assert body["content_fingerprint"] == MANIFEST["content_fingerprint"]
+    assert body["format"] == "cryptfs-volume" and body["version"] == vec.version and body["generation"] == 1
+    assert body["block_size"] == vec.manifest["block_size"]
+    assert body["volume_id"] == vec.manifest["volume_id"]
+    assert store.vol.owner_fingerprint() == vec.manifest["owner_fingerprint"]
+    assert body["content_fingerprint"] == vec.manifest["content_fingerprint"]
     assert body["owner_private_key"]["n"] == 2 ** 17 and body["owner_private_key"]["r"] == 8
 
 
-def test_open_with_expected_fingerprint(copy):
-    vol = volume.open_volume(LocalBackend(copy), "", PASSPHRASE,
-                             expected_fingerprint=MANIFEST["owner_fingerprint"])
-    assert vol.volume_id == MANIFEST["volume_id"]
+def test_open_with_expected_fingerprint(copy, vec):
+    vol = volume.open_volume(LocalBackend(copy), "", vec.passphrase,
+                             expected_fingerprint=vec.manifest["owner_fingerprint"])
+    assert vol.volume_id == vec.manifest["volume_id"]
 
 
-def test_tree_matches_manifest(store):
+def test_tree_matches_manifest(store, vec):
     tree = walk(store)
-    assert set(tree) == set(ENTRIES)
+    assert set(tree) == set(vec.entries)
     for path, entry in tree.items():
-        want = ENTRIES[path]
+        want = vec.entries[path]
         a = entry.attrs
         assert (a.mode, a.uid, a.gid, a.mtime_ns, a.ctime_ns) == \
             (want["mode"], want["uid"], want["gid"], want["mtime_ns"], want["ctime_ns"]), path
@@ -135,39 +153,39 @@ def test_tree_matches_manifest(store):
             assert stat.S_ISREG(a.mode)
 
 
-@pytest.mark.parametrize("path", [p for p in ENTRIES if p], ids=lambda p: ENTRIES[p]["path"][:40])
-def test_lookup_each_path(store, path):
+@pytest.mark.parametrize("path", [p for p in PATHS if p], ids=lambda p: SETS[1].entries[p]["path"][:40])
+def test_lookup_each_path(store, vec, path):
     entry = store.resolve(list(path))
-    want = ENTRIES[path]
+    want = vec.entries[path]
     assert entry.attrs.mode == want["mode"]
     if want["type"] != "dir":
         assert hashlib.sha256(store.read_all(entry)).hexdigest() == want["sha256"]
 
 
-def test_objects_and_sizes(copy):
+def test_objects_and_sizes(copy, vec):
     found = {}
     for dirpath, _, names in os.walk(copy):
         for name in names:
             path = os.path.join(dirpath, name)
             found[os.path.relpath(path, copy).replace(os.sep, "/")] = os.path.getsize(path) - META_BLOCK
-    assert found == MANIFEST["objects"]
-    bs = MANIFEST["block_size"]
-    for e in MANIFEST["entries"]:
+    assert found == vec.manifest["objects"]
+    bs = vec.manifest["block_size"]
+    for e in vec.manifest["entries"]:
         if e["type"] == "dir" and e["path_hex"]:
             assert found[e["key"]] == fmt.DIRENT_SIZE
         elif e["type"] != "dir":
-            assert found[e["key"]] == e["object_size"] == fmt.object_size(e["size"], bs)
-            assert fmt.plain_size(found[e["key"]], bs) == e["size"]
+            assert found[e["key"]] == e["object_size"] == fmt.Layout(bs, vec.version).object_size(e["size"])
+            assert fmt.Layout(bs, vec.version).plain_size(found[e["key"]]) == e["size"]
     for key in found:
         assert all(len(c) <= 240 for c in key.split("/"))
 
 
-def test_fsck_clean(store):
+def test_fsck_clean(store, vec):
     report = fsck.check(store)
     assert report.clean, report.problems
-    files = [e for e in MANIFEST["entries"] if e["type"] != "dir"]
+    files = [e for e in vec.manifest["entries"] if e["type"] != "dir"]
     assert report.files == len(files)
-    assert report.directories == len(MANIFEST["entries"]) - len(files)
+    assert report.directories == len(vec.manifest["entries"]) - len(files)
     assert report.bytes == sum(e["size"] for e in files)
 
 
@@ -204,7 +222,8 @@ class SpecDecoder:
         envelope = json.loads(raw)
         body = envelope["body"]
         self.body = body
-        assert body["format"] == "cryptfs-volume" and body["version"] == 1
+        assert body["format"] == "cryptfs-volume" and body["version"] in (1, 2)
+        self.version = body["version"]
         blob = body["owner_private_key"]
         params = {k: blob[k] for k in ("kdf", "n", "r", "p", "salt", "fingerprint")}
         kek = Scrypt(salt=bytes.fromhex(blob["salt"]), length=32, n=blob["n"], r=blob["r"],
@@ -243,8 +262,12 @@ class SpecDecoder:
     def attrs(self, key, obj_id, meta):
         blob = base64.b64decode(meta["cf-attr"])
         plain = AESSIV(self.attr_key).decrypt(blob[16:], [b"cryptfs v1 attrs", key.encode(), obj_id, blob[:16]])
-        version, mode, uid, gid, mtime, ctime = struct.unpack(">BIIIqq", plain)
-        assert version == 1
+        if len(plain) == 29:
+            version, mode, uid, gid, mtime, ctime = struct.unpack(">BIIIqq", plain)
+            assert version == 1
+        else:
+            version, mode, uid, gid, mtime, ctime, _atime, _rdev = struct.unpack(">BIIIqqqQ", plain)
+            assert version == 2
         return mode, uid, gid, mtime, ctime
 
     def directory(self, parent_id, name):
@@ -266,36 +289,46 @@ class SpecDecoder:
         file_id = base64.b64decode(meta["cf-id"])
         data_key = self.content.decrypt(base64.b64decode(meta["cf-key"]), _oaep(b"cryptfs v1 data key"))
         header = body[:56]
-        assert header[:4] == b"CRYF" and header[4] == 1 and 1 << header[5] == self.block_size
+        assert header[:4] == b"CRYF" and header[4] == self.version and 1 << header[5] == self.block_size
         assert header[6:8] == b"\0\0" and header[8:24] == file_id
         assert header[24:56] == _hkdf(data_key, b"cryptfs v1 key commitment", 32, salt=file_id)
         block_key = _hkdf(data_key, b"cryptfs v1 block key", 32, salt=file_id)
         bs, ct = self.block_size, self.block_size + 28
-        full, rest = divmod(len(body) - 56, ct)
-        size = full * bs + (rest - 28 if rest else 0)
+        table = 16 if self.version == 2 else 0   # per block, plus a 32-byte MAC at the end
+        full, rest = divmod(len(body) - 56 - (32 if table else 0), ct + table)
+        size = full * bs + (rest - 28 - table if rest else 0)
         count = max(1, -(-size // bs))
         out = b""
+        tags = b""
         for i in range(count):
             start = 56 + i * ct
             block = body[start:start + min(bs, size - i * bs) + 28]
             aad = header + struct.pack(">QB", i, 1 if i == count - 1 else 0)
             out += AESGCM(block_key).decrypt(block[:12], block[12:], aad)
+            tags += block[-16:]
         assert len(out) == size
+        if table:
+            end = 56 + (count - 1) * ct + len(block)
+            assert body[end:end + 16 * count] == tags and len(body) == end + 16 * count + 32
+            table_key = _hkdf(data_key, b"cryptfs v2 tag table key", 32, salt=file_id)
+            mac = hmac.new(table_key, b"cryptfs v2 tag table" + header + struct.pack(">Q", count) + tags,
+                           hashlib.sha256).digest()
+            assert body[-32:] == mac
         return out, self.attrs(key, file_id, meta)
 
 
-def test_independent_decoder(copy):
-    spec = SpecDecoder(copy, PASSPHRASE)
+def test_independent_decoder(copy, vec):
+    spec = SpecDecoder(copy, vec.passphrase)
     root_meta, root_bp = _object(copy, spec.prefix(bytes(16)) + ".dir")
     assert root_bp[:8] == b"CRYB\x01\x00\x00\x00"
     assert AESSIV(spec.entry_key).decrypt(root_bp[24:], [b"cryptfs v1 backptr", bytes(16), root_bp[8:24]]) \
         == bytes(16)
-    assert spec.attrs(spec.prefix(bytes(16)) + ".dir", bytes(16), root_meta)[0] == ENTRIES[()]["mode"]
+    assert spec.attrs(spec.prefix(bytes(16)) + ".dir", bytes(16), root_meta)[0] == vec.entries[()]["mode"]
     dir_ids = {(): bytes(16)}
-    for path in sorted(ENTRIES, key=len):
+    for path in sorted(vec.entries, key=len):
         if not path:
             continue
-        want = ENTRIES[path]
+        want = vec.entries[path]
         parent = dir_ids[path[:-1]]
         assert spec.key(parent, path[-1]) == want["key"]
         if want["type"] == "dir":
@@ -314,10 +347,11 @@ def test_spec_tables_match_the_code():
     with open(path) as f:
         text = f.read()
     section = text[text.index("Worked sizes with B = 65536"):]
-    sizes = re.findall(r"^\| (\d+) \| \d+ \([\d, ]+\) \| (\d+) \|$", section, re.M)
-    assert [int(n) for n, _ in sizes] == [0, 1, 65535, 65536, 65537, 131072]
-    for n, s in sizes:
-        assert fmt.object_size(int(n), 65536) == int(s)
+    sizes = re.findall(r"^\| (\d+) \| \d+ \([\d, ]+\) \| (\d+) \| (\d+) \|$", section, re.M)
+    assert [int(n) for n, _, _ in sizes] == [0, 1, 65535, 65536, 65537, 131072]
+    for n, s1, s2 in sizes:
+        assert fmt.Layout(65536, 1).object_size(int(n)) == int(s1)
+        assert fmt.Layout(65536, 2).object_size(int(n)) == int(s2)
     vk = fmt.VolumeKeys.derive(bytes(32))
     rows = re.findall(r"^\| (\d+)\.\.(\d+) \| (\d+) \| (\d+) \| ", text, re.M)
     assert len(rows) == 16

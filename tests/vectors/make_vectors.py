@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
-"""Make the format version 1 golden vectors: a small volume on the local backend and its manifest.
+"""Make the golden vectors of one format version: a small volume on the local backend and its manifest.
 
-Run once; its output (tests/vectors/volume/ and tests/vectors/manifest.json) is committed and
-pinned: every later cryptfs must open and decrypt it. Running it again makes a different
+Run once per version; its output is committed and pinned: every later cryptfs must open and
+decrypt it. Version 1: tests/vectors/volume/ and tests/vectors/manifest.json; version N > 1:
+tests/vectors/volume-vN/ and tests/vectors/manifest-vN.json. Running it again makes a different
 volume (fresh keys, ids and nonces), so it refuses to overwrite existing vectors. A new
 format version gets new vectors next to these, never instead of them.
 
-    python3 tests/vectors/make_vectors.py
+    python3 tests/vectors/make_vectors.py VERSION
 
 The passphrase is fixed and public (it is in the manifest too): these vectors protect nothing.
 The volume uses the default 64 KiB block size and 2048-bit RSA keys (to keep it small).
@@ -27,9 +28,6 @@ from cryptfs import volume  # noqa: E402
 from cryptfs.backend.local import META_BLOCK, LocalBackend  # noqa: E402
 from cryptfs.store import Store  # noqa: E402
 
-PASSPHRASE = b"cryptfs golden vectors, format version 1"
-VOLUME_DIR = os.path.join(HERE, "volume")
-MANIFEST = os.path.join(HERE, "manifest.json")
 B = fmt.DEFAULT_BLOCK_SIZE
 T0 = 1_700_000_000_000_000_000   # 2023-11-14T22:13:20Z in ns; every timestamp is T0 + a small offset
 
@@ -68,13 +66,22 @@ TREE = [
 TYPE_BITS = {"file": stat.S_IFREG, "dir": stat.S_IFDIR, "symlink": stat.S_IFLNK}
 
 
-def main() -> int:
-    if os.path.exists(VOLUME_DIR) or os.path.exists(MANIFEST):
+def paths(version: int) -> tuple[str, str]:
+    """(volume directory, manifest) of one version's vectors."""
+    if version == 1:
+        return os.path.join(HERE, "volume"), os.path.join(HERE, "manifest.json")
+    return os.path.join(HERE, f"volume-v{version}"), os.path.join(HERE, f"manifest-v{version}.json")
+
+
+def main(version: int) -> int:
+    passphrase = f"cryptfs golden vectors, format version {version}".encode()
+    volume_dir, manifest_path = paths(version)
+    if os.path.exists(volume_dir) or os.path.exists(manifest_path):
         print(f"refusing to overwrite the committed vectors in {HERE}", file=sys.stderr)
         return 1
-    os.makedirs(VOLUME_DIR)
+    os.makedirs(volume_dir)
     os.environ["CRYPTFS_STATE_DIR"] = tempfile.mkdtemp(prefix="cryptfs-vectors-state-")
-    vol = volume.create(LocalBackend(VOLUME_DIR), "", PASSPHRASE, block_size=B, rsa_bits=2048)
+    vol = volume.create(LocalBackend(volume_dir), "", passphrase, block_size=B, rsa_bits=2048, version=version)
     store = Store(vol)
     root_attrs = fmt.Attrs(stat.S_IFDIR | 0o755, 0, 0, T0, T0)
     store.init_root(root_attrs)
@@ -98,22 +105,23 @@ def main() -> int:
             data = payload if kind == "symlink" else content(b"/".join(parts), payload)
             entry = store.write_bytes(parent, parts[-1], data, attrs, create_only=True)
             record.update(size=len(data), sha256=hashlib.sha256(data).hexdigest(),
-                          object_size=fmt.object_size(len(data), B), file_id=entry.obj_id.hex())
+                          object_size=store.layout.object_size(len(data)), file_id=entry.obj_id.hex())
             if kind == "symlink":
                 record["target_hex"] = data.hex()
         record["key"] = entry.key
         entries.append(record)
 
     objects = {}
-    for dirpath, _, names in os.walk(VOLUME_DIR):
+    for dirpath, _, names in os.walk(volume_dir):
         for name in names:
             path = os.path.join(dirpath, name)
-            key = os.path.relpath(path, VOLUME_DIR).replace(os.sep, "/")
+            key = os.path.relpath(path, volume_dir).replace(os.sep, "/")
             objects[key] = os.path.getsize(path) - META_BLOCK
     manifest = {
-        "description": "cryptfs format version 1 golden vectors; made once by make_vectors.py, never regenerated",
-        "format_version": fmt.VERSION,
-        "passphrase": PASSPHRASE.decode(),
+        "description": f"cryptfs format version {version} golden vectors; made once by make_vectors.py, "
+                       "never regenerated",
+        "format_version": version,
+        "passphrase": passphrase.decode(),
         "block_size": B,
         "rsa_bits": 2048,
         "volume_id": vol.volume_id,
@@ -122,13 +130,13 @@ def main() -> int:
         "entries": entries,
         "objects": dict(sorted(objects.items())),
     }
-    with open(MANIFEST, "w") as f:
+    with open(manifest_path, "w") as f:
         json.dump(manifest, f, indent=1)
         f.write("\n")
-    total = sum(os.path.getsize(os.path.join(d, n)) for d, _, ns in os.walk(VOLUME_DIR) for n in ns)
-    print(f"wrote {len(objects)} objects ({total} bytes) to {VOLUME_DIR} and {MANIFEST}")
+    total = sum(os.path.getsize(os.path.join(d, n)) for d, _, ns in os.walk(volume_dir) for n in ns)
+    print(f"wrote {len(objects)} objects ({total} bytes) to {volume_dir} and {manifest_path}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(int(sys.argv[1]) if len(sys.argv) > 1 else fmt.VERSION))
