@@ -297,11 +297,15 @@ def cmd_decrypt(args) -> int:
 
 def cmd_fsck(args) -> int:
     store, _ = open_target(args)
-    report = fsck.check(store, abort_uploads=args.abort_uploads)
+    report = fsck.check(store, repair=args.repair, abort_uploads=args.abort_uploads)
     for kind, where, detail in report.problems:
         print(f"{kind}: {where}: {detail}")
+    for line in report.repaired:
+        print(f"repaired: {line}")
     print(f"{report.directories} directories, {report.files} files, {report.bytes} bytes checked; "
-          f"{len(report.problems)} problem(s)")
+          f"{len(report.problems)} problem(s), {len(report.repaired)} repaired")
+    if args.repair and report.problems and len(report.repaired) == len(report.problems):
+        return EXIT_OK  # everything found was repaired
     return EXIT_OK if report.clean else EXIT_INTEGRITY
 
 
@@ -426,7 +430,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("fsck", cmd_fsck, "verify every entry, attribute and block; exit 5 when problems are found",
             "cryptfs fsck s3://my-bucket/vault")
     p.add_argument("url", help=url_help)
-    p.add_argument("--abort-uploads", action="store_true", help="abort abandoned multipart uploads it finds")
+    p.add_argument("--repair", action="store_true",
+                   help="fix what is provably this volume's: remove stale entries and empty orphaned "
+                        "directories, link other orphaned directories into /lost+found, abort our "
+                        "unfinished uploads (run with the volume unmounted)")
+    p.add_argument("--abort-uploads", action="store_true",
+                   help="abort every unfinished multipart upload under the volume's prefix, ours or not")
 
     p = add("passwd", cmd_passwd, "change the passphrase (nothing is re-encrypted)",
             "cryptfs passwd s3://my-bucket/vault")

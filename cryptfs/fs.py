@@ -22,7 +22,7 @@ from .handles import FileState
 from .namespace import ROOT_LOC, Namespace
 from .reader import BlockReader
 from .store import Entry, Store
-from .writeback import Journal, WriteBack, rename_journaled
+from .writeback import Journal, WriteBack, mkdir_journaled, rename_journaled
 
 log = logging.getLogger(__name__)
 
@@ -489,8 +489,10 @@ class CryptFS:
         parent_id, name = self._new_name(path)
         with self.ns.names.hold((parent_id, name)):
             self._take_name(parent_id, name)
-            entry = self.store.mkdir(parent_id, name, self._new_attrs(stat.S_IFDIR | stat.S_IMODE(mode)))
+            entry = mkdir_journaled(self.store, self.journal, parent_id, name,
+                                    self._new_attrs(stat.S_IFDIR | stat.S_IMODE(mode)))
             self.ns.put(parent_id, name, entry)
+            self.ns.pointed_back(entry)
             self.ns.created_dir(entry.obj_id)
         self._touch(parent_id)
 
@@ -502,6 +504,7 @@ class CryptFS:
             entry = self.ns.lookup(parent_id, name)
             if not (isinstance(entry, Entry) and entry.is_dir):
                 raise FuseError(errno.ENOTDIR)
+            self.ns.follow(entry)
             self._remove_dir(entry)
             self.ns.remove(parent_id, name)
             self.ns.forget_dir(entry.obj_id)
@@ -556,6 +559,7 @@ class CryptFS:
         self._touch(src[0], dst[0])
 
     def _rename_dir(self, entry: Entry, src, dst, target) -> None:
+        self.ns.follow(entry)
         if target is not None:
             if not (isinstance(target, Entry) and target.is_dir):
                 raise FuseError(errno.ENOTDIR)
@@ -565,6 +569,7 @@ class CryptFS:
         moved = rename_journaled(self.store, self.journal, _ctime_now(entry), dst[0], dst[1], None)
         self.ns.remove(*src)
         self.ns.put(dst[0], dst[1], moved)
+        self.ns.pointed_back(moved)
 
     def _rename_file(self, node, src, dst, target) -> None:
         if isinstance(target, Entry) and target.is_dir:

@@ -26,7 +26,7 @@ Locks, always taken in this order (never the other way round):
           -> AttrDB._lock                       its sqlite connection
 
 `_lock` guards `_dirs` (children, freshness, change marks), `_seq`, `_where`, `_dirty`,
-`_doomed`, `root`, and FileState.handles; FileState.parent_id/name change only with both
+`_doomed`, `_backptrs`, `root`, and FileState.handles; FileState.parent_id/name change only with both
 the state's lock and `_lock` held.
 """
 import concurrent.futures as cf
@@ -130,6 +130,7 @@ class Namespace:
         self._where: dict[bytes, tuple[bytes, bytes]] = {fmt.ROOT_DIR_ID: ROOT_LOC}  # dir id -> its entry
         self._dirty: set[tuple[bytes, bytes]] = set()  # directory entries with unflushed attributes
         self._doomed: dict[tuple[bytes, bytes], FileState] = {}  # unlinked while open: DELETE at last close
+        self._backptrs: dict[bytes, tuple[bytes, bytes]] = {}  # dir id -> the entry it was seen to point back to
         self._lock = threading.Lock()
         self._pool = cf.ThreadPoolExecutor(workers, thread_name_prefix="head")
         self.root = store.root()
@@ -143,7 +144,27 @@ class Namespace:
             if not (isinstance(node, Entry) and node.is_dir):
                 raise NotADirectory("not a directory")
             node = self.lookup(node.obj_id, name)
+            if isinstance(node, Entry) and node.is_dir:
+                self.follow(node)
         return node
+
+    def follow(self, entry: Entry) -> None:
+        """Enter a directory only through the entry it points back to: its back-pointer is read
+        once per mount (and again if another entry claims it), so a stale or restored entry is
+        never followed."""
+        if entry.obj_id == fmt.ROOT_DIR_ID:
+            return
+        with self._lock:
+            if self._backptrs.get(entry.obj_id) == (entry.parent_id, entry.name):
+                return
+        self.store.follow(entry)
+        with self._lock:
+            self._backptrs[entry.obj_id] = (entry.parent_id, entry.name)
+
+    def pointed_back(self, entry: Entry) -> None:
+        """A directory entry this mount just made canonical (mkdir, rename)."""
+        with self._lock:
+            self._backptrs[entry.obj_id] = (entry.parent_id, entry.name)
 
     def lookup(self, dir_id: bytes, name: bytes) -> Node:
         fmt.check_name(name)
@@ -249,7 +270,7 @@ class Namespace:
                 self.db.forget(info.key)  # a blob failing its check is a miss, not EIO
         if entry is None:
             try:
-                entry = self.store.stat_listed(dir_id, name, rel)
+                entry = self.store.stat_listed(dir_id, name, rel, info.size)
             except NotFound:
                 with self._lock:
                     d = self._dir(dir_id)

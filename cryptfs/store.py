@@ -17,12 +17,14 @@ from typing import BinaryIO, Callable, Iterator
 from . import format as fmt
 from . import keys
 from cachetools import LRUCache
-from .backend.base import ObjectInfo, read_exact
+from .backend.base import ObjectInfo, PendingUpload, read_exact
 from .errors import (AlreadyExists, DirectoryNotEmpty, FormatError, IntegrityError, IsADirectory,
                      NotADirectory, NotFound, PreconditionFailed)
 from .volume import Volume
 
 log = logging.getLogger(__name__)
+
+LOST_FOUND = b"lost+found"
 
 
 @dataclass(frozen=True)
@@ -65,7 +67,8 @@ class Store:
         self._warned: set[str] = set()
         self._keys: LRUCache = LRUCache(65536)
         self._tables: LRUCache = LRUCache(64 << 20, getsizeof=len)  # (key, etag) -> tags of that version
-        self._tables_lock = threading.Lock()
+        self._headers: LRUCache = LRUCache(65536)  # (key, etag) of versions whose stored header was checked
+        self._tables_lock = threading.Lock()  # guards _tables and _headers
 
     # ------------------------------------------------------------ keys and names
 
@@ -123,10 +126,14 @@ class Store:
         except (FormatError, IntegrityError) as exc:
             raise type(exc)(f"{name.decode(errors='replace')}: {exc}") from None
 
-    def stat_listed(self, dir_id: bytes, name: bytes, rel: str) -> Entry:
-        """HEAD an entry found by a listing (directories need their 56-byte body too)."""
-        info = self.backend.head(self.abs_key(rel))
-        return self.entry_from(dir_id, name, rel, info, None)
+    def stat_listed(self, dir_id: bytes, name: bytes, rel: str, size: int | None = None) -> Entry:
+        """An entry found by a listing: one request. A directory entry (listed `size` 56) is
+        read whole, so its body is checked too; a file is a HEAD."""
+        if size == fmt.DIRENT_SIZE:
+            body, info = self.backend.get(self.abs_key(rel))
+        else:
+            body, info = None, self.backend.head(self.abs_key(rel))
+        return self.entry_from(dir_id, name, rel, info, body)
 
     def root(self) -> Entry:
         rel = self.backptr_key(fmt.ROOT_DIR_ID)
@@ -146,6 +153,7 @@ class Store:
             except NotFound:
                 raise NotFound(f"/{b'/'.join(parts[:i + 1]).decode(errors='replace')}: no such file "
                                "or directory") from None
+            self.follow(entry)
         return entry
 
     def list_dir(self, dir_id: bytes) -> Iterator[tuple[bytes, ObjectInfo, bool]]:
@@ -169,7 +177,10 @@ class Store:
         def one(item):
             name, info, _ = item
             try:
-                return self.stat_listed(dir_id, name, info.key[len(self.vol.prefix):])
+                entry = self.stat_listed(dir_id, name, info.key[len(self.vol.prefix):], info.size)
+                if entry.is_dir:
+                    self.follow(entry)
+                return entry
             except (FormatError, IntegrityError) as exc:
                 self.warn_once(info.key, f"skipped: {exc}")
             except NotFound:
@@ -208,6 +219,7 @@ class Store:
         a block of this version of the file."""
         ct = fmt.block_ct_size(self.block_size)
         nblocks = fmt.block_count(entry.size, self.block_size)
+        self.verify_header(entry, fk)
         tags = self.tag_table(entry, fk, header)
         out = []
         for n, pos in enumerate(range(0, len(raw), ct)):
@@ -233,7 +245,16 @@ class Store:
         except (FormatError, IntegrityError) as exc:
             log.error("%s: %s", entry.key, exc)
             raise type(exc)(f"{exc} (object {entry.key})") from None
+        with self._tables_lock:
+            self._headers[(entry.key, entry.etag)] = True
         return header.raw
+
+    def verify_header(self, entry: Entry, fk: fmt.FileKey) -> None:
+        """Check the stored header of this version once, whichever block is read first."""
+        with self._tables_lock:
+            if (entry.key, entry.etag) in self._headers:
+                return
+        self.read_header(entry, fk)
 
     def read_header(self, entry: Entry, fk: fmt.FileKey, raw: bytes | None = None) -> bytes:
         if raw is None:
@@ -247,9 +268,17 @@ class Store:
             raise IntegrityError(f"object {rel} is shorter than its listed size")
         return raw
 
-    def upload(self, rel: str, stream, size: int, metadata: dict[str, str]) -> str:
-        """Store an object from a stream of exactly `size` bytes; returns its ETag."""
-        return self.backend.upload(self.abs_key(rel), stream, size, metadata)
+    def upload(self, rel: str, stream, size: int, metadata: dict[str, str], started=None) -> str:
+        """Store an object from a stream of exactly `size` bytes; returns its ETag.
+        started(upload_id): a multipart upload began (see Backend.upload)."""
+        return self.backend.upload(self.abs_key(rel), stream, size, metadata, started=started)
+
+    def abort_upload(self, rel: str, upload_id: str) -> None:
+        """Abort a multipart upload of ours; one already finished or aborted is not an error."""
+        try:
+            self.backend.abort_upload(PendingUpload(self.abs_key(rel), upload_id, 0.0))
+        except NotFound:
+            pass
 
     def read_blocks(self, entry: Entry, fk: fmt.FileKey, header: bytes, first: int, count: int) -> list[bytes]:
         """Blocks [first, first+count) of an unchanged object (If-Match on the entry's ETag)."""
@@ -319,11 +348,26 @@ class Store:
 
     # ------------------------------------------------------------ directories
 
-    def mkdir(self, parent_id: bytes, name: bytes, attrs: fmt.Attrs) -> Entry:
-        child = fmt.new_dir_id()
+    def write_backptr(self, child: bytes, parent_id: bytes, name: bytes, attrs: fmt.Attrs | None) -> None:
+        """A directory's back-pointer. Its metadata (the directory's id and attributes, sealed to
+        the key) is what lets `fsck --repair` prove an orphaned one is this volume's."""
+        rel = self.backptr_key(child)
+        self.backend.put(self.abs_key(rel), fmt.encrypt_backptr(self.vk, child, parent_id, name),
+                         fmt.dirent_metadata(self.vk, rel, child, attrs) if attrs is not None else None)
+
+    def backptr_id(self, rel: str, info: ObjectInfo) -> bytes | None:
+        """The directory id an unreached back-pointer proves to be this volume's, or None."""
+        try:
+            meta = fmt.parse_metadata(info.metadata or {})
+            fmt.decrypt_attrs(self.vk, rel, meta.obj_id, meta.attr_blob)
+        except (FormatError, IntegrityError, KeyError):
+            return None
+        return meta.obj_id if self.backptr_key(meta.obj_id) == rel else None
+
+    def mkdir(self, parent_id: bytes, name: bytes, attrs: fmt.Attrs, child: bytes | None = None) -> Entry:
+        child = child or fmt.new_dir_id()
         rel = self.entry_key(parent_id, name)
-        self.backend.put(self.abs_key(self.backptr_key(child)),
-                         fmt.encrypt_backptr(self.vk, child, parent_id, name))
+        self.write_backptr(child, parent_id, name, attrs)
         meta = self.metadata_for(rel, child, attrs, None, True)
         try:
             etag = self.backend.put(self.abs_key(rel), fmt.encrypt_dirent(self.vk, parent_id, name, child),
@@ -332,6 +376,29 @@ class Store:
             self.backend.delete(self.abs_key(self.backptr_key(child)))
             raise AlreadyExists(f"{name.decode(errors='replace')} already exists") from None
         return Entry(parent_id, name, rel, True, child, 0, etag, time.time(), attrs, raw_meta=meta)
+
+    def link_dir(self, parent_id: bytes, name: bytes, child: bytes, attrs: fmt.Attrs) -> Entry:
+        """Give an existing directory a (new) entry, and point it back there."""
+        rel = self.entry_key(parent_id, name)
+        meta = self.metadata_for(rel, child, attrs, None, True)
+        try:
+            etag = self.backend.put(self.abs_key(rel), fmt.encrypt_dirent(self.vk, parent_id, name, child),
+                                    meta, if_none_match=True)
+        except PreconditionFailed:
+            raise AlreadyExists(f"{name.decode(errors='replace')} already exists") from None
+        self.write_backptr(child, parent_id, name, attrs)
+        return Entry(parent_id, name, rel, True, child, 0, etag, time.time(), attrs, raw_meta=meta)
+
+    def lost_and_found(self) -> Entry:
+        """/lost+found, made if need be: where recovered files and directories go."""
+        try:
+            return self.lookup(fmt.ROOT_DIR_ID, LOST_FOUND)[0]
+        except NotFound:
+            pass
+        try:
+            return self.mkdir(fmt.ROOT_DIR_ID, LOST_FOUND, default_attrs(stat.S_IFDIR | 0o700))
+        except AlreadyExists:
+            return self.lookup(fmt.ROOT_DIR_ID, LOST_FOUND)[0]
 
     def init_root(self, attrs: fmt.Attrs) -> None:
         rel = self.backptr_key(fmt.ROOT_DIR_ID)
@@ -343,7 +410,11 @@ class Store:
         return all(info.key == prefix + fmt.BACKPTR_NAME for info in self.backend.list(prefix))
 
     def remove(self, entry: Entry) -> None:
-        """Delete a file, or an empty directory (entry first, so it vanishes at once)."""
+        """Delete a file, or an empty directory (entry first, so it vanishes at once). A stale
+        directory entry goes alone: the directory belongs to the entry it points back to."""
+        if entry.is_dir and entry.obj_id != fmt.ROOT_DIR_ID and not self.check_backptr(entry):
+            self.backend.delete(self.abs_key(entry.key))
+            return
         if entry.is_dir:
             if not self.is_empty(entry.obj_id):
                 raise DirectoryNotEmpty(f"{entry.name.decode(errors='replace')}: directory not empty")
@@ -356,13 +427,26 @@ class Store:
         """Delete the object under a volume-relative key (absent is not an error)."""
         self.backend.delete(self.abs_key(rel))
 
+    def read_backptr(self, dir_id: bytes) -> tuple[bytes, bytes] | None:
+        """(parent id, name) a directory points back to; None if it has no back-pointer."""
+        try:
+            raw, _ = self.backend.get(self.abs_key(self.backptr_key(dir_id)))
+        except NotFound:
+            return None
+        return fmt.decrypt_backptr(self.vk, dir_id, raw)
+
     def check_backptr(self, entry: Entry) -> bool:
         """Whether a directory entry is the canonical one its directory points back to."""
-        try:
-            raw, _ = self.backend.get(self.abs_key(self.backptr_key(entry.obj_id)))
-        except NotFound:
-            return False
-        return fmt.decrypt_backptr(self.vk, entry.obj_id, raw) == (entry.parent_id, entry.name)
+        return self.read_backptr(entry.obj_id) == (entry.parent_id, entry.name)
+
+    def follow(self, entry: Entry) -> None:
+        """Refuse to enter a directory through an entry it does not point back to (a stale
+        entry, left by a crash or restored by someone with write access to the bucket)."""
+        if entry.is_dir and entry.obj_id != fmt.ROOT_DIR_ID and not self.check_backptr(entry):
+            self.warn_once(entry.key, "stale directory entry (its directory points back elsewhere); "
+                                      "not followed")
+            raise IntegrityError(f"{entry.name.decode(errors='replace')}: stale directory entry, not followed "
+                                 f"(object {entry.key})")
 
     # ------------------------------------------------------------ renames and attributes
 
@@ -381,8 +465,7 @@ class Store:
             etag = self.backend.put(self.abs_key(new_rel),
                                     fmt.encrypt_dirent(self.vk, new_parent, new_name, entry.obj_id),
                                     meta, if_none_match=target is None or target.is_dir)
-            self.backend.put(self.abs_key(self.backptr_key(entry.obj_id)),
-                             fmt.encrypt_backptr(self.vk, entry.obj_id, new_parent, new_name))
+            self.write_backptr(entry.obj_id, new_parent, new_name, entry.attrs)
         else:
             etag = self.backend.copy(self.abs_key(entry.key), self.abs_key(new_rel), meta, if_match=entry.etag)
             copied = self.backend.head(self.abs_key(new_rel))

@@ -15,12 +15,11 @@ import json
 import logging
 import os
 import sqlite3
-import stat
 import threading
 import time
 
 from . import format as fmt
-from .errors import CryptfsError, NoSpace, NotFound
+from .errors import AlreadyExists, CryptfsError, NoSpace, NotFound
 from .handles import FileState
 from .store import Entry, ProducedStream, Store, TagCollector
 
@@ -51,6 +50,14 @@ class Journal:
             if "full" in str(exc):
                 raise NoSpace("no space left on the cache disk for the journal") from None
             raise
+
+    def get(self, uid: str) -> dict | None:
+        with self._lock:
+            row = self._db.execute("SELECT record FROM pending WHERE uid=?", (uid,)).fetchone()
+        try:
+            return json.loads(row[0]) if row else None
+        except ValueError:
+            return None
 
     def remove(self, uid: str) -> None:
         with self._lock:
@@ -125,17 +132,30 @@ class ComposedReader(ProducedStream):
         return self.finished
 
 
-def upload_record(store: Store, record: dict, fk: fmt.FileKey, header: bytes, read_staged,
+def upload_record(store: Store, journal: Journal, record: dict, fk: fmt.FileKey, header: bytes, read_staged,
                   key: str | None = None, metadata: dict | None = None) -> str:
     """Upload the object a journal record describes (normal uploads and recovery alike);
-    `key` and `metadata` override the record's (a recovered file moved to /lost+found)."""
+    `key` and `metadata` override the record's (a recovered file moved to /lost+found).
+
+    A multipart upload's id goes into the record as soon as it exists, and the next attempt
+    (or the next mount's recovery) aborts it first, so a crash leaves no upload behind."""
+    uid = record["uid"]
+    left = (journal.get(uid) or {}).get("upload")
+    if left:
+        store.abort_upload(*left)
+    key = key or record["key"]
+
+    def started(upload_id: str) -> None:
+        # not fsynced: enough against a killed process (the page cache survives it); after a
+        # power cut `fsck --repair` finds the upload
+        journal.write(uid, {**record, "upload": [key, upload_id]}, durable=False)
     basis = record.get("basis")
     basis_entry = None if basis is None else Entry(  # records of version 1 volumes have no basis size
         bytes.fromhex(record["parent"]), b"", basis["key"], False, fk.file_id, basis.get("size", 0), basis["etag"],
         0.0, None)
     reader = ComposedReader(store, fk, header, record["size"], record["runs"], read_staged, basis_entry)
-    return store.upload(key or record["key"], reader, store.layout.object_size(record["size"]),
-                        metadata or record["metadata"])
+    return store.upload(key, reader, store.layout.object_size(record["size"]), metadata or record["metadata"],
+                        started=started)
 
 
 class WriteBack:
@@ -213,7 +233,7 @@ class WriteBack:
             self.on_uploaded(state, entry)  # still under the lock: no rename or unlink in between
 
     def _send(self, state: FileState, record: dict) -> Entry:
-        etag = upload_record(self.store, record, state.fk, state.header,
+        etag = upload_record(self.store, self.journal, record, state.fk, state.header,
                              lambda lo, hi: os.pread(state.fd, hi - lo, lo))
         return Entry(state.parent_id, state.name, record["key"], False, state.fk.file_id, state.size, etag,
                      time.time(), state.attrs, state.wrapped, raw_meta=record["metadata"])
@@ -295,6 +315,36 @@ def rename_journaled(store: Store, journal: Journal, entry: Entry, new_parent: b
     return moved
 
 
+def mkdir_journaled(store: Store, journal: Journal, parent_id: bytes, name: bytes, attrs: fmt.Attrs) -> Entry:
+    """store.mkdir with an intent recorded first: a crash between its two writes (back-pointer,
+    then entry) leaves a back-pointer that the next mount removes. Not fsynced: it guards
+    against a killed mount; after a power cut `fsck --repair` finds the orphan."""
+    child = fmt.new_dir_id()
+    uid = "mkdir-" + child.hex()
+    journal.write(uid, {"uid": uid, "mkdir": {"child": child.hex(), "key": store.entry_key(parent_id, name)}},
+                  durable=False)
+    try:
+        entry = store.mkdir(parent_id, name, attrs, child)
+    except AlreadyExists:
+        journal.remove(uid)  # store.mkdir took its back-pointer away again
+        raise
+    journal.remove(uid)  # any other failure leaves the record: the next mount settles it
+    return entry
+
+
+def _finish_mkdir(store: Store, intent: dict) -> str:
+    """An interrupted mkdir: keep the directory if its entry was stored, else remove its back-pointer."""
+    child = bytes.fromhex(intent["child"])
+    try:
+        info = store.backend.head(store.abs_key(intent["key"]))
+        if fmt.parse_metadata(info.metadata or {}).obj_id == child:
+            return f"mkdir of {intent['key']} had completed"
+    except NotFound:
+        pass
+    store.delete_key(store.backptr_key(child))
+    return f"mkdir of {intent['key']} had not completed; its back-pointer was removed"
+
+
 def _finish_rename(store: Store, intent: dict) -> str:
     """Roll an interrupted rename forward when its new entry was written, else drop it."""
     try:
@@ -309,9 +359,9 @@ def _finish_rename(store: Store, intent: dict) -> str:
         return f"rename to {intent['dst']} had not completed; source kept"
     if intent["is_dir"]:
         child = bytes.fromhex(intent["obj_id"])
-        store.backend.put(store.abs_key(store.backptr_key(child)),
-                          fmt.encrypt_backptr(store.vk, child, bytes.fromhex(intent["parent"]),
-                                              bytes.fromhex(intent["name"])))
+        meta = fmt.parse_metadata(copied.metadata or {})
+        store.write_backptr(child, bytes.fromhex(intent["parent"]), bytes.fromhex(intent["name"]),
+                            fmt.decrypt_attrs(store.vk, intent["dst"], child, meta.attr_blob))
     store.backend.delete(store.abs_key(intent["src"]))
     return f"finished rename to {intent['dst']}"
 
@@ -327,6 +377,10 @@ def recover(store: Store, journal: Journal) -> list[str]:
                 done.append(_finish_rename(store, record["intent"]))
                 journal.remove(record["uid"])
                 continue
+            if "mkdir" in record:
+                done.append(_finish_mkdir(store, record["mkdir"]))
+                journal.remove(record["uid"])
+                continue
             done.append(_recover_one(store, journal, record))
         except Exception as exc:
             log.error("journal record %s not recovered yet: %s", record.get("uid"), exc)
@@ -335,6 +389,8 @@ def recover(store: Store, journal: Journal) -> list[str]:
 
 def _recover_one(store: Store, journal: Journal, record: dict) -> str:
     if record.get("staging") and not os.path.exists(record["staging"]):
+        if record.get("upload"):
+            store.abort_upload(*record["upload"])
         journal.remove(record["uid"])  # uploaded before the removal of its record was lost
         raise CryptfsError(f"staging file of {record['key']} is gone; record dropped")
     meta = fmt.parse_metadata(record["metadata"])
@@ -350,7 +406,7 @@ def _recover_one(store: Store, journal: Journal, record: dict) -> str:
     fd = os.open(record["staging"], os.O_RDONLY) if record.get("staging") else None
     inline = fmt.b64d(record["inline"]) if record.get("inline") else b""
     try:
-        upload_record(store, record, fk, header,
+        upload_record(store, journal, record, fk, header,
                       (lambda lo, hi: os.pread(fd, hi - lo, lo)) if fd is not None else (lambda lo, hi: inline[lo:hi]),
                       key, metadata)
     finally:
@@ -376,12 +432,7 @@ def _lost_and_found(store: Store, record: dict, fk, meta) -> tuple[str, dict]:
         name = fmt.decrypt_name(store.vk, parent, suffix)
     except CryptfsError:
         name = f"file-{record['file_id']}".encode()
-    try:
-        lf, _ = store.lookup(fmt.ROOT_DIR_ID, b"lost+found")
-    except NotFound:
-        now = time.time_ns()
-        lf = store.mkdir(fmt.ROOT_DIR_ID, b"lost+found", fmt.Attrs(stat.S_IFDIR | 0o700, os.getuid(),
-                                                                    os.getgid(), now, now))
+    lf = store.lost_and_found()
     name = name + b"." + record["file_id"][:8].encode()
     key = store.entry_key(lf.obj_id, name[-255:])
     attrs = fmt.decrypt_attrs(store.vk, record["key"], meta.obj_id, meta.attr_blob)

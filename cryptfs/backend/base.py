@@ -41,6 +41,8 @@ class Backend:
       PreconditionFailed when the key exists. if_match: when its ETag differs.
     - upload(key, stream, size, metadata, ...) -> ETag: like put, from a readable stream of
       exactly `size` bytes; large objects go in parallel parts; memory stays bounded.
+      started(upload_id) is called when a multipart upload begins, before any part is sent,
+      so the caller can journal the id and abort the upload should it die half-way.
     - copy(src, dst, metadata, if_match) -> ETag: server-side, replacing the metadata.
     - delete(key): absent keys are not an error.
     - list(prefix) -> ObjectInfo without metadata, every key under prefix, sorted.
@@ -61,7 +63,7 @@ class Backend:
         raise NotImplementedError
 
     def upload(self, key: str, stream: BinaryIO, size: int, metadata: dict[str, str] | None = None,
-               if_none_match: bool = False, if_match: str | None = None, progress=None) -> str:
+               if_none_match: bool = False, if_match: str | None = None, progress=None, started=None) -> str:
         raise NotImplementedError
 
     def copy(self, src: str, dst: str, metadata: dict[str, str], if_match: str | None = None) -> str:

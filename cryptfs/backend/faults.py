@@ -28,7 +28,8 @@ from .base import Backend
 
 log = logging.getLogger(__name__)
 
-OPS = ("get", "head", "put", "upload", "copy", "delete", "list")
+# "multipart": a multipart upload was created and its id handed to the caller, no part sent yet
+OPS = ("get", "head", "put", "upload", "multipart", "copy", "delete", "list")
 
 
 @dataclass
@@ -148,9 +149,15 @@ class FaultyBackend(Backend):
         self.plan.before("put", key)
         return self.inner.put(key, data, metadata, if_none_match, if_match)
 
-    def upload(self, key, stream, size, metadata=None, if_none_match=False, if_match=None, progress=None):
+    def upload(self, key, stream, size, metadata=None, if_none_match=False, if_match=None, progress=None,
+               started=None):
         self.plan.before("upload", key)
-        return self.inner.upload(key, stream, size, metadata, if_none_match, if_match, progress)
+
+        def begun(upload_id):
+            if started:
+                started(upload_id)
+            self.plan.before("multipart", key)
+        return self.inner.upload(key, stream, size, metadata, if_none_match, if_match, progress, begun)
 
     def copy(self, src, dst, metadata, if_match=None):
         self.plan.before("copy", dst)

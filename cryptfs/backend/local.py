@@ -157,7 +157,8 @@ class LocalBackend(Backend):
     def put(self, key, data, metadata=None, if_none_match=False, if_match=None):
         return self._commit(key, self._write_tmp(key, metadata, None, bytes(data)), if_none_match, if_match)
 
-    def upload(self, key, stream, size, metadata=None, if_none_match=False, if_match=None, progress=None):
+    def upload(self, key, stream, size, metadata=None, if_none_match=False, if_match=None, progress=None,
+               started=None):  # one temporary file renamed into place: nothing to abort
         return self._commit(key, self._write_tmp(key, metadata, stream, None, progress),
                             if_none_match, if_match)
 

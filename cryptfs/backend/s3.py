@@ -134,7 +134,8 @@ class S3Backend(Backend):
             kwargs["IfMatch"] = if_match
         return self._call(key, self.client.put_object, **kwargs)["ETag"]
 
-    def upload(self, key, stream, size, metadata=None, if_none_match=False, if_match=None, progress=None):
+    def upload(self, key, stream, size, metadata=None, if_none_match=False, if_match=None, progress=None,
+               started=None):
         part = max(PART_SIZE, -(-size // MAX_PARTS))
         if size <= part:
             data = read_exact(stream, size)
@@ -145,6 +146,8 @@ class S3Backend(Backend):
         upload_id = self._call(key, self.client.create_multipart_upload, Key=key,
                                Metadata=metadata or {})["UploadId"]
         try:
+            if started:
+                started(upload_id)
             parts = self._upload_parts(key, upload_id, stream, size, part, progress)
             kwargs = {"Key": key, "UploadId": upload_id, "MultipartUpload": {"Parts": parts}}
             if if_none_match:
