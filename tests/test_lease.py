@@ -115,3 +115,141 @@ def test_cache_lock_is_exclusive(tmp_path):
     assert child.returncode != 0 and f"pid {os.getpid()}" in child.stderr, child.stderr
     lock.close()
     lease_mod.CacheLock(str(tmp_path), "file:///v").close()
+
+
+# ---------------------------------------------------------------- real mounts, both backends
+
+def _second(ref, tmp_path, name, *extra, cache=None):
+    """`cryptfs mount` of ref at tmp_path/name with its own (or the given) cache directory."""
+    mp = tmp_path / name
+    mp.mkdir(exist_ok=True)
+    return run_cli("mount", ref.url, mp, *ref.args, "--cache-dir", cache or tmp_path / (name + "-cache"), *extra)
+
+
+def _kill(m) -> None:
+    pid = m.daemon_pid()
+    os.kill(pid, signal.SIGKILL)
+    assert wait_gone([pid], 10)
+    subprocess.run(["fusermount3", "-uz", m.mountpoint], check=True)
+
+
+def _uploaded(ref, path, body, timeout=10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if ref.entry(path) is not None and ref.read(path) == body:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{path} not uploaded within {timeout} s")
+
+
+def test_second_rw_mount_refused_ro_beside_release(volume_factory, volume_kind, own_mounts, tmp_path):
+    ref = volume_factory(volume_kind)
+    a = own_mounts(ref, name="a")
+    write(a.path("f.txt"), b"from a")
+    refused = _second(ref, tmp_path, "b")
+    assert refused.returncode == EXIT_IN_USE, refused
+    assert f"host {HOST}, pid {a.daemon_pid()}" in refused.stderr and "since" in refused.stderr, refused.stderr
+    assert "--break-lease" in refused.stderr and "-o ro" in refused.stderr
+    assert not os.path.ismount(tmp_path / "b")
+    info = ref.cli("info", ref.url)
+    assert f"lease:         held by host {HOST}, pid {a.daemon_pid()}" in info.stdout, info
+
+    b = own_mounts(ref, "-o", "ro", "--attr-ttl", "1", name="b")  # read-only beside it: fine
+    _uploaded(ref, "f.txt", b"from a")
+    time.sleep(1.2)
+    assert read(b.path("f.txt")) == b"from a"
+    raises_errno(errno.EROFS, write, b.path("g.txt"), b"no")
+
+    a.umount()  # releases the lease: a new read-write mount right after is fine
+    assert "free (last held by" in ref.cli("info", ref.url).stdout
+    c = own_mounts(ref, name="c")
+    assert read(c.path("f.txt")) == b"from a"
+
+
+def test_same_cache_directory_refused(volume_factory, volume_kind, own_mounts, tmp_path):
+    ref = volume_factory(volume_kind)
+    a = own_mounts(ref, name="a")
+    for extra in ((), ("-o", "ro")):
+        refused = _second(ref, tmp_path, "b", *extra, cache=a.cache_dir)
+        assert refused.returncode == EXIT_IN_USE, refused
+        assert "cache directory" in refused.stderr and f"pid {a.daemon_pid()}" in refused.stderr, refused.stderr
+        assert not os.path.ismount(tmp_path / "b")
+    write(a.path("still.txt"), b"fine")
+    assert read(a.path("still.txt")) == b"fine"
+
+
+def test_kill_9_then_refused_then_break_lease(volume_factory, volume_kind, own_mounts, tmp_path):
+    ref = volume_factory(volume_kind)
+    a = own_mounts(ref, "--lease-duration", "30", name="a")
+    pid = a.daemon_pid()
+    _kill(a)
+    refused = _second(ref, tmp_path, "b")
+    assert refused.returncode == EXIT_IN_USE and f"pid {pid}" in refused.stderr, refused
+    b = own_mounts(ref, "--break-lease", name="b")
+    write(b.path("after.txt"), b"b writes")
+    assert read(b.path("after.txt")) == b"b writes"
+
+
+def test_expired_lease_taken_over_and_stale_journal_not_replayed(volume_factory, volume_kind, own_mounts,
+                                                                tmp_path):
+    ref = volume_factory(volume_kind)
+    a = own_mounts(ref, "--lease-duration", "3", "--writeback-delay", "60", name="a")
+    fd = os.open(a.path("f.txt"), os.O_WRONLY | os.O_CREAT, 0o644)
+    os.write(fd, b"version 1")
+    os.fsync(fd)  # uploaded now
+    os.close(fd)
+    write(a.path("f.txt"), b"version 2, closed but not uploaded when a died")
+    write(a.path("only-a.txt"), b"also pending")
+    assert ref.read("f.txt") == b"version 1"
+    pid = a.daemon_pid()
+    _kill(a)
+    refused = _second(ref, tmp_path, "b")
+    assert refused.returncode == EXIT_IN_USE and f"pid {pid}" in refused.stderr, refused
+    time.sleep(3.5)  # the lease expires
+    b = own_mounts(ref, name="b")
+    assert read(b.path("f.txt")) == b"version 1"  # a's journal is in a's cache directory, not b's
+    write(b.path("f.txt"), b"version 3, newer than the dead holder's")
+    b.umount()
+
+    a.extra = ["--writeback-delay", "0.2"]
+    again = run_cli(*a.mount_command())  # a's cache directory again: its journal predates b's lease
+    assert again.returncode == 0, again
+    assert "2 pending upload(s)" in again.stderr and "not uploaded" in again.stderr, again.stderr
+    assert "stale-journal-" in again.stderr
+    assert read(a.path("f.txt")) == b"version 3, newer than the dead holder's"
+    assert not os.path.exists(a.path("only-a.txt"))
+    a.umount()
+    assert ref.read("f.txt") == b"version 3, newer than the dead holder's"
+    aside = [d for d in os.listdir(os.path.dirname(a.log_path())) if d.startswith("stale-journal-")]
+    assert len(aside) == 1, aside
+
+
+@pytest.mark.expect_log_errors(r"lease was taken or removed", r"upload of .* failed", r"could not upload",
+                               r"could not be uploaded")
+def test_lease_lost_under_running_mount(volume_factory, volume_kind, own_mounts, tmp_path):
+    ref = volume_factory(volume_kind)
+    a = own_mounts(ref, "--lease-duration", "3", "--writeback-delay", "60", name="a")
+    body = data(100_000, "kept")
+    write(a.path("closed.bin"), body)
+    fd = os.open(a.path("open.txt"), os.O_WRONLY | os.O_CREAT, 0o644)
+    os.write(fd, b"before")
+    ref.raw.delete(lease_mod.LEASE_NAME)
+    deadline = time.monotonic() + 5
+    while "lease was taken or removed" not in a.log() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "ERROR" in a.log() and "writes nothing more" in a.log(), a.log()
+    raises_errno(errno.EROFS, write, a.path("new.txt"), b"x")
+    raises_errno(errno.EROFS, os.mkdir, a.path("dir"))
+    raises_errno(errno.EROFS, os.write, fd, b"more")
+    os.close(fd)
+    assert ref.entry("closed.bin") is None  # nothing written after the loss
+    result = run_cli("umount", a.mountpoint, "--timeout", "60")
+    assert result.returncode == 1 and "stay in the local journal" in result.stderr, result
+    assert not os.path.exists(ref.raw._path(lease_mod.LEASE_NAME)) if volume_kind == "local" else True
+
+    a.extra = []
+    a.mount()  # same cache directory, and nobody held the lease since: the journal is replayed
+    assert read(a.path("closed.bin")) == body
+    assert read(a.path("open.txt")) == b"before"
+    a.umount()
+    assert ref.read("closed.bin") == body
