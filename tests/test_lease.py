@@ -185,9 +185,17 @@ def test_kill_9_then_refused_then_break_lease(volume_factory, volume_kind, own_m
     _kill(a)
     refused = _second(ref, tmp_path, "b")
     assert refused.returncode == EXIT_IN_USE and f"pid {pid}" in refused.stderr, refused
-    b = own_mounts(ref, "--break-lease", name="b")
-    write(b.path("after.txt"), b"b writes")
-    assert read(b.path("after.txt")) == b"b writes"
+    broke = _second(ref, tmp_path, "b", "--break-lease")
+    try:
+        assert broke.returncode == 0, broke
+        assert "breaking the lease" in broke.stderr and f"pid {pid}" in broke.stderr, broke.stderr
+        assert "both mounts may write" in broke.stderr and "not replayed" in broke.stderr
+        write(tmp_path / "b" / "after.txt", b"b writes")
+        assert read(tmp_path / "b" / "after.txt") == b"b writes"
+    finally:
+        assert run_cli("umount", tmp_path / "b", "--timeout", "60").returncode == 0
+    assert ref.read("after.txt") == b"b writes"
+    assert "free (last held by" in ref.cli("info", ref.url).stdout
 
 
 def test_expired_lease_taken_over_and_stale_journal_not_replayed(volume_factory, volume_kind, own_mounts,
