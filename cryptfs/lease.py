@@ -98,7 +98,8 @@ def describe(record: Record | None, info) -> str:
     if record.state == "released":
         return f"free (last held by {who}, released {_when(record.renewed)})"
     ago = max(0, round(time.time() - record.renewed))
-    state = "expired" if expired(record, info) else f"expires in {max(0, round(record.duration) - ago)} s unless renewed"
+    left = max(0, round(record.duration) - ago)
+    state = "expired" if expired(record, info) else f"expires in {left} s unless renewed"
     return f"held by {who}, since {_when(record.since)} (renewed {ago} s ago, {state})"
 
 
