@@ -18,7 +18,8 @@ from .target import Target, for_init, locate
 EPILOG = """\
 Exit codes: 0 ok, 1 other error, 2 usage, 3 wrong passphrase or key mismatch, 4 not found,
 5 integrity (tampered/foreign data; fsck found problems), 6 endpoint unreachable,
-7 no credentials or access denied, 8 already exists, 9 local disk full.
+7 no credentials or access denied, 8 already exists, 9 local disk full,
+10 in use (another read-write mount holds the volume's lease, or the cache directory is in use).
 
 The passphrase comes from $CRYPTFS_PASSPHRASE, --passphrase-file, or a prompt; never from
 an argument. AWS credentials come from boto3's usual chain (environment, --profile, role).
@@ -109,6 +110,8 @@ def cmd_info(args) -> int:
     print(f"key derivation: scrypt N={body['owner_private_key']['n']} r={body['owner_private_key']['r']}")
     for r in body["recipients"]:
         print(f"recipient:     {r['name']} {r['fingerprint']}")
+    from . import lease
+    print(f"lease:         {lease.describe(*lease.read(store))}")
     return EXIT_OK
 
 
@@ -321,9 +324,11 @@ def cmd_passwd(args) -> int:
 def cmd_mount(args) -> int:
     from . import mount
     _, settings = settings_of(args)
-    for name in ("cache_dir", "writeback_delay", "fsync", "attr_ttl"):
+    for name in ("cache_dir", "writeback_delay", "fsync", "attr_ttl", "lease_duration"):
         if getattr(args, name) is not None:
             setattr(settings, name, getattr(args, name))
+    if settings.lease_duration < 3:
+        raise UsageError("--lease-duration is at least 3 seconds")
     options = mount.parse_options(args.options or [])
     mountpoint = mount.check_mountpoint(args.mountpoint, nonempty=bool(options.get("nonempty")))
     store, target = open_target(args)
@@ -337,7 +342,7 @@ def cmd_mount(args) -> int:
     logging.getLogger().setLevel(logging.DEBUG if args.verbose else logging.INFO)
     logging.getLogger("botocore").setLevel(logging.WARNING if args.verbose else logging.CRITICAL)
     code = mount.daemonize_and_run(store, settings, mountpoint, options, args.foreground,
-                                   os.path.join(root, "mount.log"))
+                                   os.path.join(root, "mount.log"), break_lease=args.break_lease)
     if code == 0 and not args.foreground and not args.quiet:
         print(f"Mounted {store.vol.url} on {mountpoint}", file=sys.stderr)
     return code
@@ -455,6 +460,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fsync", choices=["upload", "journal"],
                    help="what fsync waits for: the upload to S3 (default) or the local journal")
     p.add_argument("--attr-ttl", type=float, help="seconds listings and attributes are trusted (default 5)")
+    p.add_argument("--lease-duration", type=float, metavar="S",
+                   help="seconds the read-write lease lasts unrenewed (default 60, renewed every third; at least 3)")
+    p.add_argument("--break-lease", action="store_true",
+                   help="take the volume's lease even from a live holder: if that mount still runs, both may "
+                   "write until its next renewal; its pending uploads are not replayed")
 
     p = sub.add_parser("umount", help="unmount, waiting until pending uploads are done",
                        description="unmount, waiting until pending uploads are done",

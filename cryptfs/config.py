@@ -29,6 +29,7 @@ class VolumeSettings:
     writeback_delay: float = 2.0          # seconds after close before the upload starts
     fsync: str = "upload"                 # "upload": durable in S3; "journal": durable locally
     attr_ttl: float = 5.0                 # seconds a cached listing or attribute is trusted
+    lease_duration: float = 60.0          # seconds a read-write mount's lease lasts unrenewed
     workers: int = 8
 
 
@@ -62,6 +63,8 @@ def load(path: str | None) -> dict[str, VolumeSettings]:
             raise UsageError(f"{path}: volume {name!r} has unknown keys: {', '.join(sorted(unknown))}")
         if entry.get("fsync", "upload") not in ("upload", "journal"):
             raise UsageError(f"{path}: volume {name!r}: fsync is 'upload' or 'journal'")
+        if not isinstance(entry.get("lease_duration", 60.0), (int, float)) or entry.get("lease_duration", 60.0) < 3:
+            raise UsageError(f"{path}: volume {name!r}: lease_duration is a number of seconds, at least 3")
         out[str(name)] = VolumeSettings(**entry)
     return out
 

@@ -13,6 +13,7 @@ EXIT_NETWORK = 6        # endpoint unreachable
 EXIT_ACCESS = 7         # no credentials, access denied
 EXIT_EXISTS = 8         # init over a volume, target exists
 EXIT_NO_SPACE = 9       # local disk full
+EXIT_IN_USE = 10        # the volume's lease is held by another read-write mount; the cache dir is in use
 
 
 class CryptfsError(Exception):
@@ -115,6 +116,12 @@ class BackendError(CryptfsError):
 class NoSpace(CryptfsError):
     errno = errno.ENOSPC
     exit_code = EXIT_NO_SPACE
+
+
+class InUse(CryptfsError):
+    """The volume's lease is held by another read-write mount, or a cache directory is in use."""
+    errno = errno.EBUSY
+    exit_code = EXIT_IN_USE
 
 
 class ReadOnly(CryptfsError):

@@ -434,6 +434,27 @@ def decrypt_backptr(vk: VolumeKeys, dir_id: bytes, body: bytes) -> tuple[bytes, 
     return plain[:DIR_ID_SIZE], plain[DIR_ID_SIZE:]
 
 
+LEASE_MAGIC = b"CRYL"
+
+
+def seal_lease(vk: VolumeKeys, plain: bytes) -> bytes:
+    """The body of the volume's lease object: its record, readable only with the volume's keys."""
+    nonce = os.urandom(16)
+    return LEASE_MAGIC + bytes([ENTRY_VERSION]) + b"\0\0\0" + nonce + \
+        AESSIV(vk.entry_key).encrypt(plain, [b"cryptfs v1 lease", nonce])
+
+
+def open_lease(vk: VolumeKeys, body: bytes) -> bytes:
+    if len(body) < 24 + 16 or body[:4] != LEASE_MAGIC:
+        raise FormatError("not a cryptfs lease")
+    if body[4] != ENTRY_VERSION or body[5:8] != b"\0\0\0":
+        raise FormatError(f"unsupported lease version {body[4]} or flags")
+    try:
+        return AESSIV(vk.entry_key).decrypt(body[24:], [b"cryptfs v1 lease", body[8:24]])
+    except InvalidTag:
+        raise IntegrityError("lease failed authentication") from None
+
+
 # ---------------------------------------------------------------- attributes
 
 @dataclass(frozen=True)

@@ -82,6 +82,7 @@ class CryptFS:
         self.staging_dir = staging_dir
         self.fsync_mode = fsync_mode
         self.read_only = read_only
+        self.lease = None  # a read-write mount's lease (lease.py): lost or unrenewed, nothing is written
         self.wb = WriteBack(store, journal, writeback_delay, ns.uploaded)
         self.fhs: dict[int, FileState] = {}
         self.dirs: dict[int, bytes] = {}  # open directory handles: their directory ids
@@ -140,7 +141,7 @@ class CryptFS:
                     return
 
     def _check_writable(self) -> None:
-        if self.read_only:
+        if self.read_only or (self.lease is not None and not self.lease.writable):
             raise FuseError(errno.EROFS)
 
     def _stat(self, node) -> dict:
@@ -356,6 +357,7 @@ class CryptFS:
 
     @op
     def write(self, path, data, offset, fh):
+        self._check_writable()
         return self.fhs[fh].write(offset, data)
 
     @op

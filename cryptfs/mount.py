@@ -17,6 +17,7 @@ from .cache import BlockCache, DiskCache
 from .config import VolumeSettings
 from .errors import CryptfsError, UsageError
 from .fs import CryptFS
+from .lease import CacheLock, FencedBackend, Lease, cache_id, take_journal
 from .namespace import AttrDB, Namespace, cache_root
 from .reader import BlockReader
 from .store import Store
@@ -94,11 +95,55 @@ class Mount:
                 os.unlink(os.path.join(self.staging, name))
 
 
-def run(store: Store, settings: VolumeSettings, mountpoint: str, options: dict, foreground: bool) -> None:
-    mfusepy = load_fuse()
+def hold(store: Store, settings: VolumeSettings, read_only: bool, break_lease: bool = False):
+    """Before the mount forks: lock the cache directory; for a read-write mount take the lease
+    and decide whether the journal found there may be replayed (lease.py). -> (lock, lease)."""
+    root = cache_root(store.vol.volume_id, settings.cache_dir)
+    os.makedirs(root, mode=0o700, exist_ok=True)
+    lock = CacheLock(root, store.vol.url)
+    if read_only:
+        return lock, None
+    try:
+        lease = Lease(store, cache_id(root), settings.lease_duration)
+        prev, existed = lease.acquire(break_lease)
+        try:
+            journal = Journal(os.path.join(root, "journal"))
+            pending = len(journal.records())
+            journal.close()
+            take_journal(root, os.path.join(root, "journal"), os.path.join(root, "staging"), prev, existed,
+                         lease.epoch, pending)
+        except BaseException:
+            lease.release()
+            raise
+    except BaseException:
+        lock.close()
+        raise
+    return lock, lease
+
+
+def run(store: Store, settings: VolumeSettings, mountpoint: str, options: dict, foreground: bool,
+        held=None) -> None:
     read_only = bool(options.pop("ro", False))
+    lock, lease = held if held is not None else hold(store, settings, read_only)
+    lock.note_pid()
+    try:
+        if lease is not None:
+            lease.start()
+            store.backend = FencedBackend(store.backend, lease)
+        _run(store, settings, mountpoint, options, read_only, lease)
+    finally:
+        if lease is not None:
+            lease.release()
+        lock.close()
+
+
+def _run(store: Store, settings: VolumeSettings, mountpoint: str, options: dict, read_only: bool,
+         lease: Lease | None) -> None:
+    mfusepy = load_fuse()
     mount = Mount(store, settings, read_only)
-    mount.recover()
+    mount.fs.lease = lease
+    if not read_only:  # a read-only mount writes nothing, not even what an earlier mount left
+        mount.recover()
     fs = mount.fs
 
     class FUSE(mfusepy.FUSE):
@@ -170,12 +215,13 @@ def _timespec_ns(ts) -> int | None:
 
 
 def daemonize_and_run(store: Store, settings: VolumeSettings, mountpoint: str, options: dict,
-                      foreground: bool, log_path: str) -> int:
+                      foreground: bool, log_path: str, break_lease: bool = False) -> int:
     """Mount; in the background unless foreground. Returns once mounted (or failed)."""
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core dump ever holds unwrapped keys
+    held = hold(store, settings, bool(options.get("ro")), break_lease)  # refusals reach the caller
     if foreground:
         _write_pid(mountpoint)
-        run(store, settings, mountpoint, options, True)
+        run(store, settings, mountpoint, options, True, held)
         return 0
     read_fd, write_fd = os.pipe()
     pid = os.fork()
@@ -192,7 +238,7 @@ def daemonize_and_run(store: Store, settings: VolumeSettings, mountpoint: str, o
             _write_pid(mountpoint)
             os.write(write_fd, b"S")
             os.close(write_fd)
-            run(store, settings, mountpoint, options, False)
+            run(store, settings, mountpoint, options, False, held)
         except BaseException as exc:  # noqa: BLE001 - the process must end with a code
             log.error("mount failed: %s", exc)
             code = 1

@@ -15,7 +15,7 @@ EXAMPLE = os.path.join(REPO, "config", "cryptfs.example.yaml")
 
 
 def test_exit_code_table_matches_errors_module():
-    table = dict(re.findall(r"^\| (\d) \| (.+?) \|$", README, re.M))
+    table = dict(re.findall(r"^\| (\d+) \| (.+?) \|$", README, re.M))
     codes = {value for name, value in vars(errors).items() if name.startswith("EXIT_")}
     assert {int(c) for c in table} == codes
     assert "wrong passphrase" in table[str(errors.EXIT_AUTH)]
@@ -25,6 +25,7 @@ def test_exit_code_table_matches_errors_module():
     assert "no credentials" in table[str(errors.EXIT_ACCESS)]
     assert "already exists" in table[str(errors.EXIT_EXISTS)]
     assert "disk full" in table[str(errors.EXIT_NO_SPACE)]
+    assert "lease" in table[str(errors.EXIT_IN_USE)]
 
 
 def test_every_cli_command_is_documented():

@@ -778,10 +778,12 @@ def test_mount_errors(volume_kind, shared_mount, tmp_path):
         assert os.listdir(p) == ([] if p != nonempty else ["keep.txt"])
 
 
-def test_two_mounts_see_each_other(volume_factory, volume_kind, own_mounts):
+def test_two_mounts_see_each_other(volume_factory, volume_kind, own_mounts, tmp_path):
+    """A read-write mount and a read-only one beside it (a second read-write mount is refused:
+    test_lease.py); the read-only side's changes come from a mount-free command."""
     ref = volume_factory(volume_kind)
     a = own_mounts(ref, "--attr-ttl", "1", name="a")
-    b = own_mounts(ref, "--attr-ttl", "1", name="b")
+    b = own_mounts(ref, "--attr-ttl", "1", "-o", "ro", name="b")
 
     def appears(path, body, timeout=8.0) -> float:
         start = time.monotonic()
@@ -804,6 +806,8 @@ def test_two_mounts_see_each_other(volume_factory, volume_kind, own_mounts):
 
     assert not os.path.exists(a.path("dir-a", "from-b.bin"))
     body = data(BLOCK + 3, "b")
-    write(b.path("dir-a", "from-b.bin"), body)
+    write(tmp_path / "from-b.bin", body)
+    assert run_cli("put", tmp_path / "from-b.bin", ref.path("dir-a"), *ref.args).returncode == 0
     appears(a.path("dir-a", "from-b.bin"), body)
+    appears(b.path("dir-a", "from-b.bin"), body)
     assert os.listdir(a.path("dir-a")) == ["from-b.bin"]

@@ -20,6 +20,7 @@ class ObjectInfo:
     etag: str
     last_modified: float  # seconds since the epoch
     metadata: dict[str, str] | None = field(default=None)  # None when a listing did not carry it
+    server_time: float | None = None  # the server's clock when it answered (HTTP Date), if it said
 
 
 @dataclass

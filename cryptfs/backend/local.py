@@ -3,12 +3,15 @@
 Each object is one file: a 4 KiB metadata block (JSON, space padded) then the body, so a
 size needs only stat. Writes go to a temp file, are fsynced, then renamed (or linked, for
 create-only writes, which makes If-None-Match atomic). ETags come from inode, mtime and size.
-`_lock` makes If-Match checks atomic within one process; across processes they are best effort.
+An If-Match write checks and replaces under `_lock` (threads) and an exclusive flock on the
+object's directory (processes), so it is atomic against other conditional writers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import json
 import os
 import threading
@@ -132,7 +135,7 @@ class LocalBackend(Backend):
 
     def _commit(self, key: str, tmp: str, if_none_match: bool, if_match: str | None) -> str:
         path = self._path(key)
-        with self._lock:
+        with self._lock, _dir_locked(os.path.dirname(path), if_match is not None):
             try:
                 if if_match is not None:
                     try:
@@ -182,6 +185,19 @@ class LocalBackend(Backend):
             except OSError:
                 break
             d = os.path.dirname(d)
+
+
+@contextlib.contextmanager
+def _dir_locked(path: str, wanted: bool):
+    if not wanted:
+        yield
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _unlink(path: str) -> None:

@@ -7,6 +7,7 @@ mode, with backoff on throttling and 5xx). Errors become cryptfs errors in `_tra
 from __future__ import annotations
 
 import concurrent.futures as cf
+import email.utils
 import threading
 from typing import Iterator
 
@@ -52,6 +53,14 @@ def _translate(exc: Exception, what: str) -> Exception:
     return exc
 
 
+def _server_time(resp: dict) -> float | None:
+    date = resp.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+    try:
+        return email.utils.parsedate_to_datetime(date).timestamp() if date else None
+    except (TypeError, ValueError):
+        return None
+
+
 class S3Backend(Backend):
     def __init__(self, bucket: str, endpoint_url: str | None = None, region: str | None = None,
                  profile: str | None = None, path_style: bool = False, verify_tls: bool = True,
@@ -93,7 +102,7 @@ class S3Backend(Backend):
     def _info(key: str, resp: dict, size: int) -> ObjectInfo:
         lm = resp.get("LastModified")
         return ObjectInfo(key, size, resp.get("ETag", ""), lm.timestamp() if lm else 0.0,
-                          resp.get("Metadata"))
+                          resp.get("Metadata"), _server_time(resp))
 
     def head(self, key):
         resp = self._call(key, self.client.head_object, Key=key)
