@@ -8,9 +8,9 @@ import os
 import stat
 import sys
 
-from . import __version__, config, fsck, transfer, volume
+from . import __version__, config, fsck, lease, transfer, volume
 from . import format as fmt
-from .errors import (EXIT_INTEGRITY, EXIT_OK, EXIT_USAGE, CryptfsError, IsADirectory, NotFound,
+from .errors import (EXIT_INTEGRITY, EXIT_OK, EXIT_USAGE, CryptfsError, InUse, IsADirectory, NotFound,
                      UsageError)
 from .store import Store, default_attrs
 from .target import Target, for_init, locate
@@ -110,7 +110,6 @@ def cmd_info(args) -> int:
     print(f"key derivation: scrypt N={body['owner_private_key']['n']} r={body['owner_private_key']['r']}")
     for r in body["recipients"]:
         print(f"recipient:     {r['name']} {r['fingerprint']}")
-    from . import lease
     print(f"lease:         {lease.describe(*lease.read(store))}")
     return EXIT_OK
 
@@ -300,13 +299,17 @@ def cmd_decrypt(args) -> int:
 
 def cmd_fsck(args) -> int:
     store, _ = open_target(args)
+    if args.repair or args.abort_uploads:
+        held, info = lease.read(store)
+        if held is not None and held.state == "held" and not lease.expired(held, info):
+            raise InUse(f"not repairing while the volume is mounted read-write: lease {lease.describe(held, info)}")
     report = fsck.check(store, repair=args.repair, abort_uploads=args.abort_uploads)
     for kind, where, detail in report.problems:
         print(f"{kind}: {where}: {detail}")
     for line in report.repaired:
         print(f"repaired: {line}")
     print(f"{report.directories} directories, {report.files} files, {report.bytes} bytes checked; "
-          f"{len(report.problems)} problem(s), {len(report.repaired)} repaired")
+          f"{len(report.problems)} problem(s)" + (f", {len(report.repaired)} repaired" if args.repair else ""))
     if args.repair and report.problems and len(report.repaired) == len(report.problems):
         return EXIT_OK  # everything found was repaired
     return EXIT_OK if report.clean else EXIT_INTEGRITY

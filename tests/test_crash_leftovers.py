@@ -154,3 +154,12 @@ def test_fsck_repair_aborts_only_our_uploads(volume_factory, s3_client):
     s3_client.abort_multipart_upload(Bucket=bucket, Key=theirs,
                                      UploadId=s3_client.list_multipart_uploads(Bucket=bucket)["Uploads"][0]["UploadId"])
     assert _fsck(ref).returncode == 0
+
+
+def test_fsck_repair_refused_while_mounted(volume_factory, own_mounts):
+    ref = volume_factory("local")
+    m = own_mounts(ref)
+    refused = _fsck(ref, "--repair")
+    assert refused.returncode == 10 and "mounted read-write" in refused.stderr, refused
+    m.umount()
+    assert _fsck(ref, "--repair").returncode == 0
