@@ -283,8 +283,10 @@ def _is_inside(store: Store, parent, moved) -> bool:
             return True
         if dir_id == fmt.ROOT_DIR_ID:
             return False
-        raw, _ = store.backend.get(store.abs_key(store.backptr_key(dir_id)))
-        dir_id, _ = fmt.decrypt_backptr(store.vk, dir_id, raw)
+        loc = store.read_backptr(dir_id)
+        if loc is None:
+            raise NotFound("a directory on the way to the root has no back-pointer (run fsck)")
+        dir_id = loc[0]
     return True
 
 

@@ -67,7 +67,7 @@ def read(store: Store):
     """(record or None, ObjectInfo or None): (None, None) when there is no lease object,
     (None, info) when it is there but unreadable (foreign, tampered)."""
     try:
-        body, info = store.backend.get(store.abs_key(LEASE_NAME))
+        body, info = store.get_object(LEASE_NAME)
     except NotFound:
         return None, None
     try:

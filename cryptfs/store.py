@@ -85,6 +85,25 @@ class Store:
     def backptr_key(self, dir_id: bytes) -> str:
         return fmt.dir_prefix(self.vk, dir_id) + fmt.BACKPTR_NAME
 
+    # ------------------------------------------------------------ objects by volume-relative key
+
+    def head(self, rel: str) -> ObjectInfo:
+        return self.backend.head(self.abs_key(rel))
+
+    def get_object(self, rel: str) -> tuple[bytes, ObjectInfo]:
+        return self.backend.get(self.abs_key(rel))
+
+    def list_objects(self, rel_prefix: str = "") -> Iterator[ObjectInfo]:
+        """Every object under a volume-relative prefix, keys relative to the volume."""
+        cut = len(self.vol.prefix)
+        for info in self.backend.list(self.abs_key(rel_prefix)):
+            yield replace(info, key=info.key[cut:])
+
+    def pending_uploads(self) -> list[PendingUpload]:
+        """Unfinished multipart uploads under the volume, keys relative to the volume."""
+        cut = len(self.vol.prefix)
+        return [replace(u, key=u.key[cut:]) for u in self.backend.pending_uploads(self.vol.prefix)]
+
     def warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)

@@ -336,7 +336,7 @@ def _finish_mkdir(store: Store, intent: dict) -> str:
     """An interrupted mkdir: keep the directory if its entry was stored, else remove its back-pointer."""
     child = bytes.fromhex(intent["child"])
     try:
-        info = store.backend.head(store.abs_key(intent["key"]))
+        info = store.head(intent["key"])
         if fmt.parse_metadata(info.metadata or {}).obj_id == child:
             return f"mkdir of {intent['key']} had completed"
     except NotFound:
@@ -348,7 +348,7 @@ def _finish_mkdir(store: Store, intent: dict) -> str:
 def _finish_rename(store: Store, intent: dict) -> str:
     """Roll an interrupted rename forward when its new entry was written, else drop it."""
     try:
-        copied = store.backend.head(store.abs_key(intent["dst"]))
+        copied = store.head(intent["dst"])
     except NotFound:
         return f"rename to {intent['dst']} had not started; source kept"
     try:
@@ -362,7 +362,7 @@ def _finish_rename(store: Store, intent: dict) -> str:
         meta = fmt.parse_metadata(copied.metadata or {})
         store.write_backptr(child, bytes.fromhex(intent["parent"]), bytes.fromhex(intent["name"]),
                             fmt.decrypt_attrs(store.vk, intent["dst"], child, meta.attr_blob))
-    store.backend.delete(store.abs_key(intent["src"]))
+    store.delete_key(intent["src"])
     return f"finished rename to {intent['dst']}"
 
 
@@ -400,7 +400,7 @@ def _recover_one(store: Store, journal: Journal, record: dict) -> str:
     key, metadata = record["key"], record["metadata"]
     if parent != fmt.ROOT_DIR_ID:
         try:
-            store.backend.head(store.abs_key(store.backptr_key(parent)))
+            store.head(store.backptr_key(parent))
         except NotFound:
             key, metadata = _lost_and_found(store, record, fk, meta)
     fd = os.open(record["staging"], os.O_RDONLY) if record.get("staging") else None
@@ -414,7 +414,7 @@ def _recover_one(store: Store, journal: Journal, record: dict) -> str:
             os.close(fd)
     for old in record.get("obsolete", []):
         if old != key:
-            store.backend.delete(store.abs_key(old))
+            store.delete_key(old)
     journal.remove(record["uid"])
     if record.get("staging"):
         try:
