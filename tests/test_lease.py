@@ -201,7 +201,8 @@ def test_kill_9_then_refused_then_break_lease(volume_factory, volume_kind, own_m
 def test_expired_lease_taken_over_and_stale_journal_not_replayed(volume_factory, volume_kind, own_mounts,
                                                                 tmp_path):
     ref = volume_factory(volume_kind)
-    a = own_mounts(ref, "--lease-duration", "3", "--writeback-delay", "60", name="a")
+    # long enough that the refused mount below starts before expiry on a loaded machine
+    a = own_mounts(ref, "--lease-duration", "12", "--writeback-delay", "60", name="a")
     fd = os.open(a.path("f.txt"), os.O_WRONLY | os.O_CREAT, 0o644)
     os.write(fd, b"version 1")
     os.fsync(fd)  # uploaded now
@@ -211,9 +212,10 @@ def test_expired_lease_taken_over_and_stale_journal_not_replayed(volume_factory,
     assert ref.read("f.txt") == b"version 1"
     pid = a.daemon_pid()
     _kill(a)
+    killed = time.monotonic()
     refused = _second(ref, tmp_path, "b")
     assert refused.returncode == EXIT_IN_USE and f"pid {pid}" in refused.stderr, refused
-    time.sleep(3.5)  # the lease expires
+    time.sleep(max(0.0, killed + 12.5 - time.monotonic()))  # the lease expires
     b = own_mounts(ref, name="b")
     assert read(b.path("f.txt")) == b"version 1"  # a's journal is in a's cache directory, not b's
     write(b.path("f.txt"), b"version 3, newer than the dead holder's")
