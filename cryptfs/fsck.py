@@ -63,7 +63,12 @@ def check(store: Store, abort_uploads: bool = False, on_file=None) -> Report:
                 report.add("metadata", where, f"{exc} (object {info.key})")
                 continue
             if entry.is_dir:
-                if not store.check_backptr(entry):
+                try:
+                    canonical = store.check_backptr(entry)
+                except CryptfsError as exc:
+                    report.add("metadata", where, f"directory record unreadable: {exc}")
+                    continue
+                if not canonical:
                     report.add("stale-directory", where,
                                f"entry names a directory that points back elsewhere (object {info.key})")
                     continue
