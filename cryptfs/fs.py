@@ -17,7 +17,7 @@ import time
 from dataclasses import replace
 
 from . import format as fmt
-from .errors import AlreadyExists, CryptfsError, NotFound
+from .errors import AlreadyExists, CryptfsError, NoSpace, NotFound
 from .handles import FileState
 from .namespace import ROOT_LOC, Namespace
 from .reader import BlockReader
@@ -47,8 +47,10 @@ def op(func):
         try:
             return func(self, *args)
         except CryptfsError as exc:
-            if exc.errno in (errno.EIO, errno.ENOSPC, errno.EACCES):  # the rest is ordinary use
+            if exc.errno in (errno.EIO, errno.EACCES):  # the rest is ordinary use
                 log.error("%s %s: %s", func.__name__, args[0] if args else "", exc)
+            elif exc.errno == errno.ENOSPC:
+                log.warning("%s %s: %s", func.__name__, args[0] if args else "", exc)
             raise FuseError(exc.errno) from None
         except OSError:
             raise
@@ -139,6 +141,21 @@ class CryptFS:
                 if self.ns.bound(parent_id, name, node):
                     yield node
                     return
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _space(state: FileState):
+        """Changes to a file: once one met a full cache disk, the file has failed, and every
+        further write, flush and fsync is ENOSPC until its last close gives it up (`_abandon`)."""
+        if state.failed:
+            raise NoSpace("an earlier write to this file found the cache disk full; "
+                          "its changes are given up at close")
+        try:
+            yield
+        except NoSpace:
+            state.failed = True
+            state.journaled = False  # what a journal record holds is no longer to be uploaded
+            raise
 
     def _check_writable(self) -> None:
         if self.read_only or (self.lease is not None and not self.lease.writable):
@@ -358,7 +375,9 @@ class CryptFS:
     @op
     def write(self, path, data, offset, fh):
         self._check_writable()
-        return self.fhs[fh].write(offset, data)
+        state = self.fhs[fh]
+        with self._space(state):
+            return state.write(offset, data)
 
     @op
     def truncate(self, path, length, fh=None):
@@ -371,10 +390,11 @@ class CryptFS:
                 temporary = self._open_node(parent_id, name, self.ns.lookup(parent_id, name), 0)
             state = self.fhs[temporary]
         try:
-            if length == 0:
-                state.rewrite_from_scratch()
-            else:
-                state.truncate(length)
+            with self._space(state):
+                if length == 0:
+                    state.rewrite_from_scratch()
+                else:
+                    state.truncate(length)
         finally:
             if temporary is not None:
                 try:
@@ -385,7 +405,8 @@ class CryptFS:
     @op
     def flush(self, path, fh):
         state = self.fhs[fh]
-        self.wb.journal_state(state)
+        with self._space(state):
+            self.wb.journal_state(state)
         return self._report(state)
 
     def _report(self, state: FileState) -> int:
@@ -398,14 +419,17 @@ class CryptFS:
     @op
     def fsync(self, path, datasync, fh):
         state = self.fhs[fh]
-        if self.fsync_mode == "journal":
-            self.wb.journal_state(state)
-        else:
-            try:
-                self.wb.upload_now(state)
-            except CryptfsError as exc:
-                log.error("fsync upload of %s failed: %s", state.key, exc)
-                raise FuseError(errno.EIO) from None
+        with self._space(state):
+            if self.fsync_mode == "journal":
+                self.wb.journal_state(state)
+            else:
+                try:
+                    self.wb.upload_now(state)
+                except NoSpace:
+                    raise
+                except CryptfsError as exc:
+                    log.error("fsync upload of %s failed: %s", state.key, exc)
+                    raise FuseError(errno.EIO) from None
         return self._report(state)
 
     @op
@@ -416,12 +440,34 @@ class CryptFS:
             return 0
         if state.unlinked:
             self._discard(state)
-        elif state.modified:
-            self.wb.journal_state(state)
-            self.wb.schedule(state)
+            return 0
+        if state.modified and not state.failed:
+            try:
+                with self._space(state):
+                    self.wb.journal_state(state)
+            except NoSpace:
+                pass  # failed now: given up below
+            else:
+                self.wb.schedule(state)
+                return 0
+        if state.failed:
+            self._abandon(state)
         else:
             self.ns.settle(state)
         return 0
+
+    def _abandon(self, state: FileState) -> None:
+        """The last close of a file that met a full cache disk: nothing of it is uploaded, its
+        staging goes (the space comes back), and its name shows again what the bucket holds
+        under it (the version before, or nothing for a new file)."""
+        with self.ns.names.hold((state.parent_id, state.name)), state.lock:
+            if state.handles:
+                return  # opened again meanwhile: its last close gives it up
+            state.discard_staging()
+            self.journal.remove(state.uid)
+            state.modified = False  # no upload is owed
+            self.ns.abandon(state)
+        log.warning("%s: changes given up after the cache disk filled", state.key)
 
     def _discard(self, state: FileState) -> None:
         """An unlinked file's last close: drop local data; delete its object if it kept it."""
@@ -583,7 +629,8 @@ class CryptFS:
                 self._drop(target)
         self.ns.claim(*dst)  # our object takes the key: an unlinked open file there no longer owns it
         if isinstance(node, FileState) and node.modified and node.basis is not None:
-            self.wb.upload_now(node)  # the rename then copies what was written
+            with self._space(node):
+                self.wb.upload_now(node)  # the rename then copies what was written
             if not self.ns.bound(src[0], src[1], node):
                 node = self.ns.lookup(*src)  # it settled into its uploaded entry
         if isinstance(node, FileState) and node.basis is None:

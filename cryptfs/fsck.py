@@ -121,9 +121,13 @@ def _walk_dir(store: Store, directory: Entry, path: str, report: Report, reached
             report.add("metadata", where, f"{exc} (object {store.abs_key(info.key)})")
             continue
         if entry.is_dir:
-            if not store.check_backptr(entry):
-                if _stale(store, entry, where, report, repair):
-                    continue
+            try:
+                canonical = store.check_backptr(entry)
+            except CryptfsError as exc:
+                report.add("metadata", where, f"directory record unreadable: {exc}")
+                continue
+            if not canonical and _stale(store, entry, where, report, repair):
+                continue
             todo.append((entry, where))
         else:
             _check_file(store, entry, where, report)

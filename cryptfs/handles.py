@@ -53,6 +53,7 @@ class FileState:
         self.handles = 0
         self.unlinked = False
         self.error: Exception | None = None  # a failed upload, reported on the next fsync/close
+        self.failed = False          # a write met a full cache disk: ENOSPC until the last close drops it
         self.seq = SequentialDetector()
         self.remote_at_key = basis is not None  # an object (ours or an older one) sits under our key
 

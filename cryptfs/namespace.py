@@ -49,10 +49,14 @@ log = logging.getLogger(__name__)
 
 
 class AttrDB:
-    """Encrypted metadata of objects seen, persisted in sqlite under the cache directory."""
+    """Encrypted metadata of objects seen, persisted in sqlite under the cache directory.
+
+    Only a cache: a write it cannot make (a full cache disk) is skipped, logged once, and
+    costs a HEAD later; lookups, listings and unlinks never fail for it."""
 
     def __init__(self, path: str | None):
         self._lock = threading.Lock()
+        self._failing = False  # the last write failed (logged once per run of failures)
         self._db = sqlite3.connect(path or ":memory:", check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
@@ -71,13 +75,20 @@ class AttrDB:
         return json.loads(row[3])
 
     def put(self, key: str, etag: str, lm: float | None, size: int, meta: dict) -> None:
-        with self._lock:
-            self._db.execute("INSERT OR REPLACE INTO attrs VALUES (?,?,?,?,?)",
-                             (key, etag, lm, size, json.dumps(meta)))
+        self._write("INSERT OR REPLACE INTO attrs VALUES (?,?,?,?,?)", (key, etag, lm, size, json.dumps(meta)))
 
     def forget(self, key: str) -> None:
+        self._write("DELETE FROM attrs WHERE key=?", (key,))
+
+    def _write(self, sql: str, args: tuple) -> None:
         with self._lock:
-            self._db.execute("DELETE FROM attrs WHERE key=?", (key,))
+            try:
+                self._db.execute(sql, args)
+                self._failing = False
+            except sqlite3.Error as exc:
+                if not self._failing:
+                    log.warning("attribute cache not updated (%s); entries are read from the bucket", exc)
+                self._failing = True
 
     def close(self) -> None:
         with self._lock:
@@ -404,6 +415,13 @@ class Namespace:
             del d.children[state.name]
         self._seq += 1
         d.changed[state.name] = self._seq
+
+    def abandon(self, state: FileState) -> None:
+        """Unbind a file whose local changes are given up: the directory is listed again at its
+        next lookup, so the name shows what the bucket holds under it, if anything."""
+        with self._lock:
+            self._unbind(state)
+            self._dir(state.parent_id).fresh_until = 0.0
 
     def rename_state(self, state: FileState, new_parent: bytes, new_name: bytes) -> None:
         """Move a FileState to another name (with its lock held): both names change at once."""

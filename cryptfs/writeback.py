@@ -26,11 +26,16 @@ from .store import Entry, ProducedStream, Store, TagCollector
 log = logging.getLogger(__name__)
 
 INLINE_MAX = 1024 * 1024  # objects up to this size are journaled inline
+RESERVE = 1024 * 1024     # bytes set aside on the cache disk for removing journal records
 
 
 class Journal:
     """Pending uploads in a small sqlite database (WAL): one fsync per durable write, and
-    replacing a record is atomic. `_lock` serialises use of the connection."""
+    replacing a record is atomic. `_lock` serialises use of the connection.
+
+    A little space is set aside next to it (`RESERVE`) and given up when the cache disk is
+    full, so that a record can always be removed: an upload that landed, or an unlink, never
+    fails for a full disk. It is set aside again at the next write that finds room."""
 
     def __init__(self, directory: str):
         os.makedirs(directory, mode=0o700, exist_ok=True)
@@ -39,6 +44,20 @@ class Journal:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("CREATE TABLE IF NOT EXISTS pending (uid TEXT PRIMARY KEY, record TEXT)")
         self._lock = threading.Lock()
+        self._reserve = os.path.join(directory, "reserve")
+        self._spent = True  # the reserve is to be set aside (again)
+        self._set_aside()
+
+    def _set_aside(self) -> None:
+        try:
+            fd = os.open(self._reserve, os.O_WRONLY | os.O_CREAT, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, RESERVE)
+                self._spent = False
+            finally:
+                os.close(fd)
+        except OSError:
+            pass  # no room yet
 
     def write(self, uid: str, record: dict, durable: bool = True) -> None:
         """Replace a record atomically; durable means on disk when this returns."""
@@ -46,6 +65,8 @@ class Journal:
             with self._lock:
                 self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'OFF'}")
                 self._db.execute("INSERT OR REPLACE INTO pending VALUES (?, ?)", (uid, json.dumps(record)))
+                if self._spent:
+                    self._set_aside()
         except sqlite3.OperationalError as exc:
             if "full" in str(exc):
                 raise NoSpace("no space left on the cache disk for the journal") from None
@@ -61,8 +82,18 @@ class Journal:
 
     def remove(self, uid: str) -> None:
         with self._lock:
+            if self._db.execute("SELECT 1 FROM pending WHERE uid=?", (uid,)).fetchone() is None:
+                return  # nothing to write
             self._db.execute("PRAGMA synchronous=OFF")
-            self._db.execute("DELETE FROM pending WHERE uid=?", (uid,))
+            try:
+                self._db.execute("DELETE FROM pending WHERE uid=?", (uid,))
+            except sqlite3.OperationalError as exc:
+                if "full" not in str(exc) or self._spent:
+                    raise
+                log.warning("cache disk full: giving up the journal's reserve to remove a record")
+                os.unlink(self._reserve)
+                self._spent = True
+                self._db.execute("DELETE FROM pending WHERE uid=?", (uid,))
 
     def records(self) -> list[dict]:
         with self._lock:

@@ -367,8 +367,12 @@ class RawObjects:
         self.client.put_object(Bucket=self.bucket, Key=self.prefix + key, Body=body, Metadata=metadata or {})
 
     def delete(self, key: str) -> None:
-        if self.kind == "local":
+        if self.kind == "local":  # emptied directories go too: as on S3, and as the backend does
             os.unlink(self._path(key))
+            parent = os.path.dirname(self._path(key))
+            while parent != self.root and not os.listdir(parent):
+                os.rmdir(parent)
+                parent = os.path.dirname(parent)
         else:
             self.client.delete_object(Bucket=self.bucket, Key=self.prefix + key)
 
