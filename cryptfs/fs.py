@@ -22,7 +22,7 @@ from .handles import FileState
 from .namespace import ROOT_LOC, Namespace
 from .reader import BlockReader
 from .store import Entry, Store
-from .writeback import Journal, WriteBack, mkdir_journaled, rename_journaled
+from .writeback import Journal, WriteBack, mkdir_journaled, recover_record, rename_journaled
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +156,13 @@ class CryptFS:
             state.failed = True
             state.journaled = False  # what a journal record holds is no longer to be uploaded
             raise
+
+    def _change(self, state: FileState, change):
+        """Every change to a file's contents: the version its last close journaled is kept
+        for recovery first (write-back), and a full cache disk fails the file (`_space`)."""
+        with self._space(state), state.lock:
+            self.wb.keep_closed_version(state)
+            return change()
 
     def _check_writable(self) -> None:
         if self.read_only or (self.lease is not None and not self.lease.writable):
@@ -329,7 +336,7 @@ class CryptFS:
         fh = self._handle(state)
         if flags & os.O_TRUNC and (state.size or state.basis is not None):
             try:
-                state.rewrite_from_scratch()
+                self._change(state, state.rewrite_from_scratch)
             except BaseException:
                 self.release(None, fh)
                 raise
@@ -376,8 +383,7 @@ class CryptFS:
     def write(self, path, data, offset, fh):
         self._check_writable()
         state = self.fhs[fh]
-        with self._space(state):
-            return state.write(offset, data)
+        return self._change(state, lambda: state.write(offset, data))
 
     @op
     def truncate(self, path, length, fh=None):
@@ -390,11 +396,7 @@ class CryptFS:
                 temporary = self._open_node(parent_id, name, self.ns.lookup(parent_id, name), 0)
             state = self.fhs[temporary]
         try:
-            with self._space(state):
-                if length == 0:
-                    state.rewrite_from_scratch()
-                else:
-                    state.truncate(length)
+            self._change(state, state.rewrite_from_scratch if length == 0 else lambda: state.truncate(length))
         finally:
             if temporary is not None:
                 try:
@@ -464,10 +466,17 @@ class CryptFS:
             if state.handles:
                 return  # opened again meanwhile: its last close gives it up
             state.discard_staging()
-            self.journal.remove(state.uid)
+            record = self.journal.get(state.uid)
             state.modified = False  # no upload is owed
             self.ns.abandon(state)
         log.warning("%s: changes given up after the cache disk filled", state.key)
+        if record is not None and (record.get("staging") or "").endswith(".closed.obj"):
+            try:  # the version an earlier close journaled still goes to the bucket
+                recover_record(self.store, self.journal, record)
+            except CryptfsError as exc:
+                log.warning("%s: the closed version stays in the journal for the next mount: %s", state.key, exc)
+        else:
+            self.journal.remove(state.uid)
 
     def _discard(self, state: FileState) -> None:
         """An unlinked file's last close: drop local data; delete its object if it kept it."""
@@ -700,7 +709,8 @@ class CryptFS:
         if states:
             log.info("unmount: uploading %d pending file(s)", len(states))
         failed = self.wb.drain(states)
-        self.unmount_failed = len(failed)
+        left = [r for r in self.journal.records() if "staging" in r or "inline" in r]
+        self.unmount_failed = max(len(failed), len(left))  # the journal is the truth: what it still holds
         self.wb.stop()
         self._stop.set()
         dirs_failed = self.ns.flush_dirs()

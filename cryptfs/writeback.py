@@ -10,6 +10,7 @@ mount uploads it (into /lost+found if its directory is gone).
 """
 
 import concurrent.futures as cf
+import errno
 import heapq
 import json
 import logging
@@ -236,6 +237,35 @@ class WriteBack:
             runs = state.prepare(sync=not self._inline(state))
             self.journal.write(state.uid, self.record(state, runs))
             state.journaled, state.journaled_at = True, state.changes
+            _unlink(kept_path(state))
+
+    def keep_closed_version(self, state: FileState) -> None:
+        """Before the first change after a close (or flush): that close's journal record names
+        the staging file, which the change would overwrite in place. Copy it aside and point
+        the record there, so a crash before the next close recovers the closed version, never
+        a mix of it and unclosed writes. Small files are journaled inline: nothing to do."""
+        with state.lock:
+            if not (state.journaled and state.journaled_at == state.changes) or state.fd is None:
+                return
+            record = self.journal.get(state.uid)
+            if record is None or record.get("staging") != state.staging_path:
+                return
+            kept = kept_path(state)
+            try:
+                fd = os.open(kept, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                try:
+                    size, pos = os.fstat(state.fd).st_size, 0
+                    while pos < size:
+                        pos += os.write(fd, os.pread(state.fd, min(8 << 20, size - pos), pos))
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            except OSError as exc:
+                _unlink(kept)
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise NoSpace("no space left on the cache disk to keep the closed version") from None
+                raise
+            self.journal.write(state.uid, {**record, "staging": kept})
 
     def rejournal(self, state: FileState) -> None:
         """After a rename or attribute change of a journaled file: atomic, durable with the next flush."""
@@ -260,6 +290,7 @@ class WriteBack:
                 state.journaled, state.journaled_at = True, state.changes
             entry = self._send(state, record)
             self.journal.remove(state.uid)
+            _unlink(kept_path(state))
             state.uploaded(entry)
             self.on_uploaded(state, entry)  # still under the lock: no rename or unlink in between
 
@@ -412,13 +443,26 @@ def recover(store: Store, journal: Journal) -> list[str]:
                 done.append(_finish_mkdir(store, record["mkdir"]))
                 journal.remove(record["uid"])
                 continue
-            done.append(_recover_one(store, journal, record))
+            done.append(recover_record(store, journal, record))
         except Exception as exc:
             log.error("journal record %s not recovered yet: %s", record.get("uid"), exc)
     return done
 
 
-def _recover_one(store: Store, journal: Journal, record: dict) -> str:
+def kept_path(state: FileState) -> str:
+    """Where keep_closed_version copies a staging file (its name starts with the uid, so
+    the mount's cleanup of unjournaled staging files keeps it while its record lives)."""
+    return state.staging_path[:-len(".obj")] + ".closed.obj"
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def recover_record(store: Store, journal: Journal, record: dict) -> str:
     if record.get("staging") and not os.path.exists(record["staging"]):
         if record.get("upload"):
             store.abort_upload(*record["upload"])
@@ -448,10 +492,7 @@ def _recover_one(store: Store, journal: Journal, record: dict) -> str:
             store.delete_key(old)
     journal.remove(record["uid"])
     if record.get("staging"):
-        try:
-            os.unlink(record["staging"])
-        except FileNotFoundError:
-            pass
+        _unlink(record["staging"])
     return key
 
 
