@@ -22,7 +22,7 @@ from .handles import FileState
 from .namespace import ROOT_LOC, Namespace
 from .reader import BlockReader
 from .store import Entry, Store
-from .writeback import Journal, WriteBack, mkdir_journaled, recover_record, rename_journaled
+from .writeback import Journal, WriteBack, mkdir_journaled, recover_record, rename_journaled, rmdir_journaled
 
 log = logging.getLogger(__name__)
 
@@ -574,7 +574,7 @@ class CryptFS:
         for state in self.ns.doomed_in(entry.obj_id):  # unlinked files still open: their objects go now
             if self.ns.release_doomed(state):
                 self.store.delete_key(state.key)
-        self.store.remove(entry)  # checks the bucket too: entries of another mount
+        rmdir_journaled(self.store, self.journal, entry)  # checks the bucket too: entries of another mount
 
     @op
     def symlink(self, path, target):

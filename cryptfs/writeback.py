@@ -394,6 +394,30 @@ def mkdir_journaled(store: Store, journal: Journal, parent_id: bytes, name: byte
     return entry
 
 
+def rmdir_journaled(store: Store, journal: Journal, entry: Entry) -> None:
+    """store.remove of a directory with an intent recorded first: a crash between its two
+    deletes (entry, then back-pointer) leaves a back-pointer the next mount removes."""
+    uid = "rmdir-" + entry.obj_id.hex()
+    journal.write(uid, {"uid": uid, "rmdir": {"child": entry.obj_id.hex(), "key": entry.key}}, durable=False)
+    store.remove(entry)
+    journal.remove(uid)  # a failure leaves the record: the next mount settles it
+
+
+def _finish_rmdir(store: Store, intent: dict) -> str:
+    """An interrupted rmdir: once its entry is gone, its back-pointer goes too, if it named
+    that entry (a stale entry is removed alone; the directory belongs to another)."""
+    try:
+        store.head(intent["key"])
+        return f"rmdir of {intent['key']} had not started"
+    except NotFound:
+        pass
+    child = bytes.fromhex(intent["child"])
+    loc = store.read_backptr(child)
+    if loc is not None and store.entry_key(*loc) == intent["key"]:
+        store.delete_key(store.backptr_key(child))
+    return f"finished rmdir of {intent['key']}"
+
+
 def _finish_mkdir(store: Store, intent: dict) -> str:
     """An interrupted mkdir: keep the directory if its entry was stored, else remove its back-pointer."""
     child = bytes.fromhex(intent["child"])
@@ -441,6 +465,10 @@ def recover(store: Store, journal: Journal) -> list[str]:
                 continue
             if "mkdir" in record:
                 done.append(_finish_mkdir(store, record["mkdir"]))
+                journal.remove(record["uid"])
+                continue
+            if "rmdir" in record:
+                done.append(_finish_rmdir(store, record["rmdir"]))
                 journal.remove(record["uid"])
                 continue
             done.append(recover_record(store, journal, record))

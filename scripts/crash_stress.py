@@ -380,8 +380,9 @@ class Volume:
     def umount(self) -> int:
         return self.cli("umount", self.mnt, "--timeout", "300", check=False).returncode
 
-    def fsck(self) -> int:
-        return self.cli("fsck", self.url, check=False).returncode
+    def fsck(self) -> tuple[int, list[str]]:
+        proc = self.cli("fsck", self.url, check=False)
+        return proc.returncode, [line for line in proc.stdout.splitlines() if "checked;" not in line]
 
     def close(self):
         if os.path.ismount(self.mnt):
@@ -428,7 +429,9 @@ def stress(vol: Volume, workload, kills: int, max_delay: float) -> dict:
         row["lost"] += len(problems)
         row["problems"] += problems
         row["umount"].add(vol.umount())
-        row["fsck"].add(vol.fsck())
+        code, found = vol.fsck()
+        row["fsck"].add(code)
+        row["problems"] += [f"fsck: {line}" for line in found]
     return row
 
 

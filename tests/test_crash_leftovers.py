@@ -163,3 +163,32 @@ def test_fsck_repair_refused_while_mounted(volume_factory, own_mounts):
     assert refused.returncode == 10 and "mounted read-write" in refused.stderr, refused
     m.umount()
     assert _fsck(ref, "--repair").returncode == 0
+
+
+@pytest.mark.parametrize("kind", ["local", "s3"])
+def test_kill_between_the_deletes_of_an_rmdir(volume_factory, own_mounts, tmp_path, kind):
+    """Killed after the entry was deleted, before the back-pointer: the remount removes it."""
+    ref = volume_factory(kind)
+    m = own_mounts(ref)
+    os.mkdir(m.path("gone"))
+    os.mkdir(m.path("kept"))
+    m.umount()
+    store = ref.store()
+    child = ref.entry("gone").obj_id
+    env, arrived = _pause_rule(tmp_path, ops=["delete"], key_contains=store.backptr_key(child))
+    m.env = env
+    m.mount()
+    remover = threading.Thread(target=lambda: _catch([], os.rmdir, m.path("gone")), daemon=True)
+    remover.start()
+    _wait_for(arrived)
+    _kill(m)
+    remover.join(10)
+    found = _fsck(ref)
+    assert found.returncode == 5 and "orphan-directory" in found.stdout, found
+
+    m.env = None
+    m.mount()
+    assert sorted(os.listdir(m.mountpoint)) == ["kept"]
+    m.umount()
+    result = _fsck(ref)
+    assert result.returncode == 0, result
