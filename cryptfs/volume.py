@@ -170,18 +170,20 @@ def create(backend: Backend, prefix: str, passphrase: bytes, block_size: int = f
 
 def read_config(backend: Backend, prefix: str) -> tuple[dict, str]:
     """(envelope, etag) of the volume config, falling back to the backup copy."""
-    last_error: Exception | None = None
+    problems: list[Exception] = []
     for name in (CONFIG_NAME, BACKUP_NAME):
         try:
             raw, info = backend.get(prefix + name)
             return json.loads(raw), info.etag
-        except NotFound as exc:
-            last_error = exc
+        except NotFound:
+            pass
+        except FormatError as exc:   # foreign: the other copy may do
+            problems.append(exc)
         except ValueError as exc:
-            last_error = FormatError(f"volume config {prefix + name} is not valid JSON ({exc})")
-    if isinstance(last_error, NotFound):
+            problems.append(FormatError(f"volume config {prefix + name} is not valid JSON ({exc})"))
+    if not problems:
         raise VolumeNotFound(f"no cryptfs volume at {backend.url}/{prefix}")
-    raise last_error
+    raise problems[0]
 
 
 def find_prefix(backend: Backend, path: str) -> str:

@@ -15,7 +15,8 @@ import threading
 import uuid
 from typing import BinaryIO, Iterator
 
-from ..errors import BackendError, BucketNotFound, NoSpace, NotFound, PreconditionFailed
+from ..errors import (AccessDenied, BackendError, BucketNotFound, FormatError, NoSpace, NotFound,
+                      PreconditionFailed)
 from .base import Backend, ObjectInfo
 
 META_BLOCK = 4096
@@ -51,6 +52,8 @@ class LocalBackend(Backend):
             return open(self._path(key), "rb")
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             raise NotFound(f"no object {key}") from None
+        except PermissionError:
+            raise AccessDenied(f"{key}: permission denied in {self.root}") from None
 
     def _read_meta(self, f) -> dict:
         raw = f.read(META_BLOCK)
@@ -62,8 +65,8 @@ class LocalBackend(Backend):
                 raise ValueError("not an object")
             return meta
         except ValueError:
-            raise BackendError(f"{f.name}: not an object file of the local backend "
-                               "(bad metadata block)") from None
+            raise FormatError(f"{f.name}: not an object file of the local backend "
+                              "(bad metadata block)") from None
 
     def head(self, key: str) -> ObjectInfo:
         with self._open(key) as f:
