@@ -10,15 +10,15 @@ import sys
 
 from . import __version__, config, fsck, keys, transfer, volume
 from . import format as fmt
-from .errors import (EXIT_INTEGRITY, EXIT_OK, EXIT_USAGE, CryptfsError, IsADirectory, NotFound,
-                     UsageError)
+from .errors import (EXIT_INTEGRITY, EXIT_OK, EXIT_USAGE, CryptfsError, IntegrityError, IsADirectory,
+                     NotFound, UsageError)
 from .store import Store, default_attrs
 from .target import Target, for_init, locate
 
 EPILOG = """\
 Exit codes: 0 ok, 1 other error, 2 usage (bad option or value, missing local file),
 3 wrong passphrase or key mismatch, 4 not found, 5 integrity (tampered/foreign data;
-fsck found problems), 6 endpoint unreachable, 7 no credentials or access denied, 8 already exists, 9 local disk full.
+fsck found problems; decrypt could not restore some files), 6 endpoint unreachable, 7 no credentials or access denied, 8 already exists, 9 local disk full.
 
 The passphrase comes from $CRYPTFS_PASSPHRASE, --passphrase-file, or a prompt; never from
 an argument. AWS credentials come from boto3's usual chain (environment, --profile, role).
@@ -193,7 +193,7 @@ def cmd_get(args) -> int:
     entry = store.resolve(target.parts)
     if os.path.isdir(dest) and not entry.is_dir:
         dest = os.path.join(dest, os.fsdecode(entry.name))
-    transfer.get_entry(store, entry, dest, args.quiet)
+    transfer.get_entry(store, entry, dest, show(target.parts), args.quiet)
     return EXIT_OK
 
 
@@ -203,8 +203,11 @@ def cmd_cat(args) -> int:
     if entry.is_dir:
         raise IsADirectory(f"{show(target.parts)} is a directory")
     out = sys.stdout.buffer
-    for chunk in store.iter_plain(entry):
-        out.write(chunk)
+    try:
+        for chunk in store.iter_plain(entry):
+            out.write(chunk)
+    except CryptfsError as exc:
+        raise exc.about(show(target.parts))
     out.flush()
     return EXIT_OK
 
@@ -304,9 +307,15 @@ def cmd_decrypt(args) -> int:
     local_destination(args.dest)
     store, target = open_target(args)
     entry = store.resolve(target.parts)
-    written = transfer.get_entry(store, entry, args.dest, args.quiet, resume=True)
+    done = transfer.Restored()
+    transfer.get_entry(store, entry, args.dest, show(target.parts), args.quiet, done)
     if not args.quiet:
-        print(f"{written} file(s) written to {args.dest} (unchanged files skipped)", file=sys.stderr)
+        print(f"cryptfs: {done.written} file(s) written to {args.dest} (unchanged files skipped)", file=sys.stderr)
+    for where, exc in sorted(done.failed, key=lambda failure: failure[0]):
+        print(f"cryptfs: not restored: {where}: {exc}", file=sys.stderr)
+    if done.failed:
+        raise IntegrityError(f"{len(done.failed)} file(s) could not be restored (listed above); "
+                             "the rest is restored, and a rerun retries only those")
     return EXIT_OK
 
 

@@ -3,6 +3,7 @@ S3 server over HTTP. Round trips first, then every documented failure: exit code
 `cryptfs: error:` line, no traceback, and nothing stored damaged.
 """
 
+import base64
 import datetime
 import os
 import random
@@ -271,6 +272,57 @@ def test_decrypt_resumable(populated, src_tree, tmp_path):
     again = assert_cli_ok(populated.cli("decrypt", populated.url, str(dest)))
     assert "0 file(s) written" in again.stderr
     assert_same_tree(src_tree, str(dest / "src"))
+
+
+def test_decrypt_continues_past_bad_files(scratch, tmp_path):
+    """A tampered block in one file and tampered attributes of another: every other file is
+    restored, each bad one is named with its reason, exit 5; once the objects are put back a
+    rerun restores just those two and exits 0."""
+    vol = scratch
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    rng = random.Random(7)
+    files = {"a.txt": b"first\n", "m-block.bin": rng.randbytes(2 * BS + 10), "n-attrs.txt": b"attrs\n",
+             "sub/z.txt": b"last\n"}
+    for rel, body in files.items():
+        write(src / rel, body)
+    keys = {}
+    assert_cli_ok(vol.cli("mkdir", vol.path("t_decrypt")))
+    for rel in files:
+        parent = vol.path("t_decrypt", os.path.dirname(rel))
+        if rel.startswith("sub/") and not vol.entry("t_decrypt/sub"):
+            assert_cli_ok(vol.cli("mkdir", parent))
+        keys[rel] = _file_object(vol, lambda: assert_cli_ok(vol.cli("put", str(src / rel), vol.path("t_decrypt", rel))))
+    originals = {rel: vol.raw.read(keys[rel]) for rel in ("m-block.bin", "n-attrs.txt")}
+    vol.raw.flip(keys["m-block.bin"], fmt.HEADER_SIZE + fmt.block_ct_size(BS) + 100)   # block 1
+    body, meta = originals["n-attrs.txt"]
+    blob = bytearray(base64.b64decode(meta[fmt.META_ATTR]))
+    blob[-1] ^= 1
+    vol.raw.write(keys["n-attrs.txt"], body, {**meta, fmt.META_ATTR: base64.b64encode(bytes(blob)).decode()})
+    dest = tmp_path / "restore"
+    try:
+        first = vol.cli("decrypt", vol.path("t_decrypt"), str(dest))
+        assert_cli_error(first, errors.EXIT_INTEGRITY, "2 file(s) could not be restored")
+        failed = [line for line in first.stderr.splitlines() if line.startswith("cryptfs: not restored: ")]
+        assert len(failed) == 2, first
+        assert failed[0].startswith("cryptfs: not restored: /t_decrypt/m-block.bin: block 1 failed"), first
+        assert failed[1].startswith("cryptfs: not restored: /t_decrypt/n-attrs.txt: attribute blob"), first
+        assert "2 file(s) written" in first.stderr
+        assert sorted(os.listdir(dest)) == ["a.txt", "sub"] and os.listdir(dest / "sub") == ["z.txt"]
+        assert_same_file(str(src / "a.txt"), str(dest / "a.txt"))
+        assert_same_file(str(src / "sub/z.txt"), str(dest / "sub/z.txt"))
+        again = vol.cli("decrypt", vol.path("t_decrypt"), str(dest))
+        assert_cli_error(again, errors.EXIT_INTEGRITY, "2 file(s) could not be restored")
+        assert "0 file(s) written" in again.stderr
+    finally:
+        for rel, (body, meta) in originals.items():
+            vol.raw.write(keys[rel], body, meta)
+    resumed = assert_cli_ok(vol.cli("decrypt", vol.path("t_decrypt"), str(dest)))
+    assert "2 file(s) written" in resumed.stderr and "not restored" not in resumed.stderr
+    assert partials(str(dest)) == []
+    for rel in files:
+        assert_same_file(str(src / rel), str(dest / rel))
+    vol.assert_clean()
 
 
 def test_fsck_clean(populated, src_tree):
