@@ -8,7 +8,7 @@ import os
 import stat
 import sys
 
-from . import __version__, config, fsck, keys, transfer, volume
+from . import __version__, config, fsck, keys, localstate, logs, transfer, volume
 from . import format as fmt
 from .errors import (EXIT_INTEGRITY, EXIT_OK, EXIT_USAGE, CryptfsError, IntegrityError, IsADirectory,
                      NotFound, UsageError)
@@ -16,9 +16,11 @@ from .store import Store, default_attrs
 from .target import Target, for_init, locate
 
 EPILOG = """\
-Exit codes: 0 ok, 1 other error, 2 usage (bad option or value, missing local file),
-3 wrong passphrase or key mismatch, 4 not found, 5 integrity (tampered/foreign data;
-fsck found problems; decrypt could not restore some files), 6 endpoint unreachable, 7 no credentials or access denied, 8 already exists, 9 local disk full.
+Exit codes: 0 ok, 1 other error, 2 usage (bad option or value, missing local file, local
+state another user owns or can write), 3 wrong passphrase or key mismatch, 4 not found,
+5 integrity (tampered/foreign data; fsck found problems; decrypt could not restore some
+files), 6 endpoint unreachable, 7 no credentials or access denied, 8 already exists,
+9 local disk full.
 
 The passphrase comes from $CRYPTFS_PASSPHRASE, --passphrase-file, or a prompt; never from
 an argument. AWS credentials come from boto3's usual chain (environment, --profile, role).
@@ -345,17 +347,16 @@ def cmd_mount(args) -> int:
         if getattr(args, name) is not None:
             setattr(settings, name, getattr(args, name))
     options = mount.parse_options(args.options or [])
+    if "debug" in options and not args.log_names:
+        raise UsageError("-o debug logs every file name in plaintext; add --log-names to allow that")
     mountpoint = mount.check_mountpoint(args.mountpoint, nonempty=bool(options.get("nonempty")))
     store, target = open_target(args)
     if target.parts:
         raise UsageError("mount the volume root (a URL without a path inside the volume)")
     if options.get("allow_other"):
         options["default_permissions"] = True
-    from .namespace import cache_root
-    root = cache_root(store.vol.volume_id, settings.cache_dir)
-    os.makedirs(root, mode=0o700, exist_ok=True)
-    logging.getLogger().setLevel(logging.DEBUG if args.verbose else logging.INFO)
-    logging.getLogger("botocore").setLevel(logging.WARNING if args.verbose else logging.CRITICAL)
+    root = localstate.cache_dir(store.vol.volume_id, settings.cache_dir)
+    logs.configure(args.verbose, args.log_names, logging.INFO)
     code = mount.daemonize_and_run(store, settings, mountpoint, options, args.foreground,
                                    os.path.join(root, "mount.log"))
     if code == 0 and not args.foreground and not args.quiet:
@@ -410,6 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--owner-fingerprint", metavar="FP", help="refuse a volume signed by another owner key")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     g.add_argument("-v", "--verbose", action="store_true", help="log details to stderr")
+    g.add_argument("--log-names", action="store_true", help="let plaintext file names into log "
+                   "records, for debugging (they are left out otherwise, at every level)")
 
     parser = Parser(
         prog="cryptfs", description="End-to-end encrypted files on S3 or a local directory.",
@@ -504,7 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="unmount, waiting until pending uploads are done",
                        epilog="example:\n  cryptfs umount ~/secure",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.set_defaults(func=cmd_umount, verbose=False)
+    p.set_defaults(func=cmd_umount, verbose=False, log_names=False)
     p.add_argument("mountpoint")
     p.add_argument("--timeout", type=number(float, 0, None, "--timeout"), help="give up waiting after this many seconds")
     return parser
@@ -519,10 +522,7 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:   # a value the type check of its flag refused
         print(f"cryptfs: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="cryptfs: %(levelname)s: %(message)s")
-    if not args.verbose:
-        logging.getLogger("botocore").setLevel(logging.CRITICAL)
+    logs.configure(args.verbose, args.log_names)
     try:
         return args.func(args)
     except CryptfsError as exc:

@@ -13,11 +13,12 @@ import subprocess
 import sys
 import time
 
+from . import localstate
 from .cache import BlockCache, DiskCache
 from .config import VolumeSettings
 from .errors import CryptfsError, UsageError
 from .fs import CryptFS
-from .namespace import AttrDB, Namespace, cache_root
+from .namespace import AttrDB, Namespace
 from .reader import BlockReader
 from .store import Store
 from .volume import state_dir
@@ -69,9 +70,7 @@ class Mount:
 
     def __init__(self, store: Store, settings: VolumeSettings, read_only: bool = False):
         self.store = store
-        root = cache_root(store.vol.volume_id, settings.cache_dir)
-        os.makedirs(root, mode=0o700, exist_ok=True)
-        self.root = root
+        self.root = root = localstate.cache_dir(store.vol.volume_id, settings.cache_dir)
         self.journal = Journal(os.path.join(root, "journal"))
         self.staging = os.path.join(root, "staging")
         os.makedirs(self.staging, mode=0o700, exist_ok=True)
@@ -173,17 +172,18 @@ def daemonize_and_run(store: Store, settings: VolumeSettings, mountpoint: str, o
                       foreground: bool, log_path: str) -> int:
     """Mount; in the background unless foreground. Returns once mounted (or failed)."""
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core dump ever holds unwrapped keys
+    os.umask(0o077)  # every file of the mount's local state is the user's alone
     if foreground:
         _write_pid(mountpoint)
         run(store, settings, mountpoint, options, True)
         return 0
+    logfd = localstate.private_file(log_path, os.O_WRONLY | os.O_APPEND)
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid == 0:  # the mount process
         os.close(read_fd)
         os.setsid()
         devnull = os.open(os.devnull, os.O_RDWR)
-        logfd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         os.dup2(devnull, 0)
         os.dup2(logfd, 1)
         os.dup2(logfd, 2)
@@ -204,6 +204,7 @@ def daemonize_and_run(store: Store, settings: VolumeSettings, mountpoint: str, o
             logging.shutdown()
             os._exit(code)
     os.close(write_fd)
+    os.close(logfd)
     os.read(read_fd, 1)
     os.close(read_fd)
     deadline = time.monotonic() + 60
@@ -247,7 +248,8 @@ def _read_status(mountpoint: str) -> str | None:
 
 def _write_pid(mountpoint: str) -> None:
     path = pidfile(mountpoint)
-    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    localstate.private_dir(state_dir())
+    localstate.private_dir(os.path.dirname(path))
     with open(path, "w") as f:
         f.write(str(os.getpid()))
 

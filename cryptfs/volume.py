@@ -14,7 +14,7 @@ import threading
 from dataclasses import dataclass, field
 
 from . import format as fmt
-from . import keys
+from . import keys, localstate
 from .backend.base import Backend
 from .errors import (AlreadyExists, FormatError, IntegrityError, KeyMismatch, NotFound,
                      PreconditionFailed, VolumeNotFound)
@@ -64,9 +64,9 @@ class KnownVolumes:
                 if generation == seen["generation"] and seen.get("url") == url:
                     return
             known[volume_id] = {"fingerprint": fp, "generation": generation, "url": url}
-            os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+            localstate.private_dir(os.path.dirname(self.path))
             tmp = f"{self.path}.{os.getpid()}.tmp"
-            with open(tmp, "w") as f:
+            with open(localstate.private_file(tmp, os.O_WRONLY | os.O_TRUNC), "w") as f:
                 json.dump(known, f, indent=1)
             os.replace(tmp, self.path)
 
