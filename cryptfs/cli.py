@@ -312,7 +312,8 @@ def cmd_decrypt(args) -> int:
     done = transfer.Restored()
     transfer.get_entry(store, entry, args.dest, show(target.parts), args.quiet, done)
     if not args.quiet:
-        print(f"cryptfs: {done.written} file(s) written to {args.dest} (unchanged files skipped)", file=sys.stderr)
+        print(f"cryptfs: {done.written} file(s) written to {args.dest} (unchanged files skipped)",
+              file=sys.stderr)
     for where, exc in sorted(done.failed, key=lambda failure: failure[0]):
         print(f"cryptfs: not restored: {where}: {exc}", file=sys.stderr)
     if done.failed:
@@ -501,7 +502,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds after close before uploading (default 2)")
     p.add_argument("--fsync", choices=["upload", "journal"],
                    help="what fsync waits for: the upload to S3 (default) or the local journal")
-    p.add_argument("--attr-ttl", type=setting("attr_ttl"), help="seconds listings and attributes are trusted (default 5)")
+    p.add_argument("--attr-ttl", type=setting("attr_ttl"),
+                   help="seconds listings and attributes are trusted (default 5)")
 
     p = sub.add_parser("umount", help="unmount, waiting until pending uploads are done",
                        description="unmount, waiting until pending uploads are done",
@@ -509,7 +511,8 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.set_defaults(func=cmd_umount, verbose=False, log_names=False)
     p.add_argument("mountpoint")
-    p.add_argument("--timeout", type=number(float, 0, None, "--timeout"), help="give up waiting after this many seconds")
+    p.add_argument("--timeout", type=number(float, 0, None, "--timeout"),
+                   help="give up waiting after this many seconds")
     return parser
 
 

@@ -286,13 +286,9 @@ def test_decrypt_continues_past_bad_files(scratch, tmp_path):
              "sub/z.txt": b"last\n"}
     for rel, body in files.items():
         write(src / rel, body)
-    keys = {}
-    assert_cli_ok(vol.cli("mkdir", vol.path("t_decrypt")))
-    for rel in files:
-        parent = vol.path("t_decrypt", os.path.dirname(rel))
-        if rel.startswith("sub/") and not vol.entry("t_decrypt/sub"):
-            assert_cli_ok(vol.cli("mkdir", parent))
-        keys[rel] = _file_object(vol, lambda: assert_cli_ok(vol.cli("put", str(src / rel), vol.path("t_decrypt", rel))))
+    assert_cli_ok(vol.cli("mkdir", "-p", vol.path("t_decrypt", "sub")))
+    keys = {rel: _file_object(vol, lambda: assert_cli_ok(vol.cli("put", str(src / rel), vol.path("t_decrypt", rel))))
+            for rel in files}
     originals = {rel: vol.raw.read(keys[rel]) for rel in ("m-block.bin", "n-attrs.txt")}
     vol.raw.flip(keys["m-block.bin"], fmt.HEADER_SIZE + fmt.block_ct_size(BS) + 100)   # block 1
     body, meta = originals["n-attrs.txt"]
