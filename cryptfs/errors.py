@@ -21,6 +21,12 @@ class CryptfsError(Exception):
     errno = errno.EIO
     exit_code = EXIT_ERROR
 
+    def about(self, where: str) -> "CryptfsError":
+        """This error, its message led by the path it concerns: for what a command prints,
+        never for log records (they name no plaintext path)."""
+        self.args = (f"{where}: {self}",)
+        return self
+
 
 class UsageError(CryptfsError):
     errno = errno.EINVAL

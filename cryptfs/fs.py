@@ -18,6 +18,7 @@ from dataclasses import replace
 
 from . import format as fmt
 from .errors import AlreadyExists, CryptfsError, NoSpace, NotFound
+from .logs import shown
 from .handles import FileState
 from .namespace import ROOT_LOC, Namespace
 from .reader import BlockReader
@@ -44,18 +45,19 @@ def op(func):
     """Translate cryptfs errors into errno; log anything unexpected as EIO."""
     @functools.wraps(func)
     def wrapper(self, *args):
+        where = f" {shown(args[0])}" if args and isinstance(args[0], str) else ""
         try:
             return func(self, *args)
         except CryptfsError as exc:
             if exc.errno in (errno.EIO, errno.EACCES):  # the rest is ordinary use
-                log.error("%s %s: %s", func.__name__, args[0] if args else "", exc)
+                log.error("%s%s: %s", func.__name__, where, exc)
             elif exc.errno == errno.ENOSPC:
-                log.warning("%s %s: %s", func.__name__, args[0] if args else "", exc)
+                log.warning("%s%s: %s", func.__name__, where, exc)
             raise FuseError(exc.errno) from None
         except OSError:
             raise
         except Exception:
-            log.exception("%s%s failed", func.__name__, args[:1])
+            log.exception("%s%s failed", func.__name__, where)
             raise FuseError(errno.EIO) from None
     return wrapper
 

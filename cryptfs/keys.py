@@ -19,6 +19,7 @@ from .errors import FormatError, IntegrityError, WrongPassphrase
 
 DEFAULT_RSA_BITS = 3072
 MIN_RSA_BITS = 2048
+MAX_RSA_BITS = 16384
 SCRYPT_MIN_N = 2 ** 17
 SCRYPT_MIN_R = 8
 DATA_KEY_LABEL = b"cryptfs v1 data key"
@@ -33,8 +34,8 @@ def _oaep(label: bytes) -> padding.OAEP:
 
 
 def generate_rsa(bits: int = DEFAULT_RSA_BITS) -> rsa.RSAPrivateKey:
-    if bits < MIN_RSA_BITS:
-        raise ValueError(f"RSA keys below {MIN_RSA_BITS} bits are refused")
+    if not MIN_RSA_BITS <= bits <= MAX_RSA_BITS:
+        raise ValueError(f"RSA keys of {bits} bits are refused ({MIN_RSA_BITS} to {MAX_RSA_BITS})")
     return rsa.generate_private_key(public_exponent=65537, key_size=bits)
 
 

@@ -13,12 +13,13 @@ import subprocess
 import sys
 import time
 
+from . import localstate
 from .cache import BlockCache, DiskCache
 from .config import VolumeSettings
 from .errors import CryptfsError, UsageError
 from .fs import CryptFS
 from .lease import CacheLock, FencedBackend, Lease, cache_id, take_journal
-from .namespace import AttrDB, Namespace, cache_root
+from .namespace import AttrDB, Namespace
 from .reader import BlockReader
 from .store import Store
 from .volume import state_dir
@@ -70,9 +71,7 @@ class Mount:
 
     def __init__(self, store: Store, settings: VolumeSettings, read_only: bool = False):
         self.store = store
-        root = cache_root(store.vol.volume_id, settings.cache_dir)
-        os.makedirs(root, mode=0o700, exist_ok=True)
-        self.root = root
+        self.root = root = localstate.cache_dir(store.vol.volume_id, settings.cache_dir)
         self.journal = Journal(os.path.join(root, "journal"))
         self.staging = os.path.join(root, "staging")
         os.makedirs(self.staging, mode=0o700, exist_ok=True)
@@ -98,8 +97,7 @@ class Mount:
 def hold(store: Store, settings: VolumeSettings, read_only: bool, break_lease: bool = False):
     """Before the mount forks: lock the cache directory; for a read-write mount take the lease
     and decide whether the journal found there may be replayed (lease.py). -> (lock, lease)."""
-    root = cache_root(store.vol.volume_id, settings.cache_dir)
-    os.makedirs(root, mode=0o700, exist_ok=True)
+    root = localstate.cache_dir(store.vol.volume_id, settings.cache_dir)
     lock = CacheLock(root, store.vol.url)
     if read_only:
         return lock, None
@@ -218,18 +216,19 @@ def daemonize_and_run(store: Store, settings: VolumeSettings, mountpoint: str, o
                       foreground: bool, log_path: str, break_lease: bool = False) -> int:
     """Mount; in the background unless foreground. Returns once mounted (or failed)."""
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core dump ever holds unwrapped keys
+    os.umask(0o077)  # every file of the mount's local state is the user's alone
     held = hold(store, settings, bool(options.get("ro")), break_lease)  # refusals reach the caller
     if foreground:
         _write_pid(mountpoint)
         run(store, settings, mountpoint, options, True, held)
         return 0
+    logfd = localstate.private_file(log_path, os.O_WRONLY | os.O_APPEND)
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid == 0:  # the mount process
         os.close(read_fd)
         os.setsid()
         devnull = os.open(os.devnull, os.O_RDWR)
-        logfd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         os.dup2(devnull, 0)
         os.dup2(logfd, 1)
         os.dup2(logfd, 2)
@@ -250,6 +249,7 @@ def daemonize_and_run(store: Store, settings: VolumeSettings, mountpoint: str, o
             logging.shutdown()
             os._exit(code)
     os.close(write_fd)
+    os.close(logfd)
     os.read(read_fd, 1)
     os.close(read_fd)
     deadline = time.monotonic() + 60
@@ -293,7 +293,8 @@ def _read_status(mountpoint: str) -> str | None:
 
 def _write_pid(mountpoint: str) -> None:
     path = pidfile(mountpoint)
-    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    localstate.private_dir(state_dir())
+    localstate.private_dir(os.path.dirname(path))
     with open(path, "w") as f:
         f.write(str(os.getpid()))
 

@@ -33,7 +33,6 @@ import concurrent.futures as cf
 import contextlib
 import json
 import logging
-import os
 import sqlite3
 import threading
 import time
@@ -543,8 +542,3 @@ class Namespace:
     def close(self) -> None:
         self._pool.shutdown(wait=False)
         self.db.close()
-
-
-def cache_root(volume_id: str, base: str | None) -> str:
-    base = base or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "cryptfs")
-    return os.path.join(base, volume_id)

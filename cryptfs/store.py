@@ -120,9 +120,9 @@ class Store:
             # the child id is authenticated by the attribute blob; the body repeats it
             if body is not None and fmt.decrypt_dirent(self.vk, parent_id, name, body[:fmt.DIRENT_SIZE]) \
                     != meta.obj_id:
-                raise IntegrityError(f"directory entry {name!r} does not match its metadata")
+                raise IntegrityError(f"directory entry {rel} does not match its metadata")
             if not stat.S_ISDIR(attrs.mode):
-                raise IntegrityError(f"directory entry {name!r} has non-directory attributes")
+                raise IntegrityError(f"directory entry {rel} has non-directory attributes")
             return Entry(parent_id, name, rel, True, meta.obj_id, 0, info.etag, info.last_modified, attrs,
                          raw_meta=info.metadata)
         if meta.wrapped_key is None:
@@ -189,8 +189,9 @@ class Store:
                 continue
             yield name, info, info.size == fmt.DIRENT_SIZE
 
-    def list_entries(self, dir_id: bytes) -> list[Entry]:
-        """Every entry with its attributes: one LIST, then HEADs in parallel."""
+    def list_entries(self, dir_id: bytes, skipped: list | None = None) -> list[Entry]:
+        """Every entry with its attributes: one LIST, then HEADs in parallel. An entry whose
+        metadata fails its checks is left out: logged, or added to `skipped` as (name, error)."""
         listed = list(self.list_dir(dir_id))
 
         def one(item):
@@ -201,7 +202,10 @@ class Store:
                     self.follow(entry)
                 return entry
             except (FormatError, IntegrityError) as exc:
-                self.warn_once(info.key, f"skipped: {exc}")
+                if skipped is None:
+                    self.warn_once(info.key, f"skipped: {exc}")
+                else:
+                    skipped.append((name, type(exc)(f"{exc} (object {info.key})")))
             except NotFound:
                 pass  # removed since the listing
             return None
@@ -249,10 +253,8 @@ class Store:
                     fmt.check_tag(tags, index, block)
                 out.append(fmt.decrypt_block(fk, header, index, block, index == nblocks - 1))
             except IntegrityError as exc:
-                log.error("%s: block %d of %s failed authentication: %s", entry.key, index,
-                          entry.name.decode(errors="replace"), exc)
-                raise IntegrityError(f"{entry.name.decode(errors='replace')}: {exc} (object {entry.key})") \
-                    from None
+                log.error("%s: %s", entry.key, exc)   # the error names the block
+                raise IntegrityError(f"{exc} (object {entry.key})") from None
         return out
 
     def check_header(self, entry: Entry, fk: fmt.FileKey, raw: bytes) -> bytes:
@@ -489,7 +491,7 @@ class Store:
             etag = self.backend.copy(self.abs_key(entry.key), self.abs_key(new_rel), meta, if_match=entry.etag)
             copied = self.backend.head(self.abs_key(new_rel))
             if copied.size != self.layout.object_size(entry.size):
-                raise IntegrityError(f"copy of {entry.name!r} has the wrong size; source kept")
+                raise IntegrityError(f"copy of {entry.key} has the wrong size; source kept")
         if new_rel != entry.key:
             self.backend.delete(self.abs_key(entry.key))
         return replace(entry, parent_id=new_parent, name=new_name, key=new_rel, etag=etag,

@@ -14,7 +14,7 @@ import threading
 from dataclasses import dataclass, field
 
 from . import format as fmt
-from . import keys
+from . import keys, localstate
 from .backend.base import Backend
 from .errors import (AlreadyExists, FormatError, IntegrityError, KeyMismatch, NotFound,
                      PreconditionFailed, VolumeNotFound)
@@ -64,9 +64,9 @@ class KnownVolumes:
                 if generation == seen["generation"] and seen.get("url") == url:
                     return
             known[volume_id] = {"fingerprint": fp, "generation": generation, "url": url}
-            os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+            localstate.private_dir(os.path.dirname(self.path))
             tmp = f"{self.path}.{os.getpid()}.tmp"
-            with open(tmp, "w") as f:
+            with open(localstate.private_file(tmp, os.O_WRONLY | os.O_TRUNC), "w") as f:
                 json.dump(known, f, indent=1)
             os.replace(tmp, self.path)
 
@@ -170,18 +170,20 @@ def create(backend: Backend, prefix: str, passphrase: bytes, block_size: int = f
 
 def read_config(backend: Backend, prefix: str) -> tuple[dict, str]:
     """(envelope, etag) of the volume config, falling back to the backup copy."""
-    last_error: Exception | None = None
+    problems: list[Exception] = []
     for name in (CONFIG_NAME, BACKUP_NAME):
         try:
             raw, info = backend.get(prefix + name)
             return json.loads(raw), info.etag
-        except NotFound as exc:
-            last_error = exc
+        except NotFound:
+            pass
+        except FormatError as exc:   # foreign: the other copy may do
+            problems.append(exc)
         except ValueError as exc:
-            last_error = FormatError(f"volume config {prefix + name} is not valid JSON ({exc})")
-    if isinstance(last_error, NotFound):
+            problems.append(FormatError(f"volume config {prefix + name} is not valid JSON ({exc})"))
+    if not problems:
         raise VolumeNotFound(f"no cryptfs volume at {backend.url}/{prefix}")
-    raise last_error
+    raise problems[0]
 
 
 def find_prefix(backend: Backend, path: str) -> str:

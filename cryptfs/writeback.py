@@ -21,6 +21,7 @@ import time
 
 from . import format as fmt
 from .errors import AlreadyExists, CryptfsError, NoSpace, NotFound
+from .logs import shown
 from .handles import FileState
 from .store import Entry, ProducedStream, Store, TagCollector
 
@@ -536,5 +537,5 @@ def _lost_and_found(store: Store, record: dict, fk, meta) -> tuple[str, dict]:
     name = name + b"." + record["file_id"][:8].encode()
     key = store.entry_key(lf.obj_id, name[-255:])
     attrs = fmt.decrypt_attrs(store.vk, record["key"], meta.obj_id, meta.attr_blob)
-    log.warning("recovered file's directory is gone; stored as /lost+found/%s", name.decode(errors="replace"))
+    log.warning("recovered file's directory is gone; stored in /lost+found as %s", shown(name))
     return key, store.metadata_for(key, fk.file_id, attrs, meta.wrapped_key, False)

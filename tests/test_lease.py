@@ -16,7 +16,6 @@ import pytest
 
 from conftest import REPO, run_cli
 from mountlib import data, raises_errno, read, wait_gone, write
-from mountlib import hang_guard, own_mounts  # noqa: F401 - fixtures
 
 from cryptfs import format as fmt
 from cryptfs import lease as lease_mod

@@ -29,7 +29,8 @@ import threading
 import uuid
 from typing import BinaryIO, Iterator
 
-from ..errors import BackendError, BucketNotFound, FormatError, NoSpace, NotFound, PreconditionFailed
+from ..errors import (AccessDenied, BackendError, BucketNotFound, FormatError, NoSpace, NotFound,
+                      PreconditionFailed)
 from .base import Backend, ObjectInfo
 
 META_BLOCK = 4096
@@ -97,6 +98,8 @@ class LocalBackend(Backend):
         except OSError as exc:
             if exc.errno in _ABSENT:
                 raise NotFound(f"no object {key}") from None
+            if exc.errno in (errno.EACCES, errno.EPERM):
+                raise AccessDenied(f"{key}: permission denied in {self.root}") from None
             raise BackendError(f"reading {key}: {exc}") from None
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
