@@ -8,8 +8,9 @@ Below the root no symlink is ever followed: every path is walked one component a
 from directory descriptors (openat with O_NOFOLLOW), for reads, writes, listings and
 deletes alike. A key whose directory is a symlink does not exist (reads, deletes) or is
 refused (writes). A listing reports what sits where an object file should be but is not one
-(a file shorter than the metadata block, a symlink, an empty directory) as an object of
-size 0, whose head and get raise FormatError, so it is skipped and reported, never hidden.
+(a file shorter than the metadata block, a symlink, a special file) as an object of size 0,
+whose head and get raise FormatError, so it is skipped and reported, never hidden. An empty
+directory lists nothing, as an empty prefix on S3.
 
 An If-Match write checks and replaces under `_lock` (threads) and an exclusive flock on the
 object's directory (processes), so it is atomic against other conditional writers. `_lock`
@@ -168,10 +169,7 @@ class LocalBackend(Backend):
                     continue  # gone, or replaced, since it was listed
                 raise
             try:
-                if not self._scan(fd, key + "/", prefix, out) and key.startswith(prefix):
-                    with self._lock:  # not a directory a write is filling or a delete emptying
-                        if not os.listdir(fd):
-                            out.append(self._info(key, st, None))  # an empty directory: never ours
+                self._scan(fd, key + "/", prefix, out)  # an empty directory lists nothing, as on S3
             finally:
                 os.close(fd)
         return bool(names)
