@@ -211,7 +211,7 @@ def cmd_cat(args) -> int:
         for chunk in store.iter_plain(entry):
             out.write(chunk)
     except CryptfsError as exc:
-        raise exc.about(show(target.parts))
+        raise exc.about(show(target.parts)) from None
     out.flush()
     return EXIT_OK
 

@@ -54,7 +54,7 @@ def b64e(data: bytes) -> str:
 def b64d(text: str) -> bytes:
     try:
         return base64.b64decode(text.encode("ascii"), validate=True)
-    except Exception as exc:
+    except (ValueError, UnicodeError, AttributeError) as exc:
         raise FormatError(f"bad base64 field: {exc}") from None
 
 
@@ -244,7 +244,7 @@ def _block_aad(header: bytes, index: int, last: bool) -> bytes:
     return header + struct.pack(">QB", index, 1 if last else 0)
 
 
-def encrypt_block(fk: FileKey, header: bytes, index: int, plain: bytes, last: bool,
+def encrypt_block(fk: FileKey, header: bytes, index: int, plain: bytes | bytearray, last: bool,
                   nonce: bytes | None = None) -> bytes:
     nonce = nonce or os.urandom(NONCE_SIZE)
     return nonce + AESGCM(fk.block_key).encrypt(nonce, bytes(plain), _block_aad(header, index, last))
@@ -344,7 +344,7 @@ def _b32d(text: str) -> bytes:
     pad = "=" * (-len(text) % 8)
     try:
         return base64.b32decode(text.upper() + pad)
-    except Exception:
+    except ValueError:
         raise FormatError("not an encrypted name") from None
 
 

@@ -15,6 +15,7 @@ import stat
 import threading
 import time
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from . import format as fmt
 from .errors import AlreadyExists, CryptfsError, NoSpace, NotFound
@@ -22,8 +23,11 @@ from .logs import shown
 from .handles import FileState
 from .namespace import ROOT_LOC, Namespace
 from .reader import BlockReader
-from .store import Entry, Store
+from .store import Entry, Store, entry_attrs
 from .writeback import Journal, WriteBack, mkdir_journaled, recover_record, rename_journaled, rmdir_journaled
+
+if TYPE_CHECKING:
+    from .lease import Lease
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +90,7 @@ class CryptFS:
         self.staging_dir = staging_dir
         self.fsync_mode = fsync_mode
         self.read_only = read_only
-        self.lease = None  # a read-write mount's lease (lease.py): lost or unrenewed, nothing is written
+        self.lease: Lease | None = None  # a read-write mount's lease (lease.py): lost or unrenewed, nothing is written
         self.wb = WriteBack(store, journal, writeback_delay, ns.uploaded)
         self.fhs: dict[int, FileState] = {}
         self.dirs: dict[int, bytes] = {}  # open directory handles: their directory ids
@@ -107,7 +111,7 @@ class CryptFS:
             from mfusepy import fuse_get_context
             uid, gid, _ = fuse_get_context()
             return uid, gid
-        except Exception:  # outside a FUSE request (in-process use)
+        except (ImportError, OSError):  # no FUSE library: in-process use
             return os.getuid(), os.getgid()
 
     def _new_attrs(self, mode: int) -> fmt.Attrs:
@@ -172,7 +176,7 @@ class CryptFS:
 
     def _stat(self, node) -> dict:
         entry = node.entry() if isinstance(node, FileState) else node
-        a = entry.attrs
+        a = entry_attrs(entry)
         size = DIR_SIZE if entry.is_dir else entry.size
         return {"st_mode": a.mode, "st_ino": ino_of(entry.obj_id), "st_nlink": 2 if entry.is_dir else 1,
                 "st_uid": a.uid, "st_gid": a.gid, "st_size": size, "st_atime": a.atime_ns,
@@ -242,7 +246,7 @@ class CryptFS:
             if isinstance(node, FileState):
                 mode, ino = node.attrs.mode, ino_of(node.fk.file_id)
             else:
-                mode, ino = node.attrs.mode, ino_of(node.obj_id)
+                mode, ino = entry_attrs(node).mode, ino_of(node.obj_id)
             # inode numbers must be non-zero, or readdir(3) hides the entry
             out.append((os.fsdecode(name), {"st_mode": mode, "st_ino": ino}, 0))
         return out
@@ -267,6 +271,8 @@ class CryptFS:
             with state.lock:
                 self._set_state_attrs(state, change)
             return
+        if path is None:  # no path: only ever sent with an open file's handle
+            raise FuseError(errno.EBADF)
         parts = split(path)
         if not parts:
             with self.ns.names.hold(ROOT_LOC):
@@ -331,8 +337,9 @@ class CryptFS:
             if node.is_dir:
                 raise FuseError(errno.EISDIR)
             fresh = FileState.open_existing(self.store, self.reader, self.staging_dir, node)
-            state = self.ns.adopt(parent_id, name, node, fresh)
-            if state is not None:
+            adopted = self.ns.adopt(parent_id, name, node, fresh)
+            if adopted is not None:
+                state = adopted
                 break
             node = self.ns.lookup(parent_id, name)  # changed behind our back (another mount)
         fh = self._handle(state)
@@ -653,11 +660,16 @@ class CryptFS:
             node.touch(ctime_only=True)
             self.wb.rejournal(node)
             return
-        entry = replace(node.basis, attrs=node.attrs) if isinstance(node, FileState) else node
+        if isinstance(node, FileState):
+            if node.basis is None:
+                raise CryptfsError("an uploaded file without its stored version")
+            entry = replace(node.basis, attrs=node.attrs)
+        else:
+            entry = node
         moved = rename_journaled(self.store, self.journal, _ctime_now(entry), dst[0], dst[1],
                                  target if isinstance(target, Entry) else None)
         if isinstance(node, FileState):
-            node.basis, node.attrs = moved, moved.attrs
+            node.basis, node.attrs = moved, entry_attrs(moved)
             self.ns.rename_state(node, *dst)
             self.ns.record(moved)
         else:
@@ -727,4 +739,4 @@ class CryptFS:
 
 def _ctime_now(entry: Entry) -> Entry:
     """A renamed entry's ctime changes, as on a local filesystem."""
-    return replace(entry, attrs=replace(entry.attrs, ctime_ns=time.time_ns()))
+    return replace(entry, attrs=replace(entry_attrs(entry), ctime_ns=time.time_ns()))

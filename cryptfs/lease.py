@@ -187,6 +187,8 @@ class Lease:
     def start(self) -> None:
         """In the mount process: record its pid, renew now and then every duration/3."""
         with self._lock:
+            if self.record is None:
+                raise CryptfsError("the lease was never taken")
             self.record = dataclasses.replace(self.record, pid=os.getpid())
         self.renew()
         self._thread = threading.Thread(target=self._loop, name="lease", daemon=True)

@@ -12,8 +12,10 @@ import resource
 import subprocess
 import sys
 import time
+from typing import Any, cast
 
 from . import localstate
+from .backend.base import Backend
 from .cache import BlockCache, DiskCache
 from .config import VolumeSettings
 from .errors import CryptfsError, UsageError
@@ -28,7 +30,7 @@ from .writeback import Journal, recover
 log = logging.getLogger(__name__)
 
 
-def load_fuse():
+def load_fuse() -> Any:
     """Import mfusepy bound to libfuse 3."""
     if "FUSE_LIBRARY_PATH" not in os.environ:
         lib = ctypes.util.find_library("fuse3")
@@ -127,7 +129,7 @@ def run(store: Store, settings: VolumeSettings, mountpoint: str, options: dict, 
     try:
         if lease is not None:
             lease.start()
-            store.backend = FencedBackend(store.backend, lease)
+            store.backend = cast(Backend, FencedBackend(store.backend, lease))  # delegates all but writes
         _run(store, settings, mountpoint, options, read_only, lease)
     finally:
         if lease is not None:
@@ -138,13 +140,14 @@ def run(store: Store, settings: VolumeSettings, mountpoint: str, options: dict, 
 def _run(store: Store, settings: VolumeSettings, mountpoint: str, options: dict, read_only: bool,
          lease: Lease | None) -> None:
     mfusepy = load_fuse()
+    fuse_base: Any = mfusepy.FUSE  # loaded at run time, bound to libfuse 3
     mount = Mount(store, settings, read_only)
     mount.fs.lease = lease
     if not read_only:  # a read-only mount writes nothing, not even what an earlier mount left
         mount.recover()
     fs = mount.fs
 
-    class FUSE(mfusepy.FUSE):
+    class FUSE(fuse_base):
         """mfusepy drops what libfuse 3 passes beyond fusepy's API: rename's flags
         (RENAME_NOREPLACE/EXCHANGE) and the open file of truncate/chmod/chown/utimens."""
 
@@ -183,7 +186,7 @@ def _run(store: Store, settings: VolumeSettings, mountpoint: str, options: dict,
             config.negative_timeout = 1.0
         if conn is not None:
             conn.max_readahead = 1024 * 1024
-    fs.init_with_config = init_with_config
+    fs.init_with_config = init_with_config  # type: ignore[attr-defined]  # mfusepy looks for it
 
     kwargs = dict(options)
     kwargs.setdefault("fsname", "cryptfs")

@@ -42,7 +42,7 @@ from . import format as fmt
 from .backend.base import ObjectInfo
 from .errors import CryptfsError, FormatError, IntegrityError, NotADirectory, NotFound
 from .handles import FileState
-from .store import Entry, Store
+from .store import Entry, Store, entry_attrs
 
 log = logging.getLogger(__name__)
 
@@ -227,7 +227,7 @@ class Namespace:
                 if d.fresh_until > time.monotonic():
                     return
                 event, mine = d.listing, d.listing is None
-                if mine:
+                if event is None:
                     event = d.listing = threading.Event()
                     seq0 = self._seq
             if not mine:
@@ -287,7 +287,7 @@ class Namespace:
                     if d.children.get(name) is info:
                         del d.children[name]  # removed behind our back since the LIST
                 raise
-            if entry.etag == info.etag:
+            if entry.etag == info.etag and entry.raw_meta is not None:
                 self.db.put(info.key, entry.etag, info.last_modified, info.size, entry.raw_meta)
         with self._lock:
             d = self._dir(dir_id)
@@ -488,9 +488,9 @@ class Namespace:
         with self._lock:
             loc = self._where.get(dir_id)
             entry = self._dir_entry(loc)
-            if entry is None:
+            if loc is None or entry is None:
                 return None
-            new = replace(entry, attrs=change(entry.attrs))
+            new = replace(entry, attrs=change(entry_attrs(entry)))
             self._put_dir_entry(loc, new)
             if persist:
                 self._dirty.add(loc)
@@ -527,7 +527,7 @@ class Namespace:
                         self._dirty.discard(loc)
                         continue
                 try:
-                    new = self.store.set_attrs(entry, entry.attrs)
+                    new = self.store.set_attrs(entry, entry_attrs(entry))
                 except CryptfsError as exc:
                     failed += 1
                     log.warning("directory times of %s not stored yet: %s", entry.key, exc)

@@ -12,12 +12,12 @@ import stat
 import threading
 import time
 from dataclasses import dataclass, field, replace
-from typing import BinaryIO, Callable, Iterator
+from typing import Callable, Iterator
 
 from . import format as fmt
 from . import keys
 from cachetools import LRUCache
-from .backend.base import ObjectInfo, PendingUpload, read_exact
+from .backend.base import ObjectInfo, PendingUpload, Readable, read_exact
 from .errors import (AlreadyExists, DirectoryNotEmpty, FormatError, IntegrityError, IsADirectory,
                      NotADirectory, NotFound, PreconditionFailed)
 from .volume import Volume
@@ -45,6 +45,13 @@ class Entry:
     @property
     def is_symlink(self) -> bool:
         return self.attrs is not None and stat.S_ISLNK(self.attrs.mode)
+
+
+def entry_attrs(entry: Entry) -> fmt.Attrs:
+    """An entry's attributes (only entries taken from a bare listing have none yet)."""
+    if entry.attrs is None:
+        raise FormatError(f"object {entry.key}: attributes not read")
+    return entry.attrs
 
 
 def now_ns() -> int:
@@ -215,6 +222,8 @@ class Store:
     # ------------------------------------------------------------ file contents
 
     def file_key(self, entry: Entry) -> fmt.FileKey:
+        if entry.wrapped_key is None:
+            raise FormatError(f"object {entry.key} has no data key")
         return fmt.FileKey.derive(self.vol.data_keys.unwrap(entry.wrapped_key), entry.obj_id)
 
     def tag_table(self, entry: Entry, fk: fmt.FileKey, header: bytes, raw: bytes | None = None) -> bytes | None:
@@ -330,10 +339,14 @@ class Store:
 
     # ------------------------------------------------------------ writing files
 
-    def metadata_for(self, rel: str, obj_id: bytes, attrs: fmt.Attrs, wrapped: bytes | None,
+    def metadata_for(self, rel: str, obj_id: bytes, attrs: fmt.Attrs | None, wrapped: bytes | None,
                      is_dir: bool) -> dict[str, str]:
+        if attrs is None:
+            raise FormatError(f"object {rel}: attributes not read")
         if is_dir:
             return fmt.dirent_metadata(self.vk, rel, obj_id, attrs)
+        if wrapped is None:
+            raise FormatError(f"object {rel} has no data key")
         return fmt.file_metadata(self.vk, rel, obj_id, wrapped, attrs)
 
     def new_file_key(self, file_id: bytes | None = None) -> tuple[fmt.FileKey, bytes]:
@@ -343,7 +356,7 @@ class Store:
         self.vol.data_keys.remember(wrapped, fk.data_key)
         return fk, wrapped
 
-    def write_stream(self, dir_id: bytes, name: bytes, stream: BinaryIO, size: int, attrs: fmt.Attrs,
+    def write_stream(self, dir_id: bytes, name: bytes, stream: Readable, size: int, attrs: fmt.Attrs,
                      existing: Entry | None = None, create_only: bool = False,
                      progress: Callable[[int], None] | None = None) -> Entry:
         """Encrypt `size` bytes from `stream` into the entry (dir_id, name), streaming."""
@@ -555,7 +568,7 @@ class EncryptingReader(ProducedStream):
     short object.
     """
 
-    def __init__(self, source: BinaryIO, fk: fmt.FileKey, size: int, layout: fmt.Layout):
+    def __init__(self, source: Readable, fk: fmt.FileKey, size: int, layout: fmt.Layout):
         self.source, self.fk, self.size, self.layout = source, fk, size, layout
         self.bs = layout.block_size
         self.header = fmt.make_header(fk, layout)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from . import format as fmt
 from .errors import EXIT_INTEGRITY, CryptfsError, IsADirectory, NoSpace, NotADirectory, NotFound
-from .store import Entry, Store, now_ns
+from .store import Entry, Store, entry_attrs, now_ns
 
 PARTIAL_SUFFIX = ".cryptfs-partial"
 NAME_MAX = 255
@@ -120,7 +120,8 @@ def get_entry(store: Store, entry: Entry, dest: str, where: str, quiet: bool = F
         skipped: list[tuple[bytes, CryptfsError]] | None = [] if restored is not None else None
         children = store.list_entries(entry.obj_id, skipped)
         for name, exc in skipped or ():
-            restored.failed.append((_join(where, name), exc))
+            if restored is not None:
+                restored.failed.append((_join(where, name), exc))
         for child in sorted(children, key=lambda e: e.name):
             written += get_entry(store, child, os.path.join(dest, os.fsdecode(child.name)),
                                  _join(where, child.name), quiet, restored)
@@ -132,7 +133,7 @@ def get_entry(store: Store, entry: Entry, dest: str, where: str, quiet: bool = F
         _get_file(store, entry, dest, quiet)
     except CryptfsError as exc:
         if restored is None or exc.exit_code != EXIT_INTEGRITY:
-            raise exc.about(where)
+            raise exc.about(where) from None
         restored.failed.append((where, exc))
         return 0
     if restored is not None:
@@ -182,7 +183,7 @@ def _unchanged(dest: str, entry: Entry) -> bool:
         st = os.lstat(dest)
     except FileNotFoundError:
         return False
-    return st.st_mtime_ns == entry.attrs.mtime_ns and (entry.is_symlink or st.st_size == entry.size)
+    return st.st_mtime_ns == entry_attrs(entry).mtime_ns and (entry.is_symlink or st.st_size == entry.size)
 
 
 def _apply_attrs(path: str, attrs: fmt.Attrs | None, follow: bool) -> None:

@@ -13,6 +13,8 @@ import os
 import threading
 from dataclasses import dataclass, field
 
+from cryptography.hazmat.primitives.asymmetric import rsa
+
 from . import format as fmt
 from . import keys, localstate
 from .backend.base import Backend
@@ -79,9 +81,9 @@ class Volume:
     body: dict
     etag: str
     volume_keys: fmt.VolumeKeys
-    content_public: object           # RSAPublicKey
+    content_public: rsa.RSAPublicKey
     data_keys: keys.DataKeyCache
-    owner_private: object | None = field(default=None, repr=False)
+    owner_private: rsa.RSAPrivateKey | None = field(default=None, repr=False)
 
     @property
     def block_size(self) -> int:
@@ -106,6 +108,8 @@ class Volume:
     # ------------------------------------------------------------ updates
 
     def change_passphrase(self, new_passphrase: bytes) -> None:
+        if self.owner_private is None:
+            raise FormatError("volume opened without its owner key")
         body = dict(self.body)
         body["owner_private_key"] = keys.protect_private_key(self.owner_private, new_passphrase)
         body["generation"] = self.body["generation"] + 1
@@ -164,7 +168,7 @@ def create(backend: Backend, prefix: str, passphrase: bytes, block_size: int = f
         raise AlreadyExists(f"a cryptfs volume already exists at {backend.url}/{prefix}") from None
     vk = fmt.VolumeKeys.derive(secret)
     vol = Volume(backend, prefix, body, etag, vk, content.public_key(), keys.DataKeyCache(content), owner)
-    KnownVolumes().check_and_record(body["volume_id"], owner_fp, 1, vol.url)
+    KnownVolumes().check_and_record(str(body["volume_id"]), owner_fp, 1, vol.url)
     return vol
 
 

@@ -70,7 +70,7 @@ class Journal:
                 if self._spent:
                     self._set_aside()
         except sqlite3.OperationalError as exc:
-            if "full" in str(exc):
+            if _disk_full(exc):
                 raise NoSpace("no space left on the cache disk for the journal") from None
             raise
 
@@ -90,7 +90,7 @@ class Journal:
             try:
                 self._db.execute("DELETE FROM pending WHERE uid=?", (uid,))
             except sqlite3.OperationalError as exc:
-                if "full" not in str(exc) or self._spent:
+                if not _disk_full(exc) or self._spent:
                     raise
                 log.warning("cache disk full: giving up the journal's reserve to remove a record")
                 os.unlink(self._reserve)
@@ -113,6 +113,10 @@ class Journal:
             self._db.close()
 
 
+def _disk_full(exc: sqlite3.Error) -> bool:
+    return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+
+
 class ComposedReader(ProducedStream):
     """The object's bytes in order: header, then staged, basis and hole blocks per the plan,
     then the tag table. Basis blocks are checked against the basis's own tag table, so a
@@ -127,7 +131,8 @@ class ComposedReader(ProducedStream):
         self.runs = [list(r) for r in runs]
         self.read_staged = read_staged  # (start, end) -> bytes of the staging file
         self.basis = basis
-        self.basis_tags = store.tag_table(basis, fk, header) if any(r[0] == "b" for r in runs) else None
+        self.basis_tags = store.tag_table(basis, fk, header) \
+            if basis is not None and any(r[0] == "b" for r in runs) else None
         self.tags = TagCollector(fk, header, store.layout)
         self.finished = False
         self.buf = bytearray(header)
@@ -144,6 +149,8 @@ class ComposedReader(ProducedStream):
         if kind == "s":
             data = self.read_staged(lo, hi)
         elif kind == "b":
+            if self.basis is None:
+                raise CryptfsError("upload plan names basis blocks but has no basis")
             data = self.store.get_range(self.basis.key, lo, hi, self.basis.etag)
         else:
             data = b"".join(fmt.encrypt_block(self.fk, self.header, i,
@@ -297,7 +304,7 @@ class WriteBack:
 
     def _send(self, state: FileState, record: dict) -> Entry:
         etag = upload_record(self.store, self.journal, record, state.fk, state.header,
-                             lambda lo, hi: os.pread(state.fd, hi - lo, lo))
+                             state.read_staged)
         return Entry(state.parent_id, state.name, record["key"], False, state.fk.file_id, state.size, etag,
                      time.time(), state.attrs, state.wrapped, raw_meta=record["metadata"])
 
@@ -322,9 +329,12 @@ class WriteBack:
             try:
                 if (state.handles == 0 or self._stop) and not state.unlinked:
                     self.upload_now(state)
-            except Exception as exc:
+            except Exception as exc:  # a worker never dies: the file stays journaled and is retried
                 state.error = exc
-                log.error("upload of %s failed (kept in the journal, retried): %s", state.key, exc)
+                if isinstance(exc, (CryptfsError, OSError)):
+                    log.error("upload of %s failed (kept in the journal, retried): %s", state.key, exc)
+                else:
+                    log.exception("upload of %s failed (kept in the journal, retried)", state.key)
                 if not self._stop:
                     self.schedule(state, delay=min(60.0, max(5.0, self.delay * 4)))
             finally:
@@ -347,9 +357,13 @@ class WriteBack:
                     self._cond.wait(1.0)
             try:
                 self.upload_now(state)
-            except Exception as exc:  # reported and kept: the next mount uploads it from the journal
+            except (CryptfsError, OSError) as exc:  # reported and kept: the next mount uploads it
                 log.error("could not upload %s at unmount: %s (kept in the journal for the next mount)",
                           state.key, exc)
+                return state
+            except Exception:
+                log.exception("could not upload %s at unmount (kept in the journal for the next mount)",
+                              state.key)
                 return state
             return None
 
@@ -473,8 +487,10 @@ def recover(store: Store, journal: Journal) -> list[str]:
                 journal.remove(record["uid"])
                 continue
             done.append(recover_record(store, journal, record))
-        except Exception as exc:
+        except (CryptfsError, OSError) as exc:
             log.error("journal record %s not recovered yet: %s", record.get("uid"), exc)
+        except Exception:
+            log.exception("journal record %s not recovered yet", record.get("uid"))
     return done
 
 
@@ -498,6 +514,8 @@ def recover_record(store: Store, journal: Journal, record: dict) -> str:
         journal.remove(record["uid"])  # uploaded before the removal of its record was lost
         raise CryptfsError(f"staging file of {record['key']} is gone; record dropped")
     meta = fmt.parse_metadata(record["metadata"])
+    if meta.wrapped_key is None:
+        raise CryptfsError(f"journal record of {record['key']} has no data key")
     fk = fmt.FileKey.derive(store.vol.data_keys.unwrap(meta.wrapped_key), meta.obj_id)
     header = fmt.make_header(fk, store.layout)
     parent = bytes.fromhex(record["parent"])

@@ -311,8 +311,8 @@ class MkdirStorm:
 
 
 WORKLOADS = {w.name: w for w in (Rsync, SmallFiles, BigCopy, Renames, EditorSaves, MkdirStorm, Multipart)}
-SHORT = {"rsync": "rsync", "small": "small-files", "cp": "cp-150MiB", "renames": "dir-renames", "editor": "editor-saves",
-         "mkdir": "mkdir-rmdir", "multipart": "multipart-40MiB"}
+SHORT = {"rsync": "rsync", "small": "small-files", "cp": "cp-150MiB", "renames": "dir-renames",
+         "editor": "editor-saves", "mkdir": "mkdir-rmdir", "multipart": "multipart-40MiB"}
 
 
 # ---------------------------------------------------------------- the volume and its mount

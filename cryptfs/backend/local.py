@@ -20,6 +20,7 @@ remove) for a stray empty one; across processes that is best effort.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import errno
 import fcntl
@@ -28,11 +29,11 @@ import os
 import stat
 import threading
 import uuid
-from typing import BinaryIO, Iterator
+from typing import Iterator
 
 from ..errors import (AccessDenied, BackendError, BucketNotFound, FormatError, NoSpace, NotFound,
                       PreconditionFailed)
-from .base import Backend, ObjectInfo
+from .base import Backend, ObjectInfo, Readable
 
 META_BLOCK = 4096
 TMP_PREFIX = ".tmp-"
@@ -139,7 +140,7 @@ class LocalBackend(Backend):
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
         base = prefix.split("/")[:-1]  # whole directories; the rest is a name prefix
-        out: list[ObjectInfo] = []
+        out: builtins.list[ObjectInfo] = []
         try:
             with self._dirs(self._parts("/".join(base)) if base else []) as fds:
                 self._scan(fds[-1], "".join(p + "/" for p in base), prefix, out)
@@ -149,7 +150,7 @@ class LocalBackend(Backend):
         out.sort(key=lambda i: i.key)
         return iter(out)
 
-    def _scan(self, dir_fd: int, rel: str, prefix: str, out: list[ObjectInfo]) -> bool:
+    def _scan(self, dir_fd: int, rel: str, prefix: str, out: builtins.list[ObjectInfo]) -> bool:
         """Add what lies under one directory to `out`; False if it is empty."""
         with os.scandir(dir_fd) as it:
             names = [e.name for e in it]
@@ -176,7 +177,7 @@ class LocalBackend(Backend):
 
     # ------------------------------------------------------------ writes
 
-    def _store(self, key: str, metadata: dict | None, source: bytes | BinaryIO, if_none_match: bool,
+    def _store(self, key: str, metadata: dict | None, source: bytes | Readable, if_none_match: bool,
                if_match: str | None, progress=None) -> str:
         parts = self._parts(key)
         meta_raw = json.dumps(metadata or {}).encode()
