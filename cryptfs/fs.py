@@ -21,7 +21,7 @@ from .errors import AlreadyExists, CryptfsError, NotFound
 from .handles import FileState
 from .namespace import ROOT_LOC, Namespace
 from .reader import BlockReader
-from .store import Entry, Store
+from .store import SPECIAL_TYPES, Entry, Store
 from .writeback import Journal, WriteBack, mkdir_journaled, rename_journaled
 
 log = logging.getLogger(__name__)
@@ -106,8 +106,16 @@ class CryptFS:
         except Exception:  # outside a FUSE request (in-process use)
             return os.getuid(), os.getgid()
 
-    def _new_attrs(self, mode: int) -> fmt.Attrs:
+    def _new_attrs(self, mode: int, parent_id: bytes) -> fmt.Attrs:
+        """A new entry's attributes: the caller's uid and gid, or, in a set-group-ID
+        directory, the directory's gid (and its set-group-ID bit for a subdirectory), as
+        Linux does (the kernel already stripped S_ISGID the caller may not set)."""
         uid, gid = self._ctx()
+        parent = self.ns.dir_entry(parent_id)
+        if parent is not None and parent.attrs.mode & stat.S_ISGID:
+            gid = parent.attrs.gid
+            if stat.S_ISDIR(mode):
+                mode |= stat.S_ISGID
         now = time.time_ns()
         return fmt.Attrs(mode, uid, gid, now, now, now)
 
@@ -332,7 +340,7 @@ class CryptFS:
                     raise FuseError(errno.EEXIST)
                 return self._open_node(parent_id, name, existing, flags)
             state = FileState.create(self.store, self.reader, self.staging_dir, parent_id, name,
-                                     self._new_attrs(stat.S_IFREG | stat.S_IMODE(mode)))
+                                     self._new_attrs(stat.S_IFREG | stat.S_IMODE(mode), parent_id))
             state.remote_at_key = self.ns.claim(parent_id, name) is not None
             state.handles = 1
             self.ns.put(parent_id, name, state)
@@ -492,7 +500,7 @@ class CryptFS:
         with self.ns.names.hold((parent_id, name)):
             self._take_name(parent_id, name)
             entry = mkdir_journaled(self.store, self.journal, parent_id, name,
-                                    self._new_attrs(stat.S_IFDIR | stat.S_IMODE(mode)))
+                                    self._new_attrs(stat.S_IFDIR | stat.S_IMODE(mode), parent_id))
             self.ns.put(parent_id, name, entry)
             self.ns.pointed_back(entry)
             self.ns.created_dir(entry.obj_id)
@@ -523,12 +531,16 @@ class CryptFS:
 
     @op
     def symlink(self, path, target):
+        self._make(path, os.fsencode(target), stat.S_IFLNK | 0o777)
+
+    def _make(self, path: str, body: bytes, mode: int, rdev: int = 0) -> None:
+        """A new small entry uploaded at once: a symlink (its target) or a special file (empty)."""
         parent_id, name = self._new_name(path)
+        attrs = replace(self._new_attrs(mode, parent_id), rdev=rdev)
         with self.ns.names.hold((parent_id, name)):
             self._take_name(parent_id, name)
             try:
-                entry = self.store.write_bytes(parent_id, name, os.fsencode(target),
-                                               self._new_attrs(stat.S_IFLNK | 0o777), create_only=True)
+                entry = self.store.write_bytes(parent_id, name, body, attrs, create_only=True)
             except AlreadyExists:
                 raise FuseError(errno.EEXIST) from None
             self.ns.put(parent_id, name, entry)
@@ -619,7 +631,12 @@ class CryptFS:
 
     @op
     def mknod(self, path, mode, dev):
-        raise FuseError(errno.EPERM)
+        """FIFOs, sockets and device nodes: an empty file object whose sealed attributes carry
+        the type, mode and rdev (nothing is served through them)."""
+        if stat.S_IFMT(mode) not in SPECIAL_TYPES:
+            raise FuseError(errno.EPERM if stat.S_IFMT(mode) else errno.EINVAL)
+        rdev = dev if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else 0
+        self._make(path, b"", mode, rdev)
 
     @op
     def setxattr(self, path, name, value, options, position=0):

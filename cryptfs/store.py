@@ -25,6 +25,7 @@ from .volume import Volume
 log = logging.getLogger(__name__)
 
 LOST_FOUND = b"lost+found"
+SPECIAL_TYPES = (stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK)  # what mknod makes
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,11 @@ class Entry:
     @property
     def is_symlink(self) -> bool:
         return self.attrs is not None and stat.S_ISLNK(self.attrs.mode)
+
+    @property
+    def is_special(self) -> bool:
+        """A FIFO, socket or device node: an empty object whose attributes are all it holds."""
+        return self.attrs is not None and stat.S_IFMT(self.attrs.mode) in SPECIAL_TYPES
 
 
 def now_ns() -> int:

@@ -108,12 +108,18 @@ def get_entry(store: Store, entry: Entry, dest: str, quiet: bool = False, resume
         return written
     if resume and _unchanged(dest, entry):
         return 0
-    if entry.is_symlink:
-        target = store.read_all(entry)
+    if entry.is_symlink or entry.is_special:
         if os.path.lexists(dest):
             os.unlink(dest)
-        os.symlink(target, dest)
-        _apply_attrs(dest, entry.attrs, follow=False)
+        if entry.is_symlink:
+            os.symlink(store.read_all(entry), dest)
+        else:
+            try:
+                os.mknod(dest, entry.attrs.mode, entry.attrs.rdev)
+            except PermissionError:  # device nodes need root
+                print(f"cryptfs: skipping {dest}: making a device node needs root", file=sys.stderr)
+                return 0
+        _apply_attrs(dest, entry.attrs, follow=not entry.is_symlink)
         return 1
     partial = partial_path(dest)
     progress = Progress(entry.size, os.fsdecode(entry.name), enabled=None if not quiet else False)
