@@ -5,6 +5,7 @@ Which lock guards what, and their order, is written in namespace.py.
 """
 
 import contextlib
+import ctypes
 import errno
 import functools
 import itertools
@@ -17,6 +18,7 @@ import time
 from dataclasses import replace
 
 from . import format as fmt
+from .backend.base import MAX_OBJECT_SIZE
 from .errors import AlreadyExists, CryptfsError, NotFound
 from .handles import FileState
 from .namespace import ROOT_LOC, Namespace
@@ -148,15 +150,80 @@ class CryptFS:
                     yield node
                     return
 
+    def _live(self, node):
+        """What a hard-linked name stands for: the FileState this mount has open for its file
+        under any of its names, else the node itself."""
+        if isinstance(node, Entry) and node.link_key is not None:
+            return self.ns.open_link(node.obj_id) or node
+        return node
+
+    @contextlib.contextmanager
+    def _linked(self, node):
+        """Around a name operation on a hard-linked file: the FileState open for it (if any),
+        locked and uploaded first, so the store works on the file as it is; `_adopt` then gives
+        that state the file as stored."""
+        live = self._live(node)
+        if not isinstance(live, FileState):
+            yield None
+            return
+        with live.lock:
+            if live.modified:
+                self.wb.upload_now(live)
+            yield live
+
+    def _adopt(self, state: FileState | None, inode: Entry | None) -> None:
+        """A hard-linked file changed in the store: its open state and its other names follow."""
+        if inode is None:
+            return
+        if state is not None:
+            state.basis = replace(inode, parent_id=state.parent_id, name=state.name, link_key=state.link_key)
+            state.attrs = inode.attrs
+        self.ns.record(inode)
+
+    def _names_changed(self, file_id: bytes | None) -> None:
+        """libfuse gives each name of a hard-linked file an inode of its own in the kernel,
+        whose cached attributes and pages would lag a change made through another name for up
+        to the attribute timeout: after such a change (outside every lock), drop them."""
+        if file_id is None:
+            return
+        try:
+            from mfusepy import _libfuse
+            context = _libfuse.fuse_get_context()
+        except Exception:  # outside a FUSE request (in-process use)
+            return
+        if not context or not context.contents.fuse:
+            return
+        invalidate = _libfuse.fuse_invalidate_path
+        invalidate.argtypes, invalidate.restype = [ctypes.c_void_p, ctypes.c_char_p], ctypes.c_int
+        for parent_id, name in self.ns.link_names(file_id):
+            parts = [name]
+            while parent_id != fmt.ROOT_DIR_ID:
+                loc = self.ns.location(parent_id)
+                if loc is None:
+                    break
+                parent_id = loc[0]
+                parts.append(loc[1])
+            else:
+                invalidate(context.contents.fuse, b"/" + b"/".join(reversed(parts)))
+
+    def _linked_id(self, path: str) -> bytes | None:
+        """The file id of a hard-linked file at a path, else None."""
+        try:
+            node = self._node(path)
+        except (CryptfsError, OSError):
+            return None
+        return _file_id(node) if node.link_key is not None else None
+
     def _check_writable(self) -> None:
         if self.read_only or (self.lease is not None and not self.lease.writable):
             raise FuseError(errno.EROFS)
 
     def _stat(self, node) -> dict:
+        node = self._live(node)
         entry = node.entry() if isinstance(node, FileState) else node
         a = entry.attrs
         size = DIR_SIZE if entry.is_dir else entry.size
-        return {"st_mode": a.mode, "st_ino": ino_of(entry.obj_id), "st_nlink": 2 if entry.is_dir else 1,
+        return {"st_mode": a.mode, "st_ino": ino_of(entry.obj_id), "st_nlink": 2 if entry.is_dir else a.nlink,
                 "st_uid": a.uid, "st_gid": a.gid, "st_size": size, "st_atime": a.atime_ns,
                 "st_mtime": a.mtime_ns, "st_ctime": a.ctime_ns, "st_rdev": a.rdev,
                 "st_blksize": self.store.block_size, "st_blocks": -(-size // 512)}
@@ -243,6 +310,12 @@ class CryptFS:
         return os.fsdecode(target)
 
     def _set_attrs(self, path: str | None, change, fh: int | None) -> None:
+        self._set_attrs_held(path, change, fh)
+        state = self.fhs.get(fh) if fh else None
+        self._names_changed(state.fk.file_id if state is not None and state.inode_key else
+                            self._linked_id(path) if path is not None else None)
+
+    def _set_attrs_held(self, path: str | None, change, fh: int | None) -> None:
         self._check_writable()
         state = self.fhs.get(fh) if fh else None
         if state is not None:
@@ -257,7 +330,11 @@ class CryptFS:
             return
         parent_id, name = self._where(path)
         with self.ns.names.hold((parent_id, name)), self._bound(parent_id, name) as node:
-            if isinstance(node, FileState):
+            live = self._live(node)
+            if live is not node:  # a hard-linked file open under another name
+                with live.lock:
+                    self._set_state_attrs(live, change)
+            elif isinstance(node, FileState):
                 self._set_state_attrs(node, change)
             elif node.is_dir:
                 self.ns.stored_dir((parent_id, name), node, self.store.set_attrs(node, change(node.attrs)))
@@ -312,6 +389,11 @@ class CryptFS:
                 break
             if node.is_dir:
                 raise FuseError(errno.EISDIR)
+            live = self._live(node)
+            if live is not node:  # a hard-linked file already open under another name
+                self.ns.hold(live)
+                state = live
+                break
             fresh = FileState.open_existing(self.store, self.reader, self.staging_dir, node)
             state = self.ns.adopt(parent_id, name, node, fresh)
             if state is not None:
@@ -366,11 +448,18 @@ class CryptFS:
     @op
     def write(self, path, data, offset, fh):
         self._check_writable()
+        self._check_size(offset + len(data))
         return self.fhs[fh].write(offset, data)
+
+    def _check_size(self, size: int) -> None:
+        """EFBIG beyond the largest file whose object the bucket can hold."""
+        if size > self.store.layout.largest_plain(MAX_OBJECT_SIZE):
+            raise FuseError(errno.EFBIG)
 
     @op
     def truncate(self, path, length, fh=None):
         self._check_writable()
+        self._check_size(length)
         state = self.fhs.get(fh) if fh else None
         temporary = None
         if state is None:
@@ -427,6 +516,8 @@ class CryptFS:
         elif state.modified:
             self.wb.journal_state(state)
             self.wb.schedule(state)
+            if state.inode_key:
+                self._names_changed(state.fk.file_id)
         else:
             self.ns.settle(state)
         return 0
@@ -456,27 +547,63 @@ class CryptFS:
                 self._hidden.pop(hidden, None)
             return
         parent_id, name = self._where(path)
+        linked = self._linked_id(path)
         self._unlink(parent_id, name)
         self._touch(parent_id)
+        self._names_changed(linked)
 
     def _unlink(self, parent_id: bytes, name: bytes, hide_as: tuple[bytes, bytes] | None = None) -> None:
         with self.ns.names.hold((parent_id, name)):
-            with self._bound(parent_id, name) as node:
-                if isinstance(node, Entry):
-                    if node.is_dir:
-                        raise FuseError(errno.EISDIR)
+            self._unlink_held(parent_id, name, hide_as)
+
+    def _unlink_held(self, parent_id: bytes, name: bytes, hide_as: tuple[bytes, bytes] | None = None) -> None:
+        """Unlink a name whose lock the caller holds."""
+        with self._bound(parent_id, name) as node:
+            if isinstance(node, Entry) and node.is_dir:
+                raise FuseError(errno.EISDIR)
+            if node.link_key is not None and self._unlink_link(parent_id, name, node):
+                live = self._live(node)
+                if hide_as is not None and isinstance(live, FileState):  # open: fstat still works
+                    with self._lock:
+                        self._hidden[hide_as] = live
+            elif isinstance(node, Entry):
+                self.store.delete_key(node.key)
+            else:
+                open_now = self.ns.unlink_state(node)
+                self.journal.remove(node.uid)
+                if not open_now:
+                    node.discard_staging()
+                elif hide_as is not None:
+                    with self._lock:
+                        self._hidden[hide_as] = node
+                if node.remote_at_key if node.basis is None else not open_now:
                     self.store.delete_key(node.key)
-                else:
-                    open_now = self.ns.unlink_state(node)
-                    self.journal.remove(node.uid)
-                    if not open_now:
-                        node.discard_staging()
-                    elif hide_as is not None:
-                        with self._lock:
-                            self._hidden[hide_as] = node
-                    if node.remote_at_key if node.basis is None else not open_now:
-                        self.store.delete_key(node.key)
-            self.ns.remove(parent_id, name)  # again, after the DELETE: no listing brings it back
+        self.ns.remove(parent_id, name)  # again, after the DELETE: no listing brings it back
+
+    def _unlink_link(self, parent_id: bytes, name: bytes, node) -> bool:
+        """One name of a hard-linked file goes: its link entry, then one link fewer (the file too
+        with its last name). False when the caller is to finish: the last name of a file open
+        under it, whose object goes at its last close."""
+        with self._linked(node) as live:
+            self.store.delete_key(self.store.entry_key(parent_id, name))
+            if live is None:
+                inode = self.store.unlinked(node)
+                self._adopt(None, inode and replace(inode, link_key=node.link_key))
+                return True
+            if live is node and live.attrs.nlink <= 1:
+                return False
+            inode = self.store.unlinked(live.basis)
+            self._adopt(live, inode)
+            if live is node:  # it was open under this very name: it moves to another one
+                other = self.ns.other_name(live.fk.file_id, (parent_id, name))
+                if other is not None:
+                    self.ns.rename_state(live, other.parent_id, other.name)
+                    live.basis = replace(live.basis, parent_id=other.parent_id, name=other.name,
+                                         link_key=other.link_key)
+                else:  # its other names are unknown here: it stays open, as uploaded, under none
+                    self.ns.unlink_state(live)
+                    self.ns.claim(parent_id, name)
+            return True
 
     def _new_name(self, path: str) -> tuple[bytes, bytes]:
         self._check_writable()
@@ -564,13 +691,16 @@ class CryptFS:
                 target = None
             if target is not None and flags & RENAME_NOREPLACE:
                 raise FuseError(errno.EEXIST)
-            if src == dst or target is node:
-                return
+            if src == dst or target is node or _same_file(target, node):
+                return  # two names of one hard-linked file: POSIX says do nothing
+            linked = {_file_id(n) for n in (node, target) if n is not None and n.link_key is not None}
             if isinstance(node, Entry) and node.is_dir:
                 self._rename_dir(node, src, dst, target)
             else:
                 self._rename_file(node, src, dst, target)
         self._touch(src[0], dst[0])
+        for file_id in linked:
+            self._names_changed(file_id)
 
     def _rename_dir(self, entry: Entry, src, dst, target) -> None:
         self.ns.follow(entry)
@@ -588,6 +718,21 @@ class CryptFS:
     def _rename_file(self, node, src, dst, target) -> None:
         if isinstance(target, Entry) and target.is_dir:
             raise FuseError(errno.EISDIR)
+        if target is not None and (target.link_key is not None or node.link_key is not None):
+            self._unlink_held(*dst)  # a hard-linked file gains or loses a name: unlink the target first
+            target = None
+        if node.link_key is not None:  # a link entry moves; the file's object stays
+            with self._linked(node) as live:
+                entry = node if isinstance(node, Entry) else replace(live.basis, attrs=live.attrs)
+                moved = self.store.rename(entry, dst[0], dst[1])
+                if live is not None and self.ns.bound(src[0], src[1], live):
+                    self.ns.rename_state(live, *dst)
+                    self._adopt(live, moved)
+                    return
+                self._adopt(live, moved)
+            self.ns.remove(*src)
+            self.ns.put(dst[0], dst[1], moved)
+            return
         replaced_remote = isinstance(target, Entry)
         if isinstance(target, FileState):
             with target.lock:
@@ -627,7 +772,26 @@ class CryptFS:
 
     @op
     def link(self, target, source):
-        raise FuseError(errno.EPERM)
+        """A new name (`target`) for the file at `source`: see store.link."""
+        self._check_writable()
+        src, dst = self._where(source), self._where(target)
+        with self.ns.names.hold(src, dst):
+            self._take_name(*dst)
+            with self._bound(*src) as node:
+                if isinstance(node, Entry) and node.is_dir:
+                    raise FuseError(errno.EPERM)
+                with self._linked(node) as live:  # an open file is uploaded first
+                    old, new = self.store.link(node if live is None else replace(live.basis, attrs=live.attrs),
+                                               *dst)
+                    if live is not None:
+                        live.inode_key = old.key
+                    self._adopt(live, old)
+                    if live is None or not self.ns.bound(src[0], src[1], live):
+                        self.ns.put(src[0], src[1], replace(old, parent_id=src[0], name=src[1],
+                                                            link_key=self.store.entry_key(*src)))
+                self.ns.put(dst[0], dst[1], new)
+        self._touch(dst[0])
+        self._names_changed(new.obj_id)
 
     @op
     def mknod(self, path, mode, dev):
@@ -681,6 +845,15 @@ class CryptFS:
             log.warning("unmount: times of %d directories could not be stored", dirs_failed)
         else:
             log.info("unmount: everything uploaded")
+
+
+def _file_id(node) -> bytes:
+    return node.fk.file_id if isinstance(node, FileState) else node.obj_id
+
+
+def _same_file(a, b) -> bool:
+    """Whether two names stand for one hard-linked file."""
+    return a is not None and a.link_key is not None and b.link_key is not None and _file_id(a) == _file_id(b)
 
 
 def _ctime_now(entry: Entry) -> Entry:

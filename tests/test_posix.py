@@ -20,7 +20,7 @@ import traceback
 
 import pytest
 
-from mountlib import MountedVolume, raises_errno, usable
+from mountlib import MountedVolume, raises_errno, read, run, usable
 
 pytestmark = [pytest.mark.skipif(not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None
                                  or os.geteuid() != 0, reason="needs /dev/fuse, fusermount3 and root"),
@@ -168,16 +168,78 @@ def test_special_files_are_made_listed_renamed_changed_removed_and_kept(mnt, wor
     assert os.listdir(work) == []
 
 
-# ---------------------------------------------------------------- hard links (not supported)
+# ---------------------------------------------------------------- hard links
 
-def test_link_is_eperm(mnt, work, who):
+def test_hard_links_share_one_file(mnt, work, who):
     def go(work):
-        f = os.path.join(work, "f")
-        with open(f, "wb") as out:
-            out.write(b"one name")
-        raises_errno(errno.EPERM, os.link, f, os.path.join(work, "hl"))
-        assert os.listdir(work) == ["f"] and os.stat(f).st_nlink == 1
-    as_who(who, go, work)
+        p = lambda *parts: os.path.join(work, *parts)  # noqa: E731
+        os.mkdir(p("d"))
+        append(p("f"), b"one")
+        os.link(p("f"), p("hl"))
+        os.link(p("hl"), p("d", "hl2"))
+        st = [os.stat(p(n)) for n in ("f", "hl", "d/hl2")]
+        assert {s.st_ino for s in st} == {st[0].st_ino} and [s.st_nlink for s in st] == [3, 3, 3]
+        append(p("hl"), b" two")                   # written through one name, read through the others
+        assert read(p("f")) == read(p("d", "hl2")) == b"one two"
+        os.chmod(p("d", "hl2"), 0o640)
+        assert stat.S_IMODE(os.stat(p("f")).st_mode) == 0o640
+        os.rename(p("hl"), p("hl3"))               # a name moves; the file and its count stay
+        os.rename(p("hl3"), p("d", "hl2"))         # two names of one file: nothing happens
+        assert os.stat(p("hl3")).st_nlink == 3
+        ctime = os.stat(p("hl3")).st_ctime_ns
+        time.sleep(0.02)
+        os.unlink(p("f"))
+        assert os.stat(p("hl3")).st_nlink == 2 and os.stat(p("hl3")).st_ctime_ns > ctime
+        with open(p("hl3"), "r+b") as out:         # open under one name while another goes
+            os.unlink(p("d", "hl2"))
+            out.seek(0, 2)
+            out.write(b" three")
+        assert read(p("hl3")) == b"one two three" and os.stat(p("hl3")).st_nlink == 1
+        append(p("other"), b"replaced")
+        os.link(p("hl3"), p("d", "again"))
+        os.rename(p("other"), p("d", "again"))     # replacing a name: one link fewer
+        assert os.stat(p("hl3")).st_nlink == 1 and read(p("d", "again")) == b"replaced"
+        os.link(p("hl3"), p("d", "kept"))
+        raises_errno(errno.EEXIST, os.link, p("hl3"), p("d", "kept"))
+        raises_errno(errno.EPERM, os.link, p("d"), p("dirlink"))  # directories have one name
+        raises_errno(errno.ENOENT, os.link, p("absent"), p("x"))
+        os.mkfifo(p("fifo"))
+        os.link(p("fifo"), p("fifo2"))
+        assert stat.S_ISFIFO(os.lstat(p("fifo2")).st_mode) and os.lstat(p("fifo")).st_nlink == 2
+        return os.stat(p("hl3")).st_ino
+    ino = as_who(who, go, work)
+    mnt.remount("-o", "allow_other")
+    names = {"hl3": b"one two three", "d/kept": b"one two three", "d/again": b"replaced"}
+    for name, content in names.items():
+        assert read(os.path.join(work, name)) == content
+    assert os.stat(os.path.join(work, "hl3")).st_ino == os.stat(os.path.join(work, "d", "kept")).st_ino == ino
+    assert os.stat(os.path.join(work, "hl3")).st_nlink == 2 and os.lstat(os.path.join(work, "fifo")).st_nlink == 2
+    for name in ("hl3", "d/kept", "d/again", "fifo", "fifo2"):
+        os.unlink(os.path.join(work, name))
+    os.rmdir(os.path.join(work, "d"))
+    mnt.umount()
+    try:
+        mnt.ref.assert_clean()  # nothing left behind: every file went with its last name
+    finally:
+        mnt.mount("-o", "allow_other")
+
+
+def test_tools_keep_hard_links(mnt, work, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a").write_bytes(b"shared")
+    os.link(src / "a", src / "b")
+    for tool in (["cp", "-a", str(src), os.path.join(work, "cp")],
+                 ["rsync", "-aH", str(src) + "/", os.path.join(work, "rsync") + "/"]):
+        if shutil.which(tool[0]):
+            run(*tool)
+    run("tar", "-C", str(tmp_path), "-cf", str(tmp_path / "t.tar"), "src")
+    os.mkdir(os.path.join(work, "tar"))
+    run("tar", "-C", os.path.join(work, "tar"), "-xf", str(tmp_path / "t.tar"))
+    for copy in ("cp", "rsync", "tar/src"):
+        if os.path.exists(os.path.join(work, copy)):
+            a, b = (os.stat(os.path.join(work, copy, n)) for n in "ab")
+            assert a.st_ino == b.st_ino and a.st_nlink == 2, copy
 
 
 # ---------------------------------------------------------------- ownership
