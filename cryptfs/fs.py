@@ -5,6 +5,7 @@ Which lock guards what, and their order, is written in namespace.py.
 """
 
 import contextlib
+import ctypes
 import errno
 import functools
 import itertools
@@ -18,12 +19,13 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from . import format as fmt
+from .backend.base import MAX_OBJECT_SIZE
 from .errors import AlreadyExists, CryptfsError, NoSpace, NotFound
-from .logs import shown
 from .handles import FileState
+from .logs import shown
 from .namespace import ROOT_LOC, Namespace
 from .reader import BlockReader
-from .store import Entry, Store, entry_attrs
+from .store import SPECIAL_TYPES, Entry, Store, entry_attrs
 from .writeback import Journal, WriteBack, mkdir_journaled, recover_record, rename_journaled, rmdir_journaled
 
 if TYPE_CHECKING:
@@ -114,8 +116,16 @@ class CryptFS:
         except (ImportError, OSError):  # no FUSE library: in-process use
             return os.getuid(), os.getgid()
 
-    def _new_attrs(self, mode: int) -> fmt.Attrs:
+    def _new_attrs(self, mode: int, parent_id: bytes) -> fmt.Attrs:
+        """A new entry's attributes: the caller's uid and gid, or, in a set-group-ID
+        directory, the directory's gid (and its set-group-ID bit for a subdirectory), as
+        Linux does (the kernel already stripped S_ISGID the caller may not set)."""
         uid, gid = self._ctx()
+        parent = self.ns.dir_entry(parent_id)
+        if parent is not None and entry_attrs(parent).mode & stat.S_ISGID:
+            gid = entry_attrs(parent).gid
+            if stat.S_ISDIR(mode):
+                mode |= stat.S_ISGID
         now = time.time_ns()
         return fmt.Attrs(mode, uid, gid, now, now, now)
 
@@ -170,15 +180,80 @@ class CryptFS:
             self.wb.keep_closed_version(state)
             return change()
 
+    def _live(self, node):
+        """What a hard-linked name stands for: the FileState this mount has open for its file
+        under any of its names, else the node itself."""
+        if isinstance(node, Entry) and node.link_key is not None:
+            return self.ns.open_link(node.obj_id) or node
+        return node
+
+    @contextlib.contextmanager
+    def _linked(self, node):
+        """Around a name operation on a hard-linked file: the FileState open for it (if any),
+        locked and uploaded first, so the store works on the file as it is; `_adopt` then gives
+        that state the file as stored."""
+        live = self._live(node)
+        if not isinstance(live, FileState):
+            yield None
+            return
+        with live.lock:
+            if live.modified:
+                self.wb.upload_now(live)
+            yield live
+
+    def _adopt(self, state: FileState | None, inode: Entry | None) -> None:
+        """A hard-linked file changed in the store: its open state and its other names follow."""
+        if inode is None:
+            return
+        if state is not None:
+            state.basis = replace(inode, parent_id=state.parent_id, name=state.name, link_key=state.link_key)
+            state.attrs = entry_attrs(inode)
+        self.ns.record(inode)
+
+    def _names_changed(self, file_id: bytes | None) -> None:
+        """libfuse gives each name of a hard-linked file an inode of its own in the kernel,
+        whose cached attributes and pages would lag a change made through another name for up
+        to the attribute timeout: after such a change (outside every lock), drop them."""
+        if file_id is None:
+            return
+        try:
+            from mfusepy import _libfuse
+            context = _libfuse.fuse_get_context()
+        except (ImportError, OSError, AttributeError):  # no FUSE library: in-process use
+            return
+        if not context or not context.contents.fuse:
+            return
+        invalidate = _libfuse.fuse_invalidate_path
+        invalidate.argtypes, invalidate.restype = [ctypes.c_void_p, ctypes.c_char_p], ctypes.c_int
+        for parent_id, name in self.ns.link_names(file_id):
+            parts = [name]
+            while parent_id != fmt.ROOT_DIR_ID:
+                loc = self.ns.location(parent_id)
+                if loc is None:
+                    break
+                parent_id = loc[0]
+                parts.append(loc[1])
+            else:
+                invalidate(context.contents.fuse, b"/" + b"/".join(reversed(parts)))
+
+    def _linked_id(self, path: str) -> bytes | None:
+        """The file id of a hard-linked file at a path, else None."""
+        try:
+            node = self._node(path)
+        except (CryptfsError, OSError):
+            return None
+        return _file_id(node) if node.link_key is not None else None
+
     def _check_writable(self) -> None:
         if self.read_only or (self.lease is not None and not self.lease.writable):
             raise FuseError(errno.EROFS)
 
     def _stat(self, node) -> dict:
+        node = self._live(node)
         entry = node.entry() if isinstance(node, FileState) else node
         a = entry_attrs(entry)
         size = DIR_SIZE if entry.is_dir else entry.size
-        return {"st_mode": a.mode, "st_ino": ino_of(entry.obj_id), "st_nlink": 2 if entry.is_dir else 1,
+        return {"st_mode": a.mode, "st_ino": ino_of(entry.obj_id), "st_nlink": 2 if entry.is_dir else a.nlink,
                 "st_uid": a.uid, "st_gid": a.gid, "st_size": size, "st_atime": a.atime_ns,
                 "st_mtime": a.mtime_ns, "st_ctime": a.ctime_ns, "st_rdev": a.rdev,
                 "st_blksize": self.store.block_size, "st_blocks": -(-size // 512)}
@@ -265,6 +340,12 @@ class CryptFS:
         return os.fsdecode(target)
 
     def _set_attrs(self, path: str | None, change, fh: int | None) -> None:
+        self._set_attrs_held(path, change, fh)
+        state = self.fhs.get(fh) if fh else None
+        self._names_changed(state.fk.file_id if state is not None and state.inode_key else
+                            self._linked_id(path) if path is not None else None)
+
+    def _set_attrs_held(self, path: str | None, change, fh: int | None) -> None:
         self._check_writable()
         state = self.fhs.get(fh) if fh else None
         if state is not None:
@@ -281,7 +362,11 @@ class CryptFS:
             return
         parent_id, name = self._where(path)
         with self.ns.names.hold((parent_id, name)), self._bound(parent_id, name) as node:
-            if isinstance(node, FileState):
+            live = self._live(node)
+            if live is not node:  # a hard-linked file open under another name
+                with live.lock:
+                    self._set_state_attrs(live, change)
+            elif isinstance(node, FileState):
                 self._set_state_attrs(node, change)
             elif node.is_dir:
                 self.ns.stored_dir((parent_id, name), node, self.store.set_attrs(node, change(node.attrs)))
@@ -336,6 +421,11 @@ class CryptFS:
                 break
             if node.is_dir:
                 raise FuseError(errno.EISDIR)
+            live = self._live(node)
+            if live is not node:  # a hard-linked file already open under another name
+                self.ns.hold(live)
+                state = live
+                break
             fresh = FileState.open_existing(self.store, self.reader, self.staging_dir, node)
             adopted = self.ns.adopt(parent_id, name, node, fresh)
             if adopted is not None:
@@ -365,7 +455,7 @@ class CryptFS:
                     raise FuseError(errno.EEXIST)
                 return self._open_node(parent_id, name, existing, flags)
             state = FileState.create(self.store, self.reader, self.staging_dir, parent_id, name,
-                                     self._new_attrs(stat.S_IFREG | stat.S_IMODE(mode)))
+                                     self._new_attrs(stat.S_IFREG | stat.S_IMODE(mode), parent_id))
             state.remote_at_key = self.ns.claim(parent_id, name) is not None
             state.handles = 1
             self.ns.put(parent_id, name, state)
@@ -391,12 +481,19 @@ class CryptFS:
     @op
     def write(self, path, data, offset, fh):
         self._check_writable()
+        self._check_size(offset + len(data))
         state = self.fhs[fh]
         return self._change(state, lambda: state.write(offset, data))
+
+    def _check_size(self, size: int) -> None:
+        """EFBIG beyond the largest file whose object the bucket can hold."""
+        if size > self.store.layout.largest_plain(MAX_OBJECT_SIZE):
+            raise FuseError(errno.EFBIG)
 
     @op
     def truncate(self, path, length, fh=None):
         self._check_writable()
+        self._check_size(length)
         state = self.fhs.get(fh) if fh else None
         temporary = None
         if state is None:
@@ -460,6 +557,8 @@ class CryptFS:
                 pass  # failed now: given up below
             else:
                 self.wb.schedule(state)
+                if state.inode_key:
+                    self._names_changed(state.fk.file_id)
                 return 0
         if state.failed:
             self._abandon(state)
@@ -512,27 +611,63 @@ class CryptFS:
                 self._hidden.pop(hidden, None)
             return
         parent_id, name = self._where(path)
+        linked = self._linked_id(path)
         self._unlink(parent_id, name)
         self._touch(parent_id)
+        self._names_changed(linked)
 
     def _unlink(self, parent_id: bytes, name: bytes, hide_as: tuple[bytes, bytes] | None = None) -> None:
         with self.ns.names.hold((parent_id, name)):
-            with self._bound(parent_id, name) as node:
-                if isinstance(node, Entry):
-                    if node.is_dir:
-                        raise FuseError(errno.EISDIR)
+            self._unlink_held(parent_id, name, hide_as)
+
+    def _unlink_held(self, parent_id: bytes, name: bytes, hide_as: tuple[bytes, bytes] | None = None) -> None:
+        """Unlink a name whose lock the caller holds."""
+        with self._bound(parent_id, name) as node:
+            if isinstance(node, Entry) and node.is_dir:
+                raise FuseError(errno.EISDIR)
+            if node.link_key is not None and self._unlink_link(parent_id, name, node):
+                live = self._live(node)
+                if hide_as is not None and isinstance(live, FileState):  # open: fstat still works
+                    with self._lock:
+                        self._hidden[hide_as] = live
+            elif isinstance(node, Entry):
+                self.store.delete_key(node.key)
+            else:
+                open_now = self.ns.unlink_state(node)
+                self.journal.remove(node.uid)
+                if not open_now:
+                    node.discard_staging()
+                elif hide_as is not None:
+                    with self._lock:
+                        self._hidden[hide_as] = node
+                if node.remote_at_key if node.basis is None else not open_now:
                     self.store.delete_key(node.key)
-                else:
-                    open_now = self.ns.unlink_state(node)
-                    self.journal.remove(node.uid)
-                    if not open_now:
-                        node.discard_staging()
-                    elif hide_as is not None:
-                        with self._lock:
-                            self._hidden[hide_as] = node
-                    if node.remote_at_key if node.basis is None else not open_now:
-                        self.store.delete_key(node.key)
-            self.ns.remove(parent_id, name)  # again, after the DELETE: no listing brings it back
+        self.ns.remove(parent_id, name)  # again, after the DELETE: no listing brings it back
+
+    def _unlink_link(self, parent_id: bytes, name: bytes, node) -> bool:
+        """One name of a hard-linked file goes: its link entry, then one link fewer (the file too
+        with its last name). False when the caller is to finish: the last name of a file open
+        under it, whose object goes at its last close."""
+        with self._linked(node) as live:
+            self.store.delete_key(self.store.entry_key(parent_id, name))
+            if live is None:
+                inode = self.store.unlinked(node)
+                self._adopt(None, inode and replace(inode, link_key=node.link_key))
+                return True
+            if live is node and live.attrs.nlink <= 1:
+                return False
+            inode = self.store.unlinked(live.basis)
+            self._adopt(live, inode)
+            if live is node:  # it was open under this very name: it moves to another one
+                other = self.ns.other_name(live.fk.file_id, (parent_id, name))
+                if other is not None:
+                    self.ns.rename_state(live, other.parent_id, other.name)
+                    live.basis = replace(live.basis, parent_id=other.parent_id, name=other.name,
+                                         link_key=other.link_key)
+                else:  # its other names are unknown here: it stays open, as uploaded, under none
+                    self.ns.unlink_state(live)
+                    self.ns.claim(parent_id, name)
+            return True
 
     def _new_name(self, path: str) -> tuple[bytes, bytes]:
         self._check_writable()
@@ -556,7 +691,7 @@ class CryptFS:
         with self.ns.names.hold((parent_id, name)):
             self._take_name(parent_id, name)
             entry = mkdir_journaled(self.store, self.journal, parent_id, name,
-                                    self._new_attrs(stat.S_IFDIR | stat.S_IMODE(mode)))
+                                    self._new_attrs(stat.S_IFDIR | stat.S_IMODE(mode), parent_id))
             self.ns.put(parent_id, name, entry)
             self.ns.pointed_back(entry)
             self.ns.created_dir(entry.obj_id)
@@ -587,12 +722,16 @@ class CryptFS:
 
     @op
     def symlink(self, path, target):
+        self._make(path, os.fsencode(target), stat.S_IFLNK | 0o777)
+
+    def _make(self, path: str, body: bytes, mode: int, rdev: int = 0) -> None:
+        """A new small entry uploaded at once: a symlink (its target) or a special file (empty)."""
         parent_id, name = self._new_name(path)
+        attrs = replace(self._new_attrs(mode, parent_id), rdev=rdev)
         with self.ns.names.hold((parent_id, name)):
             self._take_name(parent_id, name)
             try:
-                entry = self.store.write_bytes(parent_id, name, os.fsencode(target),
-                                               self._new_attrs(stat.S_IFLNK | 0o777), create_only=True)
+                entry = self.store.write_bytes(parent_id, name, body, attrs, create_only=True)
             except AlreadyExists:
                 raise FuseError(errno.EEXIST) from None
             self.ns.put(parent_id, name, entry)
@@ -616,13 +755,16 @@ class CryptFS:
                 target = None
             if target is not None and flags & RENAME_NOREPLACE:
                 raise FuseError(errno.EEXIST)
-            if src == dst or target is node:
-                return
+            if src == dst or target is node or _same_file(target, node):
+                return  # two names of one hard-linked file: POSIX says do nothing
+            linked = {_file_id(n) for n in (node, target) if n is not None and n.link_key is not None}
             if isinstance(node, Entry) and node.is_dir:
                 self._rename_dir(node, src, dst, target)
             else:
                 self._rename_file(node, src, dst, target)
         self._touch(src[0], dst[0])
+        for file_id in linked:
+            self._names_changed(file_id)
 
     def _rename_dir(self, entry: Entry, src, dst, target) -> None:
         self.ns.follow(entry)
@@ -640,6 +782,21 @@ class CryptFS:
     def _rename_file(self, node, src, dst, target) -> None:
         if isinstance(target, Entry) and target.is_dir:
             raise FuseError(errno.EISDIR)
+        if target is not None and (target.link_key is not None or node.link_key is not None):
+            self._unlink_held(*dst)  # a hard-linked file gains or loses a name: unlink the target first
+            target = None
+        if node.link_key is not None:  # a link entry moves; the file's object stays
+            with self._linked(node) as live:
+                entry = node if isinstance(node, Entry) else replace(live.basis, attrs=live.attrs)
+                moved = self.store.rename(entry, dst[0], dst[1])
+                if live is not None and self.ns.bound(src[0], src[1], live):
+                    self.ns.rename_state(live, *dst)
+                    self._adopt(live, moved)
+                    return
+                self._adopt(live, moved)
+            self.ns.remove(*src)
+            self.ns.put(dst[0], dst[1], moved)
+            return
         replaced_remote = isinstance(target, Entry)
         if isinstance(target, FileState):
             with target.lock:
@@ -685,11 +842,35 @@ class CryptFS:
 
     @op
     def link(self, target, source):
-        raise FuseError(errno.EPERM)
+        """A new name (`target`) for the file at `source`: see store.link."""
+        self._check_writable()
+        src, dst = self._where(source), self._where(target)
+        with self.ns.names.hold(src, dst):
+            self._take_name(*dst)
+            with self._bound(*src) as node:
+                if isinstance(node, Entry) and node.is_dir:
+                    raise FuseError(errno.EPERM)
+                with self._linked(node) as live:  # an open file is uploaded first
+                    old, new = self.store.link(node if live is None else replace(live.basis, attrs=live.attrs),
+                                               *dst)
+                    if live is not None:
+                        live.inode_key = old.key
+                    self._adopt(live, old)
+                    if live is None or not self.ns.bound(src[0], src[1], live):
+                        self.ns.put(src[0], src[1], replace(old, parent_id=src[0], name=src[1],
+                                                            link_key=self.store.entry_key(*src)))
+                self.ns.put(dst[0], dst[1], new)
+        self._touch(dst[0])
+        self._names_changed(new.obj_id)
 
     @op
     def mknod(self, path, mode, dev):
-        raise FuseError(errno.EPERM)
+        """FIFOs, sockets and device nodes: an empty file object whose sealed attributes carry
+        the type, mode and rdev (nothing is served through them)."""
+        if stat.S_IFMT(mode) not in SPECIAL_TYPES:
+            raise FuseError(errno.EPERM if stat.S_IFMT(mode) else errno.EINVAL)
+        rdev = dev if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else 0
+        self._make(path, b"", mode, rdev)
 
     @op
     def setxattr(self, path, name, value, options, position=0):
@@ -735,6 +916,15 @@ class CryptFS:
             log.warning("unmount: times of %d directories could not be stored", dirs_failed)
         else:
             log.info("unmount: everything uploaded")
+
+
+def _file_id(node) -> bytes:
+    return node.fk.file_id if isinstance(node, FileState) else node.obj_id
+
+
+def _same_file(a, b) -> bool:
+    """Whether two names stand for one hard-linked file."""
+    return a is not None and a.link_key is not None and b.link_key is not None and _file_id(a) == _file_id(b)
 
 
 def _ctime_now(entry: Entry) -> Entry:

@@ -120,6 +120,8 @@ def _walk_dir(store: Store, directory: Entry, path: str, report: Report, reached
         except CryptfsError as exc:
             report.add("metadata", where, f"{exc} (object {store.abs_key(info.key)})")
             continue
+        if entry.link_key is not None:
+            reached.add(entry.key)  # a hard-linked file's object, reached through its names
         if entry.is_dir:
             try:
                 canonical = store.check_backptr(entry)

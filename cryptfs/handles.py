@@ -56,6 +56,7 @@ class FileState:
         self.failed = False          # a write met a full cache disk: ENOSPC until the last close drops it
         self.seq = SequentialDetector()
         self.remote_at_key = basis is not None  # an object (ours or an older one) sits under our key
+        self.inode_key = basis.key if basis is not None and basis.link_key else None  # hard-linked
 
     # ------------------------------------------------------------ identity
 
@@ -73,7 +74,13 @@ class FileState:
 
     @property
     def key(self) -> str:
-        return self.store.entry_key(self.parent_id, self.name)
+        """Where the file's object goes: its name's key, or a hard-linked file's own key."""
+        return self.inode_key or self.store.entry_key(self.parent_id, self.name)
+
+    @property
+    def link_key(self) -> str | None:
+        """A hard-linked file: the key of the link entry of the name it is bound to."""
+        return None if self.inode_key is None else self.store.entry_key(self.parent_id, self.name)
 
     @property
     def staging_path(self) -> str:

@@ -261,7 +261,7 @@ class Namespace:
             if name in local or d.changed.get(name, -1) > seq0 or (dir_id, name) in self._doomed:
                 continue  # changed here after the LIST began (ours is newer), or unlinked while open
             old = d.children.get(name)
-            if isinstance(old, Entry) and old.etag == info.etag and old.key == info.key[prefix_len:]:
+            if isinstance(old, Entry) and old.etag == info.etag and old.name_key == info.key[prefix_len:]:
                 merged[name] = old
             else:
                 merged[name] = info
@@ -355,10 +355,53 @@ class Namespace:
             self._where.pop(dir_id, None)
 
     def record(self, entry: Entry) -> None:
-        """Persist an entry's encrypted metadata (as the bucket holds it) for later listings."""
+        """Persist an entry's encrypted metadata (as the bucket holds it) for later listings; a
+        hard-linked file's other names known here see its new size, version and attributes."""
+        if entry.link_key is not None:
+            self._refresh_links(entry)
         if entry.raw_meta is not None and entry.obj_id != fmt.ROOT_DIR_ID:
             size = fmt.DIRENT_SIZE if entry.is_dir else self.store.layout.object_size(entry.size)
             self.db.put(self.store.abs_key(entry.key), entry.etag, None, size, entry.raw_meta)
+
+    # ------------------------------------------------------------ hard-linked files
+    # A hard-linked file open under one name is one FileState, bound to that name; its other
+    # names stay bound to Entries, and the mount acts on the FileState through them. These
+    # scan the tables: hard links are few.
+
+    def _refresh_links(self, inode: Entry) -> None:
+        with self._lock:
+            for d in self._dirs.values():
+                for name, child in d.children.items():
+                    if isinstance(child, Entry) and child.link_key and child.obj_id == inode.obj_id \
+                            and child.link_key != inode.link_key:
+                        d.children[name] = replace(inode, parent_id=child.parent_id, name=child.name,
+                                                   link_key=child.link_key)
+
+    def open_link(self, file_id: bytes) -> FileState | None:
+        """The FileState of a hard-linked file, under whichever of its names it is bound to."""
+        with self._lock:
+            for d in self._dirs.values():
+                for child in d.children.values():
+                    if isinstance(child, FileState) and child.inode_key and child.fk.file_id == file_id:
+                        return child
+        return None
+
+    def link_names(self, file_id: bytes) -> list[tuple[bytes, bytes]]:
+        """Every name of a hard-linked file known here, as (directory id, name)."""
+        with self._lock:
+            return [(dir_id, name) for dir_id, d in self._dirs.items() for name, child in d.children.items()
+                    if (child.link_key is not None and child.obj_id == file_id if isinstance(child, Entry) else
+                        isinstance(child, FileState) and child.inode_key and child.fk.file_id == file_id)]
+
+    def other_name(self, file_id: bytes, but: tuple[bytes, bytes]) -> Entry | None:
+        """Another name of a hard-linked file bound to an Entry here, if any is known."""
+        with self._lock:
+            for d in self._dirs.values():
+                for child in d.children.values():
+                    if isinstance(child, Entry) and child.link_key and child.obj_id == file_id \
+                            and (child.parent_id, child.name) != but:
+                        return child
+        return None
 
     # ------------------------------------------------------------ open and pending files
 

@@ -25,6 +25,7 @@ from .volume import Volume
 log = logging.getLogger(__name__)
 
 LOST_FOUND = b"lost+found"
+SPECIAL_TYPES = (stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK)  # what mknod makes
 
 
 @dataclass(frozen=True)
@@ -41,10 +42,21 @@ class Entry:
     attrs: fmt.Attrs | None  # None until metadata was read
     wrapped_key: bytes | None = None
     raw_meta: dict | None = field(default=None, compare=False, repr=False)  # as the bucket holds it
+    link_key: str | None = None  # a hard-linked name: its link entry's key (`key` is the file's object)
+
+    @property
+    def name_key(self) -> str:
+        """The key of this name's own object."""
+        return self.link_key or self.key
 
     @property
     def is_symlink(self) -> bool:
         return self.attrs is not None and stat.S_ISLNK(self.attrs.mode)
+
+    @property
+    def is_special(self) -> bool:
+        """A FIFO, socket or device node: an empty object whose attributes are all it holds."""
+        return self.attrs is not None and stat.S_IFMT(self.attrs.mode) in SPECIAL_TYPES
 
 
 def entry_attrs(entry: Entry) -> fmt.Attrs:
@@ -121,6 +133,8 @@ class Store:
     def entry_from(self, parent_id: bytes, name: bytes, rel: str, info: ObjectInfo,
                    body: bytes | None) -> Entry:
         """An Entry from an object's info (with metadata) and, for directories, its body."""
+        if info.size == fmt.LINK_SIZE:
+            return self._linked(parent_id, name, rel, body)
         meta = fmt.parse_metadata(info.metadata or {})
         attrs = fmt.decrypt_attrs(self.vk, rel, meta.obj_id, meta.attr_blob)
         if info.size == fmt.DIRENT_SIZE:
@@ -141,6 +155,22 @@ class Store:
         return Entry(parent_id, name, rel, False, meta.obj_id, size, info.etag, info.last_modified,
                      attrs, meta.wrapped_key, raw_meta=info.metadata)
 
+    def _linked(self, parent_id: bytes, name: bytes, rel: str, body: bytes | None) -> Entry:
+        """A hard-linked name: its link entry names the file, whose object holds the rest."""
+        if body is None or len(body) < fmt.LINK_SIZE:
+            body, _ = self.backend.get(self.abs_key(rel))
+        file_id = fmt.decrypt_link(self.vk, parent_id, name, body[:fmt.LINK_SIZE])
+        entry = self.inode(file_id, parent_id, name)
+        return replace(entry, link_key=rel)
+
+    def inode(self, file_id: bytes, parent_id: bytes = b"", name: bytes = b"") -> Entry:
+        """A hard-linked file as the bucket holds it now (NotFound: its last name went meanwhile)."""
+        rel = fmt.inode_key(self.vk, file_id)
+        entry = self.entry_from(parent_id, name, rel, self.backend.head(self.abs_key(rel)), None)
+        if entry.is_dir or entry.obj_id != file_id:
+            raise IntegrityError(f"hard-linked file {rel} is not the file its name points to")
+        return entry
+
     def lookup(self, dir_id: bytes, name: bytes, first: int | None = None) -> tuple[Entry, bytes]:
         """One request: the entry and the first bytes of its object (by default header and first
         block, and the tag table of a one-block file)."""
@@ -148,14 +178,15 @@ class Store:
         first = first or self.layout.object_size(self.block_size)
         body, info = self.backend.get(self.abs_key(rel), 0, first)
         try:
-            return self.entry_from(dir_id, name, rel, info, body), body
+            entry = self.entry_from(dir_id, name, rel, info, body)
+            return entry, body if entry.link_key is None else b""
         except (FormatError, IntegrityError) as exc:
             raise type(exc)(f"{name.decode(errors='replace')}: {exc}") from None
 
     def stat_listed(self, dir_id: bytes, name: bytes, rel: str, size: int | None = None) -> Entry:
         """An entry found by a listing: one request. A directory entry (listed `size` 56) is
         read whole, so its body is checked too; a file is a HEAD."""
-        if size == fmt.DIRENT_SIZE:
+        if size in (fmt.DIRENT_SIZE, fmt.LINK_SIZE):
             body, info = self.backend.get(self.abs_key(rel))
         else:
             body, info = None, self.backend.head(self.abs_key(rel))
@@ -455,7 +486,9 @@ class Store:
             self.backend.delete(self.abs_key(entry.key))
             self.backend.delete(self.abs_key(self.backptr_key(entry.obj_id)))
         else:
-            self.backend.delete(self.abs_key(entry.key))
+            self.backend.delete(self.abs_key(entry.name_key))
+            if entry.link_key is not None:
+                self.unlinked(entry)
 
     def delete_key(self, rel: str) -> None:
         """Delete the object under a volume-relative key (absent is not an error)."""
@@ -484,9 +517,80 @@ class Store:
 
     # ------------------------------------------------------------ renames and attributes
 
+    # ------------------------------------------------------------ hard links
+    #
+    # A file's first link moves its object to its inode key (format.md §7.5) and turns each
+    # name into a link entry. The stored link count is raised before a name is added and
+    # lowered after one is removed, so an interrupted operation leaves it too high (the file
+    # outlives its last name: fsck reports it), never too low. Each change of the count reads
+    # the file's object first, so names known to be stale elsewhere cannot undo one another.
+
+    def bump_links(self, entry: Entry, delta: int) -> Entry:
+        """Change a hard-linked file's stored link count, from what the bucket holds now."""
+        current = self.inode(entry.obj_id, entry.parent_id, entry.name)
+        have = entry_attrs(current)
+        attrs = replace(have, nlink=have.nlink + delta, ctime_ns=now_ns())
+        return replace(self.set_attrs(current, attrs), link_key=entry.link_key)
+
+    def put_link(self, parent_id: bytes, name: bytes, file_id: bytes, create_only: bool) -> str:
+        rel = self.entry_key(parent_id, name)
+        try:
+            self.backend.put(self.abs_key(rel), fmt.encrypt_link(self.vk, parent_id, name, file_id), None,
+                             if_none_match=create_only)
+        except PreconditionFailed:
+            raise AlreadyExists(f"{name.decode(errors='replace')} already exists") from None
+        return rel
+
+    def link(self, entry: Entry, new_parent: bytes, new_name: bytes) -> tuple[Entry, Entry]:
+        """Give a file a new name: (the file under its old name, under the new one)."""
+        if entry.link_key is None:
+            rel = fmt.inode_key(self.vk, entry.obj_id)
+            attrs = replace(entry_attrs(entry), nlink=entry_attrs(entry).nlink + 1, ctime_ns=now_ns())
+            meta = self.metadata_for(rel, entry.obj_id, attrs, entry.wrapped_key, False)
+            etag = self.backend.copy(self.abs_key(entry.key), self.abs_key(rel), meta, if_match=entry.etag)
+            if self.backend.head(self.abs_key(rel)).size != self.layout.object_size(entry.size):
+                raise IntegrityError(f"copy of {entry.name!r} has the wrong size; not linked")
+            self.put_link(entry.parent_id, entry.name, entry.obj_id, create_only=False)  # replaces the object
+            old = replace(entry, key=rel, etag=etag, last_modified=time.time(), attrs=attrs, raw_meta=meta,
+                          link_key=entry.key)
+        else:
+            old = self.bump_links(entry, 1)
+        try:
+            new_rel = self.put_link(new_parent, new_name, entry.obj_id, create_only=True)
+        except AlreadyExists:
+            self.bump_links(old, -1)
+            raise
+        return old, replace(old, parent_id=new_parent, name=new_name, link_key=new_rel)
+
+    def unlinked(self, entry: Entry) -> Entry | None:
+        """A hard-linked name is gone (its object deleted or replaced): one link fewer, and the
+        file itself goes with its last name. Returns the file as its other names see it."""
+        try:
+            current = self.inode(entry.obj_id, entry.parent_id, entry.name)
+        except NotFound:
+            return None
+        if entry_attrs(current).nlink > 1:
+            return self.bump_links(entry, -1)
+        self.backend.delete(self.abs_key(entry.key))
+        return None
+
+    def _rename_link(self, entry: Entry, new_parent: bytes, new_name: bytes, target: Entry | None) -> Entry:
+        if entry.link_key is None:
+            raise FormatError(f"object {entry.key} is not a linked name")
+        self.bump_links(entry, 1)
+        new_rel = self.put_link(new_parent, new_name, entry.obj_id, create_only=target is None)
+        if target is not None and target.link_key is not None:
+            self.unlinked(target)
+        self.backend.delete(self.abs_key(entry.link_key))
+        return replace(self.bump_links(entry, -1), parent_id=new_parent, name=new_name, link_key=new_rel)
+
     def rename(self, entry: Entry, new_parent: bytes, new_name: bytes, target: Entry | None = None) -> Entry:
         """Move an entry; `target` is what (new_parent, new_name) holds now, replaced if allowed."""
         new_rel = self.entry_key(new_parent, new_name)
+        if target is not None and target.is_dir and not entry.is_dir:
+            raise IsADirectory(f"{new_name.decode(errors='replace')} is a directory")
+        if entry.link_key is not None:
+            return self._rename_link(entry, new_parent, new_name, target)
         if target is not None:
             if target.is_dir and not entry.is_dir:
                 raise IsADirectory(f"{new_name.decode(errors='replace')} is a directory")
@@ -505,6 +609,8 @@ class Store:
             copied = self.backend.head(self.abs_key(new_rel))
             if copied.size != self.layout.object_size(entry.size):
                 raise IntegrityError(f"copy of {entry.key} has the wrong size; source kept")
+        if target is not None and target.link_key is not None:
+            self.unlinked(target)  # its link entry was replaced by the copy
         if new_rel != entry.key:
             self.backend.delete(self.abs_key(entry.key))
         return replace(entry, parent_id=new_parent, name=new_name, key=new_rel, etag=etag,

@@ -148,12 +148,19 @@ def _join(where: str, name: bytes) -> str:
 def _get_file(store: Store, entry: Entry, dest: str, quiet: bool) -> None:
     """One file or symlink to `dest`, written under a temporary name and renamed into place
     when complete, so a partly written file never stands under the real name."""
-    if entry.is_symlink:
-        target = store.read_all(entry)
+    if entry.is_symlink or entry.is_special:
         if os.path.lexists(dest):
             os.unlink(dest)
-        os.symlink(target, dest)
-        _apply_attrs(dest, entry.attrs, follow=False)
+        attrs = entry_attrs(entry)
+        if entry.is_symlink:
+            os.symlink(store.read_all(entry), dest)
+        else:
+            try:
+                os.mknod(dest, attrs.mode, attrs.rdev)
+            except PermissionError:  # device nodes need root
+                print(f"cryptfs: skipping {dest}: making a device node needs root", file=sys.stderr)
+                return
+        _apply_attrs(dest, attrs, follow=not entry.is_symlink)
         return
     partial = partial_path(dest)
     progress = Progress(entry.size, os.fsdecode(entry.name), enabled=None if not quiet else False)

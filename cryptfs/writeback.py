@@ -306,7 +306,7 @@ class WriteBack:
         etag = upload_record(self.store, self.journal, record, state.fk, state.header,
                              state.read_staged)
         return Entry(state.parent_id, state.name, record["key"], False, state.fk.file_id, state.size, etag,
-                     time.time(), state.attrs, state.wrapped, raw_meta=record["metadata"])
+                     time.time(), state.attrs, state.wrapped, raw_meta=record["metadata"], link_key=state.link_key)
 
     def schedule(self, state: FileState, delay: float | None = None) -> None:
         with self._cond:
@@ -381,7 +381,10 @@ class WriteBack:
 
 def rename_journaled(store: Store, journal: Journal, entry: Entry, new_parent: bytes, new_name: bytes,
                      target: Entry | None) -> Entry:
-    """store.rename with an intent recorded first, so a crash half-way is finished at the next mount."""
+    """store.rename with an intent recorded first, so a crash half-way is finished at the next mount
+    (a hard-linked name needs none: its stored link count covers a crash, see store.py)."""
+    if entry.link_key is not None:
+        return store.rename(entry, new_parent, new_name, target)
     uid = "rename-" + os.urandom(8).hex()
     journal.write(uid, {"uid": uid, "intent": {
         "src": entry.key, "dst": store.entry_key(new_parent, new_name), "is_dir": entry.is_dir,
