@@ -220,12 +220,18 @@ def daemonize_and_run(store: Store, settings: VolumeSettings, mountpoint: str, o
     """Mount; in the background unless foreground. Returns once mounted (or failed)."""
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core dump ever holds unwrapped keys
     os.umask(0o077)  # every file of the mount's local state is the user's alone
-    held = hold(store, settings, bool(options.get("ro")), break_lease)  # refusals reach the caller
-    if foreground:
+    # the log is checked before anything else is made in the cache directory
+    logfd = None if foreground else localstate.private_file(log_path, os.O_WRONLY | os.O_APPEND)
+    try:
+        held = hold(store, settings, bool(options.get("ro")), break_lease)  # refusals reach the caller
+    except BaseException:
+        if logfd is not None:
+            os.close(logfd)
+        raise
+    if logfd is None:
         _write_pid(mountpoint)
         run(store, settings, mountpoint, options, True, held)
         return 0
-    logfd = localstate.private_file(log_path, os.O_WRONLY | os.O_APPEND)
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid == 0:  # the mount process

@@ -48,6 +48,7 @@ class Journal:
         self._lock = threading.Lock()
         self._reserve = os.path.join(directory, "reserve")
         self._spent = True  # the reserve is to be set aside (again)
+        self._warned_full = False
         self._set_aside()
 
     def _set_aside(self) -> None:
@@ -73,6 +74,17 @@ class Journal:
             if _disk_full(exc):
                 raise NoSpace("no space left on the cache disk for the journal") from None
             raise
+
+    def intend(self, uid: str, record: dict) -> None:
+        """Record what a directory operation is about to do, so a crash half-way is settled
+        at the next mount. Not fsynced (a killed process loses nothing of it). On a full disk
+        the operation goes on without it: what a crash would then leave, fsck --repair settles."""
+        try:
+            self.write(uid, record, durable=False)
+        except NoSpace:
+            if not self._warned_full:
+                log.warning("cache disk full: directory operations go on without their journal intent")
+                self._warned_full = True
 
     def get(self, uid: str) -> dict | None:
         with self._lock:
@@ -386,7 +398,7 @@ def rename_journaled(store: Store, journal: Journal, entry: Entry, new_parent: b
     if entry.link_key is not None:
         return store.rename(entry, new_parent, new_name, target)
     uid = "rename-" + os.urandom(8).hex()
-    journal.write(uid, {"uid": uid, "intent": {
+    journal.intend(uid, {"uid": uid, "intent": {
         "src": entry.key, "dst": store.entry_key(new_parent, new_name), "is_dir": entry.is_dir,
         "obj_id": entry.obj_id.hex(), "parent": new_parent.hex(), "name": new_name.hex(),
         "size": store.layout.object_size(entry.size) if not entry.is_dir else fmt.DIRENT_SIZE}})
@@ -401,8 +413,7 @@ def mkdir_journaled(store: Store, journal: Journal, parent_id: bytes, name: byte
     against a killed mount; after a power cut `fsck --repair` finds the orphan."""
     child = fmt.new_dir_id()
     uid = "mkdir-" + child.hex()
-    journal.write(uid, {"uid": uid, "mkdir": {"child": child.hex(), "key": store.entry_key(parent_id, name)}},
-                  durable=False)
+    journal.intend(uid, {"uid": uid, "mkdir": {"child": child.hex(), "key": store.entry_key(parent_id, name)}})
     try:
         entry = store.mkdir(parent_id, name, attrs, child)
     except AlreadyExists:
@@ -416,7 +427,7 @@ def rmdir_journaled(store: Store, journal: Journal, entry: Entry) -> None:
     """store.remove of a directory with an intent recorded first: a crash between its two
     deletes (entry, then back-pointer) leaves a back-pointer the next mount removes."""
     uid = "rmdir-" + entry.obj_id.hex()
-    journal.write(uid, {"uid": uid, "rmdir": {"child": entry.obj_id.hex(), "key": entry.key}}, durable=False)
+    journal.intend(uid, {"uid": uid, "rmdir": {"child": entry.obj_id.hex(), "key": entry.key}})
     store.remove(entry)
     journal.remove(uid)  # a failure leaves the record: the next mount settles it
 

@@ -544,7 +544,7 @@ def tmpfs(tmp_path):
             pytest.skip("mounting a tmpfs needs root")
         path = tmp_path / f"tmpfs-{len(mounted)}"
         path.mkdir()
-        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)],
                               capture_output=True, text=True)
         if proc.returncode != 0:
             pytest.skip(f"cannot mount a tmpfs: {proc.stderr.strip()}")

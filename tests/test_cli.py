@@ -722,6 +722,7 @@ BAD_INPUT = [
     (("mount", "{vol}", "{tmp}/mp", "--attr-ttl", "nan"), errors.EXIT_USAGE, "--attr-ttl"),
     (("mount", "{vol}", "{tmp}/mp", "--fsync", "never"), errors.EXIT_USAGE, "invalid choice"),
     (("mount", "{vol}", "{missing}"), errors.EXIT_USAGE, "does not exist"),
+    (("mount", "{vol}", "{tmp}/mp", "--lease-duration", "1"), errors.EXIT_USAGE, "--lease-duration"),
     (("umount", "{tmp}", "--timeout", "-1"), errors.EXIT_USAGE, "--timeout"),
     (("umount", "{tmp}"), errors.EXIT_USAGE, "not mounted"),
 ]

@@ -104,9 +104,12 @@ class LocalBackend(Backend):
                 raise AccessDenied(f"{key}: permission denied in {self.root}") from None
             raise BackendError(f"reading {key}: {exc}") from None
         st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):  # a prefix, as on S3: no object under this key
+            os.close(fd)
+            raise NotFound(f"no object {key}")
         if not stat.S_ISREG(st.st_mode):
             os.close(fd)
-            raise FormatError(f"{key}: a {_kind(st)}, not an object file of the local backend")
+            raise FormatError(f"{key}: a special file, not an object file of the local backend")
         f = os.fdopen(fd, "rb")
         try:
             raw = f.read(META_BLOCK)
@@ -264,10 +267,6 @@ class LocalBackend(Backend):
         except OSError as exc:
             if exc.errno not in _ABSENT:
                 raise BackendError(f"deleting {key}: {exc}") from None
-
-
-def _kind(st: os.stat_result) -> str:
-    return "directory" if stat.S_ISDIR(st.st_mode) else "special file"
 
 
 def _unlink(name: str, dir_fd: int) -> None:
