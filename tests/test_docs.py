@@ -4,6 +4,7 @@ import dataclasses
 import os
 import re
 
+import pytest
 import yaml
 
 from cryptfs import cli, config, errors
@@ -61,9 +62,10 @@ def test_development_guide_names_only_what_exists():
     assert not missing, missing
 
 
-def test_security_page_cites_tests_that_exist():
-    """Every test file and test name the tamper table cites is in the suite."""
-    page = open(os.path.join(REPO, "docs", "security.md"), encoding="utf-8").read()
+@pytest.mark.parametrize("doc", ["security.md", "reliability.md"])
+def test_pages_cite_tests_that_exist(doc):
+    """Every test file and test name the security and reliability tables cite is in the suite."""
+    page = open(os.path.join(REPO, "docs", doc), encoding="utf-8").read()
     sources = {name: open(os.path.join(REPO, "tests", name), encoding="utf-8").read()
                for name in os.listdir(os.path.join(REPO, "tests")) if name.endswith(".py")}
     cited_files = set(re.findall(r"\b(test_\w+\.py)\b", page))
