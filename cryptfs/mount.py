@@ -121,8 +121,7 @@ def hold(store: Store, settings: VolumeSettings, read_only: bool, break_lease: b
     return lock, lease
 
 
-def run(store: Store, settings: VolumeSettings, mountpoint: str, options: dict, foreground: bool,
-        held=None) -> None:
+def run(store: Store, settings: VolumeSettings, mountpoint: str, options: dict, held=None) -> None:
     read_only = bool(options.pop("ro", False))
     lock, lease = held if held is not None else hold(store, settings, read_only)
     lock.note_pid()
@@ -230,7 +229,7 @@ def daemonize_and_run(store: Store, settings: VolumeSettings, mountpoint: str, o
         raise
     if logfd is None:
         _write_pid(mountpoint)
-        run(store, settings, mountpoint, options, True, held)
+        run(store, settings, mountpoint, options, held)
         return 0
     read_fd, write_fd = os.pipe()
     pid = os.fork()
@@ -246,7 +245,7 @@ def daemonize_and_run(store: Store, settings: VolumeSettings, mountpoint: str, o
             _write_pid(mountpoint)
             os.write(write_fd, b"S")
             os.close(write_fd)
-            run(store, settings, mountpoint, options, False, held)
+            run(store, settings, mountpoint, options, held)
         except BaseException as exc:  # noqa: BLE001 - the process must end with a code
             log.error("mount failed: %s", exc)
             code = 1

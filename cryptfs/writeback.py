@@ -354,10 +354,6 @@ class WriteBack:
                     self._busy.discard(state.uid)
                     self._cond.notify_all()
 
-    def pending(self) -> int:
-        with self._cond:
-            return len(self._due) + len(self._busy)
-
     def drain(self, states: list[FileState], timeout: float | None = None) -> list[FileState]:
         """Upload everything now (unmount); returns what could not be uploaded."""
         with self._cond:

@@ -10,8 +10,6 @@ import builtins
 from dataclasses import dataclass, field
 from typing import Iterator, Protocol
 
-# Parts are at least this big (S3's minimum except for the last part).
-MIN_PART_SIZE = 5 * 1024 * 1024
 MAX_OBJECT_SIZE = 5 * 1024 ** 4  # S3's limit for one object; every backend keeps to it
 
 
