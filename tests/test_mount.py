@@ -560,14 +560,6 @@ def test_chmod_utimens_chown_persist(mnt, work):
 
 # ---------------------------------------------------------------- what is not supported, and special cases
 
-def test_hard_link_eperm(work):
-    write(os.path.join(work, "f"), b"f")
-    raises_errno(errno.EPERM, os.link, os.path.join(work, "f"), os.path.join(work, "g"))
-    assert not os.path.exists(os.path.join(work, "g"))
-    assert run("ln", os.path.join(work, "f"), os.path.join(work, "g"), check=False).returncode != 0
-    assert os.listdir(work) == ["f"]
-
-
 def test_xattrs_enotsup(work):
     f = os.path.join(work, "f")
     write(f, b"f")
