@@ -40,7 +40,7 @@ def exercise(m: MountedVolume) -> None:
     os.chmod(m.path(SECRET + "-moved.txt"), 0o600)
     for failing in (lambda: os.stat(m.path(SECRET + "-missing")), lambda: os.mkdir(m.path(SECRET + "-dir")),
                     lambda: os.rmdir(m.path(SECRET + "-missing-dir")), lambda: os.link(
-                        m.path(SECRET + "-moved.txt"), m.path(SECRET + "-link"))):
+                        m.path(SECRET + "-moved.txt"), m.path(SECRET + "-dir"))):  # EEXIST
         with pytest.raises(OSError):
             failing()
     assert SECRET + "-moved.txt" in os.listdir(m.mountpoint)
