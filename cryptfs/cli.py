@@ -10,8 +10,17 @@ import sys
 
 from . import __version__, config, fsck, keys, lease, localstate, logs, transfer, volume
 from . import format as fmt
-from .errors import (EXIT_INTEGRITY, EXIT_OK, EXIT_USAGE, CryptfsError, InUse, IntegrityError, IsADirectory,
-                     NotFound, UsageError)
+from .errors import (
+    EXIT_INTEGRITY,
+    EXIT_OK,
+    EXIT_USAGE,
+    CryptfsError,
+    InUse,
+    IntegrityError,
+    IsADirectory,
+    NotFound,
+    UsageError,
+)
 from .store import Store, default_attrs
 from .target import Target, for_init, locate
 
@@ -30,8 +39,14 @@ an argument. AWS credentials come from boto3's usual chain (environment, --profi
 
 # ---------------------------------------------------------------- passphrases
 
-def read_passphrase(args, prompt: str = "Passphrase: ", confirm: bool = False, env: str = "CRYPTFS_PASSPHRASE",
-                    file_arg: str = "passphrase_file") -> bytes:
+
+def read_passphrase(
+    args,
+    prompt: str = "Passphrase: ",
+    confirm: bool = False,
+    env: str = "CRYPTFS_PASSPHRASE",
+    file_arg: str = "passphrase_file",
+) -> bytes:
     path = getattr(args, file_arg, None)
     if path:
         try:
@@ -54,6 +69,7 @@ def read_passphrase(args, prompt: str = "Passphrase: ", confirm: bool = False, e
 
 # ---------------------------------------------------------------- opening
 
+
 def settings_of(args) -> tuple[str, config.VolumeSettings]:
     url, settings = config.settings_for(args.url, config.load(args.config or config.default_path()))
     for name in ("endpoint_url", "region", "profile", "owner_fingerprint"):
@@ -71,8 +87,7 @@ def settings_of(args) -> tuple[str, config.VolumeSettings]:
 def open_target(args, url: str | None = None) -> tuple[Store, Target]:
     base_url, settings = settings_of(args)
     target = locate(url or base_url, settings)
-    vol = volume.open_volume(target.backend, target.prefix, read_passphrase(args),
-                             settings.owner_fingerprint)
+    vol = volume.open_volume(target.backend, target.prefix, read_passphrase(args), settings.owner_fingerprint)
     return Store(vol, workers=settings.workers), target
 
 
@@ -96,6 +111,7 @@ def local_destination(dest: str) -> str:
 
 # ---------------------------------------------------------------- commands
 
+
 def cmd_init(args) -> int:
     url, settings = settings_of(args)
     passphrase = read_passphrase(args, "New passphrase: ", confirm=True)
@@ -104,8 +120,10 @@ def cmd_init(args) -> int:
     Store(vol).init_root(default_attrs(stat.S_IFDIR | 0o755))
     print(f"Created cryptfs volume {vol.url}")
     print(f"Owner key fingerprint: {vol.owner_fingerprint()}")
-    print("Keep the passphrase safe: it alone recovers this volume. Record the fingerprint to "
-          "check the volume later (owner_fingerprint in the config, or --owner-fingerprint).")
+    print(
+        "Keep the passphrase safe: it alone recovers this volume. Record the fingerprint to "
+        "check the volume later (owner_fingerprint in the config, or --owner-fingerprint)."
+    )
     return EXIT_OK
 
 
@@ -150,8 +168,10 @@ def cmd_ls(args) -> int:
         directory, path = todo.pop(0)
         if args.recursive:
             print(f"{path}:")
-        children = sorted(store.list_entries(directory.obj_id) if args.long or args.recursive
-                          else _names_only(store, directory), key=lambda e: e.name)
+        children = sorted(
+            store.list_entries(directory.obj_id) if args.long or args.recursive else _names_only(store, directory),
+            key=lambda e: e.name,
+        )
         for child in children:
             print(_ls_line(child, args.long, child.name.decode(errors="replace")))
             if args.recursive and child.is_dir:
@@ -163,8 +183,11 @@ def cmd_ls(args) -> int:
 
 def _names_only(store, directory):
     from .store import Entry
-    return [Entry(directory.obj_id, name, "", is_dir, b"", 0, info.etag, info.last_modified, None)
-            for name, info, is_dir in store.list_dir(directory.obj_id)]
+
+    return [
+        Entry(directory.obj_id, name, "", is_dir, b"", 0, info.etag, info.last_modified, None)
+        for name, info, is_dir in store.list_dir(directory.obj_id)
+    ]
 
 
 def cmd_put(args) -> int:
@@ -226,7 +249,7 @@ def cmd_mkdir(args) -> int:
             except NotFound:
                 entry = store.mkdir(entry.obj_id, name, default_attrs(stat.S_IFDIR | 0o755))
             if not entry.is_dir:
-                raise UsageError(f"{show(target.parts[:i + 1])} is not a directory")
+                raise UsageError(f"{show(target.parts[: i + 1])} is not a directory")
         return EXIT_OK
     parent, name = parent_and_name(store, target.parts)
     store.mkdir(parent.obj_id, name, default_attrs(stat.S_IFDIR | 0o755))
@@ -275,8 +298,15 @@ def cmd_mv(args) -> int:
         target = store.resolve(dst.parts)
     except NotFound:
         target = None
-    if target is not None and target.is_dir and not entry.is_dir or \
-            target is not None and target.is_dir and entry.is_dir and not store.is_empty(target.obj_id):
+    if (
+        target is not None
+        and target.is_dir
+        and not entry.is_dir
+        or target is not None
+        and target.is_dir
+        and entry.is_dir
+        and not store.is_empty(target.obj_id)
+    ):
         parent, name = target, src.parts[-1]
         target = _lookup(store, parent, name)
     else:
@@ -316,13 +346,14 @@ def cmd_decrypt(args) -> int:
     done = transfer.Restored()
     transfer.get_entry(store, entry, args.dest, show(target.parts), args.quiet, done)
     if not args.quiet:
-        print(f"cryptfs: {done.written} file(s) written to {args.dest} (unchanged files skipped)",
-              file=sys.stderr)
+        print(f"cryptfs: {done.written} file(s) written to {args.dest} (unchanged files skipped)", file=sys.stderr)
     for where, exc in sorted(done.failed, key=lambda failure: failure[0]):
         print(f"cryptfs: not restored: {where}: {exc}", file=sys.stderr)
     if done.failed:
-        raise IntegrityError(f"{len(done.failed)} file(s) could not be restored (listed above); "
-                             "the rest is restored, and a rerun retries only those")
+        raise IntegrityError(
+            f"{len(done.failed)} file(s) could not be restored (listed above); "
+            "the rest is restored, and a rerun retries only those"
+        )
     return EXIT_OK
 
 
@@ -337,8 +368,10 @@ def cmd_fsck(args) -> int:
         print(f"{kind}: {where}: {detail}")
     for line in report.repaired:
         print(f"repaired: {line}")
-    print(f"{report.directories} directories, {report.files} files, {report.bytes} bytes checked; "
-          f"{len(report.problems)} problem(s)" + (f", {len(report.repaired)} repaired" if args.repair else ""))
+    print(
+        f"{report.directories} directories, {report.files} files, {report.bytes} bytes checked; "
+        f"{len(report.problems)} problem(s)" + (f", {len(report.repaired)} repaired" if args.repair else "")
+    )
     if args.repair and report.problems and len(report.repaired) == len(report.problems):
         return EXIT_OK  # everything found was repaired
     return EXIT_OK if report.clean else EXIT_INTEGRITY
@@ -346,8 +379,9 @@ def cmd_fsck(args) -> int:
 
 def cmd_passwd(args) -> int:
     store, _ = open_target(args)
-    new = read_passphrase(args, "New passphrase: ", confirm=True, env="CRYPTFS_NEW_PASSPHRASE",
-                          file_arg="new_passphrase_file")
+    new = read_passphrase(
+        args, "New passphrase: ", confirm=True, env="CRYPTFS_NEW_PASSPHRASE", file_arg="new_passphrase_file"
+    )
     store.vol.change_passphrase(new)
     print("Passphrase changed; no file was re-encrypted.")
     return EXIT_OK
@@ -355,6 +389,7 @@ def cmd_passwd(args) -> int:
 
 def cmd_mount(args) -> int:
     from . import mount
+
     _, settings = settings_of(args)
     for name in ("cache_dir", "writeback_delay", "fsync", "attr_ttl", "lease_duration"):
         if getattr(args, name) is not None:
@@ -370,8 +405,15 @@ def cmd_mount(args) -> int:
         options["default_permissions"] = True
     root = localstate.cache_dir(store.vol.volume_id, settings.cache_dir)
     logs.configure(args.verbose, args.log_names, logging.INFO)
-    code = mount.daemonize_and_run(store, settings, mountpoint, options, args.foreground,
-                                   os.path.join(root, "mount.log"), break_lease=args.break_lease)
+    code = mount.daemonize_and_run(
+        store,
+        settings,
+        mountpoint,
+        options,
+        args.foreground,
+        os.path.join(root, "mount.log"),
+        break_lease=args.break_lease,
+    )
     if code == 0 and not args.foreground and not args.quiet:
         print(f"Mounted {store.vol.url} on {mountpoint}", file=sys.stderr)
     return code
@@ -379,10 +421,12 @@ def cmd_mount(args) -> int:
 
 def cmd_umount(args) -> int:
     from . import mount
+
     return mount.unmount(args.mountpoint, args.timeout)
 
 
 # ---------------------------------------------------------------- parser
+
 
 class Parser(argparse.ArgumentParser):
     """A command-line mistake is one line and the usage exit code, like every other error."""
@@ -412,8 +456,11 @@ def block_size(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     common = Parser(add_help=False)
     g = common.add_argument_group("volume access")
-    g.add_argument("--config", metavar="FILE", help="YAML config with named volumes "
-                   "(default $CRYPTFS_CONFIG or ~/.config/cryptfs/config.yaml)")
+    g.add_argument(
+        "--config",
+        metavar="FILE",
+        help="YAML config with named volumes (default $CRYPTFS_CONFIG or ~/.config/cryptfs/config.yaml)",
+    )
     g.add_argument("--endpoint-url", metavar="URL", help="S3 endpoint (MinIO, Ceph, moto, ...)")
     g.add_argument("--region", help="S3 region")
     g.add_argument("--profile", help="AWS profile for credentials")
@@ -424,31 +471,54 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--owner-fingerprint", metavar="FP", help="refuse a volume signed by another owner key")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     g.add_argument("-v", "--verbose", action="store_true", help="log details to stderr")
-    g.add_argument("--log-names", action="store_true", help="let plaintext file names into log "
-                   "records, for debugging (they are left out otherwise, at every level)")
+    g.add_argument(
+        "--log-names",
+        action="store_true",
+        help="let plaintext file names into log records, for debugging (they are left out otherwise, at every level)",
+    )
 
     parser = Parser(
-        prog="cryptfs", description="End-to-end encrypted files on S3 or a local directory.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        prog="cryptfs",
+        description="End-to-end encrypted files on S3 or a local directory.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"cryptfs {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
     def add(name, func, help_text, example):
-        p = sub.add_parser(name, parents=[common], help=help_text, description=help_text,
-                           epilog=f"example:\n  {example}", formatter_class=argparse.RawDescriptionHelpFormatter)
+        p = sub.add_parser(
+            name,
+            parents=[common],
+            help=help_text,
+            description=help_text,
+            epilog=f"example:\n  {example}",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         p.set_defaults(func=func)
         return p
 
     url_help = "s3://bucket/prefix[/path], file:///dir[/path], or a configured volume name[/path]"
-    p = add("init", cmd_init, "create a volume (asks the new passphrase twice)",
-            "cryptfs init s3://my-bucket/vault --endpoint-url http://127.0.0.1:9000")
+    p = add(
+        "init",
+        cmd_init,
+        "create a volume (asks the new passphrase twice)",
+        "cryptfs init s3://my-bucket/vault --endpoint-url http://127.0.0.1:9000",
+    )
     p.add_argument("url", help="where the volume goes: s3://bucket[/prefix] or file:///dir")
-    p.add_argument("--block-size", type=block_size, default=fmt.DEFAULT_BLOCK_SIZE,
-                   help="plaintext block size: a power of two from 4 KiB to 16 MiB (default 64 KiB)")
-    p.add_argument("--rsa-bits", type=number(int, keys.MIN_RSA_BITS, keys.MAX_RSA_BITS, "--rsa-bits"),
-                   default=keys.DEFAULT_RSA_BITS,
-                   help=f"RSA key size, {keys.MIN_RSA_BITS} to {keys.MAX_RSA_BITS} (default {keys.DEFAULT_RSA_BITS})")
+    p.add_argument(
+        "--block-size",
+        type=block_size,
+        default=fmt.DEFAULT_BLOCK_SIZE,
+        help="plaintext block size: a power of two from 4 KiB to 16 MiB (default 64 KiB)",
+    )
+    p.add_argument(
+        "--rsa-bits",
+        type=number(int, keys.MIN_RSA_BITS, keys.MAX_RSA_BITS, "--rsa-bits"),
+        default=keys.DEFAULT_RSA_BITS,
+        help=f"RSA key size, {keys.MIN_RSA_BITS} to {keys.MAX_RSA_BITS} (default {keys.DEFAULT_RSA_BITS})",
+    )
 
     p = add("info", cmd_info, "show a volume's keys, format and settings", "cryptfs info s3://my-bucket/vault")
     p.add_argument("url", help=url_help)
@@ -458,8 +528,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-l", "--long", action="store_true", help="mode, owner, size, mtime")
     p.add_argument("-R", "--recursive", action="store_true", help="list subdirectories too")
 
-    p = add("put", cmd_put, "upload files or directory trees (recursive)",
-            "cryptfs put ~/Documents s3://my-bucket/vault/docs")
+    p = add(
+        "put",
+        cmd_put,
+        "upload files or directory trees (recursive)",
+        "cryptfs put ~/Documents s3://my-bucket/vault/docs",
+    )
     p.add_argument("sources", nargs="+", help="local files or directories")
     p.add_argument("url", help="destination in the volume (a directory, or the new name)")
 
@@ -481,60 +555,108 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("rmdir", cmd_rmdir, "remove an empty directory", "cryptfs rmdir s3://my-bucket/vault/empty")
     p.add_argument("url", help=url_help)
 
-    p = add("mv", cmd_mv, "rename or move within a volume",
-            "cryptfs mv s3://my-bucket/vault/a.txt s3://my-bucket/vault/docs/")
+    p = add(
+        "mv",
+        cmd_mv,
+        "rename or move within a volume",
+        "cryptfs mv s3://my-bucket/vault/a.txt s3://my-bucket/vault/docs/",
+    )
     p.add_argument("url", help=url_help)
     p.add_argument("dest", help="destination URL in the same volume")
 
-    p = add("decrypt", cmd_decrypt, "decrypt a whole volume (or a subtree) to a local folder; resumable",
-            "cryptfs decrypt s3://my-bucket/vault ./restore")
+    p = add(
+        "decrypt",
+        cmd_decrypt,
+        "decrypt a whole volume (or a subtree) to a local folder; resumable",
+        "cryptfs decrypt s3://my-bucket/vault ./restore",
+    )
     p.add_argument("url", help=url_help)
     p.add_argument("dest", help="local folder")
 
-    p = add("fsck", cmd_fsck, "verify every entry, attribute and block; exit 5 when problems are found",
-            "cryptfs fsck s3://my-bucket/vault")
+    p = add(
+        "fsck",
+        cmd_fsck,
+        "verify every entry, attribute and block; exit 5 when problems are found",
+        "cryptfs fsck s3://my-bucket/vault",
+    )
     p.add_argument("url", help=url_help)
-    p.add_argument("--repair", action="store_true",
-                   help="fix what is provably this volume's: remove stale entries and empty orphaned "
-                        "directories, link other orphaned directories into /lost+found, abort our "
-                        "unfinished uploads (run with the volume unmounted)")
-    p.add_argument("--abort-uploads", action="store_true",
-                   help="abort every unfinished multipart upload under the volume's prefix, ours or not")
+    p.add_argument(
+        "--repair",
+        action="store_true",
+        help="fix what is provably this volume's: remove stale entries and empty orphaned "
+        "directories, link other orphaned directories into /lost+found, abort our "
+        "unfinished uploads (run with the volume unmounted)",
+    )
+    p.add_argument(
+        "--abort-uploads",
+        action="store_true",
+        help="abort every unfinished multipart upload under the volume's prefix, ours or not",
+    )
 
-    p = add("passwd", cmd_passwd, "change the passphrase (nothing is re-encrypted)",
-            "cryptfs passwd s3://my-bucket/vault")
+    p = add(
+        "passwd", cmd_passwd, "change the passphrase (nothing is re-encrypted)", "cryptfs passwd s3://my-bucket/vault"
+    )
     p.add_argument("url", help=url_help)
-    p.add_argument("--new-passphrase-file", metavar="FILE", help="read the new passphrase from FILE "
-                   "(or set $CRYPTFS_NEW_PASSPHRASE)")
-    p = add("mount", cmd_mount, "mount a volume as a directory (returns once mounted; -f stays in front)",
-            "cryptfs mount s3://my-bucket/vault ~/secure --endpoint-url http://127.0.0.1:9000")
+    p.add_argument(
+        "--new-passphrase-file",
+        metavar="FILE",
+        help="read the new passphrase from FILE (or set $CRYPTFS_NEW_PASSPHRASE)",
+    )
+    p = add(
+        "mount",
+        cmd_mount,
+        "mount a volume as a directory (returns once mounted; -f stays in front)",
+        "cryptfs mount s3://my-bucket/vault ~/secure --endpoint-url http://127.0.0.1:9000",
+    )
     p.add_argument("url", help="the volume: s3://bucket[/prefix], file:///dir, or a configured volume name")
     p.add_argument("mountpoint", help="an existing empty directory")
     p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground, log to stderr")
-    p.add_argument("-o", dest="options", action="append", metavar="OPT[,OPT...]",
-                   help="mount options: ro, allow_other, nonempty, and other FUSE options")
-    p.add_argument("--cache-dir", help="local cache, staging and journal directory "
-                   "(default ~/.cache/cryptfs/<volume id>)")
-    p.add_argument("--writeback-delay", type=setting("writeback_delay"),
-                   help="seconds after close before uploading (default 2)")
-    p.add_argument("--fsync", choices=["upload", "journal"],
-                   help="what fsync waits for: the upload to S3 (default) or the local journal")
-    p.add_argument("--attr-ttl", type=setting("attr_ttl"),
-                   help="seconds listings and attributes are trusted (default 5)")
-    p.add_argument("--lease-duration", type=setting("lease_duration"), metavar="S",
-                   help="seconds the read-write lease lasts unrenewed (default 60, renewed every third; at least 3)")
-    p.add_argument("--break-lease", action="store_true",
-                   help="take the volume's lease even from a live holder: if that mount still runs, both may "
-                   "write until its next renewal; its pending uploads are not replayed")
+    p.add_argument(
+        "-o",
+        dest="options",
+        action="append",
+        metavar="OPT[,OPT...]",
+        help="mount options: ro, allow_other, nonempty, and other FUSE options",
+    )
+    p.add_argument(
+        "--cache-dir", help="local cache, staging and journal directory (default ~/.cache/cryptfs/<volume id>)"
+    )
+    p.add_argument(
+        "--writeback-delay", type=setting("writeback_delay"), help="seconds after close before uploading (default 2)"
+    )
+    p.add_argument(
+        "--fsync",
+        choices=["upload", "journal"],
+        help="what fsync waits for: the upload to S3 (default) or the local journal",
+    )
+    p.add_argument(
+        "--attr-ttl", type=setting("attr_ttl"), help="seconds listings and attributes are trusted (default 5)"
+    )
+    p.add_argument(
+        "--lease-duration",
+        type=setting("lease_duration"),
+        metavar="S",
+        help="seconds the read-write lease lasts unrenewed (default 60, renewed every third; at least 3)",
+    )
+    p.add_argument(
+        "--break-lease",
+        action="store_true",
+        help="take the volume's lease even from a live holder: if that mount still runs, both may "
+        "write until its next renewal; its pending uploads are not replayed",
+    )
 
-    p = sub.add_parser("umount", help="unmount, waiting until pending uploads are done",
-                       description="unmount, waiting until pending uploads are done",
-                       epilog="example:\n  cryptfs umount ~/secure",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "umount",
+        help="unmount, waiting until pending uploads are done",
+        description="unmount, waiting until pending uploads are done",
+        epilog="example:\n  cryptfs umount ~/secure",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.set_defaults(func=cmd_umount, verbose=False, log_names=False)
     p.add_argument("mountpoint")
-    p.add_argument("--timeout", type=number(float, 0, None, "--timeout"),
-                   help="give up waiting after this many seconds")
+    p.add_argument(
+        "--timeout", type=number(float, 0, None, "--timeout"), help="give up waiting after this many seconds"
+    )
     return parser
 
 
@@ -544,7 +666,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:
         return int(exc.code or 0) and EXIT_USAGE
-    except UsageError as exc:   # a value the type check of its flag refused
+    except UsageError as exc:  # a value the type check of its flag refused
         print(f"cryptfs: error: {exc}", file=sys.stderr)
         return exc.exit_code
     logs.configure(args.verbose, args.log_names)
@@ -559,8 +681,7 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         return EXIT_OK
     except OSError as exc:
-        print(f"cryptfs: error: {exc.strerror or exc}{': ' + exc.filename if exc.filename else ''}",
-              file=sys.stderr)
+        print(f"cryptfs: error: {exc.strerror or exc}{': ' + exc.filename if exc.filename else ''}", file=sys.stderr)
         return 1
 
 

@@ -21,32 +21,43 @@ class VolumeSettings:
     profile: str | None = None
     path_style: bool = False
     verify_tls: bool = True
-    retry_mode: str = "standard"          # or "adaptive"
+    retry_mode: str = "standard"  # or "adaptive"
     max_attempts: int = 5
     owner_fingerprint: str | None = None  # refuse a volume signed by any other owner key
     cache_dir: str | None = None
-    cache_size_mb: int = 2048             # ciphertext block cache on local disk
-    memory_cache_mb: int = 256            # decrypted blocks in memory
-    writeback_delay: float = 2.0          # seconds after close before the upload starts
-    fsync: str = "upload"                 # "upload": durable in S3; "journal": durable locally
-    attr_ttl: float = 5.0                 # seconds a cached listing or attribute is trusted
-    lease_duration: float = 60.0          # seconds a read-write mount's lease lasts unrenewed
+    cache_size_mb: int = 2048  # ciphertext block cache on local disk
+    memory_cache_mb: int = 256  # decrypted blocks in memory
+    writeback_delay: float = 2.0  # seconds after close before the upload starts
+    fsync: str = "upload"  # "upload": durable in S3; "journal": durable locally
+    attr_ttl: float = 5.0  # seconds a cached listing or attribute is trusted
+    lease_duration: float = 60.0  # seconds a read-write mount's lease lasts unrenewed
     workers: int = 8
 
 
 FIELDS = {f.name for f in fields(VolumeSettings)}
 # (type, lowest, highest or None) of each number, and the words a choice may be
-NUMBERS = {"max_attempts": (int, 1, 100), "workers": (int, 1, 256), "cache_size_mb": (int, 0, None),
-           "memory_cache_mb": (int, 0, None), "writeback_delay": (float, 0, 86400), "attr_ttl": (float, 0, None),
-           "lease_duration": (float, 3, 86400)}
+NUMBERS = {
+    "max_attempts": (int, 1, 100),
+    "workers": (int, 1, 256),
+    "cache_size_mb": (int, 0, None),
+    "memory_cache_mb": (int, 0, None),
+    "writeback_delay": (float, 0, 86400),
+    "attr_ttl": (float, 0, None),
+    "lease_duration": (float, 3, 86400),
+}
 CHOICES = {"retry_mode": ("standard", "adaptive"), "fsync": ("upload", "journal")}
 SWITCHES = {"path_style", "verify_tls"}
 
 
 def check_number(value, kind: type, low: float, high: float | None, what: str):
     """`value` as a `kind` in [low, high]; UsageError saying what `what` must be."""
-    ok = isinstance(value, int if kind is int else (int, float)) and not isinstance(value, bool) \
-        and math.isfinite(value) and value >= low and (high is None or value <= high)
+    ok = (
+        isinstance(value, int if kind is int else (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value >= low
+        and (high is None or value <= high)
+    )
     if not ok:
         noun = "a whole number" if kind is int else "a number"
         bounds = f"from {low}" + (f" to {high}" if high is not None else "")
@@ -106,8 +117,9 @@ def load(path: str | None) -> dict[str, VolumeSettings]:
         unknown = set(entry) - FIELDS
         if unknown:
             raise UsageError(f"{path}: volume {name!r} has unknown keys: {', '.join(sorted(unknown))}")
-        out[str(name)] = VolumeSettings(**{key: check(key, value, f"{path}: volume {name!r}: {key}")
-                                           for key, value in entry.items()})
+        out[str(name)] = VolumeSettings(
+            **{key: check(key, value, f"{path}: volume {name!r}: {key}") for key, value in entry.items()}
+        )
     return out
 
 

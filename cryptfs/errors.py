@@ -4,20 +4,21 @@ import errno
 
 # Exit codes of the cryptfs command; docs and README repeat this table.
 EXIT_OK = 0
-EXIT_ERROR = 1          # anything not listed below
-EXIT_USAGE = 2          # bad command line
-EXIT_AUTH = 3           # wrong passphrase, key that does not match
-EXIT_NOT_FOUND = 4      # volume, bucket, path missing
-EXIT_INTEGRITY = 5      # tampered, foreign or undecryptable data; fsck found problems
-EXIT_NETWORK = 6        # endpoint unreachable
-EXIT_ACCESS = 7         # no credentials, access denied
-EXIT_EXISTS = 8         # init over a volume, target exists
-EXIT_NO_SPACE = 9       # local disk full
-EXIT_IN_USE = 10        # the volume's lease is held by another read-write mount; the cache dir is in use
+EXIT_ERROR = 1  # anything not listed below
+EXIT_USAGE = 2  # bad command line
+EXIT_AUTH = 3  # wrong passphrase, key that does not match
+EXIT_NOT_FOUND = 4  # volume, bucket, path missing
+EXIT_INTEGRITY = 5  # tampered, foreign or undecryptable data; fsck found problems
+EXIT_NETWORK = 6  # endpoint unreachable
+EXIT_ACCESS = 7  # no credentials, access denied
+EXIT_EXISTS = 8  # init over a volume, target exists
+EXIT_NO_SPACE = 9  # local disk full
+EXIT_IN_USE = 10  # the volume's lease is held by another read-write mount; the cache dir is in use
 
 
 class CryptfsError(Exception):
     """Base of every error cryptfs reports to a user."""
+
     errno = errno.EIO
     exit_code = EXIT_ERROR
 
@@ -35,12 +36,14 @@ class UsageError(CryptfsError):
 
 class FormatError(CryptfsError):
     """Bytes that are not (or not this version of) the cryptfs format."""
+
     errno = errno.EIO
     exit_code = EXIT_INTEGRITY
 
 
 class IntegrityError(CryptfsError):
     """Authentication failed: tampered, truncated, swapped or foreign data."""
+
     errno = errno.EIO
     exit_code = EXIT_INTEGRITY
 
@@ -57,6 +60,7 @@ class WrongPassphrase(CryptfsError):
 
 class KeyMismatch(CryptfsError):
     """The bucket's volume config does not match the keys this side knows."""
+
     errno = errno.EACCES
     exit_code = EXIT_AUTH
 
@@ -81,6 +85,7 @@ class AlreadyExists(CryptfsError):
 
 class PreconditionFailed(CryptfsError):
     """A conditional write lost a race (If-Match / If-None-Match)."""
+
     errno = errno.EAGAIN
     exit_code = EXIT_ERROR
 
@@ -126,11 +131,13 @@ class NoSpace(CryptfsError):
 
 class InUse(CryptfsError):
     """The volume's lease is held by another read-write mount, or a cache directory is in use."""
+
     errno = errno.EBUSY
     exit_code = EXIT_IN_USE
 
 
 class ReadOnly(CryptfsError):
     """A write-only or read-only side asked to do what it cannot."""
+
     errno = errno.EROFS
     exit_code = EXIT_ACCESS

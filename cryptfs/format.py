@@ -18,9 +18,9 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from .errors import FormatError, IntegrityError, NameTooLong
 
-VERSION = 2                 # what new volumes are written in
-VERSIONS = (1, 2)           # what this module reads
-ENTRY_VERSION = 1           # directory entries, back-pointers and metadata: unchanged in version 2
+VERSION = 2  # what new volumes are written in
+VERSIONS = (1, 2)  # what this module reads
+ENTRY_VERSION = 1  # directory entries, back-pointers and metadata: unchanged in version 2
 FILE_MAGIC = b"CRYF"
 DIRENT_MAGIC = b"CRYD"
 BACKPTR_MAGIC = b"CRYB"
@@ -66,6 +66,7 @@ def hkdf(secret: bytes, info: bytes, length: int = 32, salt: bytes | None = None
 
 # ---------------------------------------------------------------- sizes and offsets
 
+
 def block_ct_size(block_size: int) -> int:
     return block_size + BLOCK_OVERHEAD
 
@@ -83,6 +84,7 @@ class Layout:
     block's GCM tag, in order, and a MAC over them), which binds each block to the version
     of the file it was written for.
     """
+
     block_size: int
     version: int = VERSION
 
@@ -135,13 +137,17 @@ class Layout:
     def blocks_extent(self, first: int, end: int, size: int) -> tuple[int, int]:
         """Object byte range [start, stop) holding blocks [first, end) of a file of `size` bytes."""
         last = end - 1
-        return (self.block_offset(first),
-                self.block_offset(last) + BLOCK_OVERHEAD + block_plain_len(last, size, self.block_size))
+        return (
+            self.block_offset(first),
+            self.block_offset(last) + BLOCK_OVERHEAD + block_plain_len(last, size, self.block_size),
+        )
 
     def split_blocks(self, data: bytes, first: int, end: int, size: int) -> list[bytes]:
         """Blocks [first, end) out of the object bytes that hold them, laid out as in the object."""
         base = self.block_offset(first)
-        return [data[lo - base:hi - base] for lo, hi in (self.blocks_extent(i, i + 1, size) for i in range(first, end))]
+        return [
+            data[lo - base : hi - base] for lo, hi in (self.blocks_extent(i, i + 1, size) for i in range(first, end))
+        ]
 
     def table_extent(self, size: int) -> tuple[int, int]:
         """Object byte range of the tag table (version 2) of a file of `size` bytes."""
@@ -169,9 +175,11 @@ def block_plain_len(index: int, size: int, block_size: int) -> int:
 
 # ---------------------------------------------------------------- file header and blocks
 
+
 @dataclass(frozen=True)
 class FileKey:
     """A file's data key with what derives from it; build with FileKey.derive."""
+
     data_key: bytes
     file_id: bytes
     block_key: bytes
@@ -182,10 +190,13 @@ class FileKey:
     def derive(cls, data_key: bytes, file_id: bytes) -> "FileKey":
         if len(data_key) != 32 or len(file_id) != FILE_ID_SIZE:
             raise FormatError("bad data key or file id length")
-        return cls(data_key, file_id,
-                   hkdf(data_key, b"cryptfs v1 block key", salt=file_id),
-                   hkdf(data_key, b"cryptfs v1 key commitment", salt=file_id),
-                   hkdf(data_key, b"cryptfs v2 tag table key", salt=file_id))
+        return cls(
+            data_key,
+            file_id,
+            hkdf(data_key, b"cryptfs v1 block key", salt=file_id),
+            hkdf(data_key, b"cryptfs v1 key commitment", salt=file_id),
+            hkdf(data_key, b"cryptfs v2 tag table key", salt=file_id),
+        )
 
     @classmethod
     def new(cls, file_id: bytes | None = None) -> "FileKey":
@@ -202,8 +213,9 @@ def log2_block_size(block_size: int) -> int:
 
 
 def make_header(fk: FileKey, layout: Layout) -> bytes:
-    return (FILE_MAGIC + bytes([layout.version, log2_block_size(layout.block_size)]) + b"\0\0"
-            + fk.file_id + fk.commitment)
+    return (
+        FILE_MAGIC + bytes([layout.version, log2_block_size(layout.block_size)]) + b"\0\0" + fk.file_id + fk.commitment
+    )
 
 
 @dataclass(frozen=True)
@@ -251,8 +263,9 @@ def _block_aad(header: bytes, index: int, last: bool) -> bytes:
     return header + struct.pack(">QB", index, 1 if last else 0)
 
 
-def encrypt_block(fk: FileKey, header: bytes, index: int, plain: bytes | bytearray, last: bool,
-                  nonce: bytes | None = None) -> bytes:
+def encrypt_block(
+    fk: FileKey, header: bytes, index: int, plain: bytes | bytearray, last: bool, nonce: bytes | None = None
+) -> bytes:
     nonce = nonce or os.urandom(NONCE_SIZE)
     return nonce + AESGCM(fk.block_key).encrypt(nonce, bytes(plain), _block_aad(header, index, last))
 
@@ -261,8 +274,9 @@ def decrypt_block(fk: FileKey, header: bytes, index: int, block: bytes, last: bo
     if len(block) < BLOCK_OVERHEAD:
         raise IntegrityError(f"block {index} is truncated")
     try:
-        return AESGCM(fk.block_key).decrypt(block[:NONCE_SIZE], bytes(block[NONCE_SIZE:]),
-                                            _block_aad(header, index, last))
+        return AESGCM(fk.block_key).decrypt(
+            block[:NONCE_SIZE], bytes(block[NONCE_SIZE:]), _block_aad(header, index, last)
+        )
     except InvalidTag:
         raise IntegrityError(f"block {index} failed authentication") from None
 
@@ -273,8 +287,9 @@ def block_tag(block: bytes) -> bytes:
 
 
 def _table_mac(fk: FileKey, header: bytes, tags: bytes) -> bytes:
-    return hmac.new(fk.table_key, b"cryptfs v2 tag table" + header + struct.pack(">Q", len(tags) // TAG_SIZE)
-                    + tags, hashlib.sha256).digest()
+    return hmac.new(
+        fk.table_key, b"cryptfs v2 tag table" + header + struct.pack(">Q", len(tags) // TAG_SIZE) + tags, hashlib.sha256
+    ).digest()
 
 
 def make_table(fk: FileKey, header: bytes, tags: bytes) -> bytes:
@@ -294,7 +309,7 @@ def open_table(fk: FileKey, header: bytes, raw: bytes, nblocks: int) -> bytes:
 
 def check_tag(tags: bytes, index: int, block: bytes) -> None:
     """A block must be the one this version of the file lists, not one of another version."""
-    if not hmac.compare_digest(tags[index * TAG_SIZE:(index + 1) * TAG_SIZE], block_tag(block)):
+    if not hmac.compare_digest(tags[index * TAG_SIZE : (index + 1) * TAG_SIZE], block_tag(block)):
         raise IntegrityError(f"block {index} belongs to another version of the file")
 
 
@@ -303,7 +318,7 @@ def encrypt_file(fk: FileKey, plain: bytes, layout: Layout) -> bytes:
     header = make_header(fk, layout)
     bs = layout.block_size
     n = block_count(len(plain), bs)
-    blocks = [encrypt_block(fk, header, i, plain[i * bs:(i + 1) * bs], i == n - 1) for i in range(n)]
+    blocks = [encrypt_block(fk, header, i, plain[i * bs : (i + 1) * bs], i == n - 1) for i in range(n)]
     table = make_table(fk, header, b"".join(map(block_tag, blocks))) if layout.has_table else b""
     return header + b"".join(blocks) + table
 
@@ -325,23 +340,28 @@ def decrypt_file(fk: FileKey, body: bytes, layout: Layout) -> bytes:
 
 # ---------------------------------------------------------------- volume-secret subkeys
 
+
 @dataclass(frozen=True)
 class VolumeKeys:
     """Keys derived from the volume secret, one purpose each."""
-    name_key: bytes      # AES-SIV-256 for entry names
-    dirhash_key: bytes   # HMAC for directory prefixes
-    attr_key: bytes      # AES-SIV-256 for attribute blobs
-    entry_key: bytes     # AES-SIV-256 for directory entries and back-pointers
+
+    name_key: bytes  # AES-SIV-256 for entry names
+    dirhash_key: bytes  # HMAC for directory prefixes
+    attr_key: bytes  # AES-SIV-256 for attribute blobs
+    entry_key: bytes  # AES-SIV-256 for directory entries and back-pointers
 
     @classmethod
     def derive(cls, secret: bytes) -> "VolumeKeys":
-        return cls(hkdf(secret, b"cryptfs v1 name key", 64),
-                   hkdf(secret, b"cryptfs v1 directory hash key", 32),
-                   hkdf(secret, b"cryptfs v1 attribute key", 64),
-                   hkdf(secret, b"cryptfs v1 entry key", 64))
+        return cls(
+            hkdf(secret, b"cryptfs v1 name key", 64),
+            hkdf(secret, b"cryptfs v1 directory hash key", 32),
+            hkdf(secret, b"cryptfs v1 attribute key", 64),
+            hkdf(secret, b"cryptfs v1 entry key", 64),
+        )
 
 
 # ---------------------------------------------------------------- names and layout
+
 
 def _b32e(data: bytes) -> str:
     return base64.b32encode(data).decode("ascii").rstrip("=").lower()
@@ -376,7 +396,7 @@ def encrypt_name(vk: VolumeKeys, dir_id: bytes, name: bytes) -> str:
 
 
 def _split_name(enc: str) -> str:
-    return "/".join(enc[i:i + NAME_COMPONENT_MAX] for i in range(0, len(enc), NAME_COMPONENT_MAX))
+    return "/".join(enc[i : i + NAME_COMPONENT_MAX] for i in range(0, len(enc), NAME_COMPONENT_MAX))
 
 
 def decrypt_name(vk: VolumeKeys, dir_id: bytes, suffix: str) -> bytes:
@@ -474,8 +494,13 @@ LEASE_MAGIC = b"CRYL"
 def seal_lease(vk: VolumeKeys, plain: bytes) -> bytes:
     """The body of the volume's lease object: its record, readable only with the volume's keys."""
     nonce = os.urandom(16)
-    return LEASE_MAGIC + bytes([ENTRY_VERSION]) + b"\0\0\0" + nonce + \
-        AESSIV(vk.entry_key).encrypt(plain, [b"cryptfs v1 lease", nonce])
+    return (
+        LEASE_MAGIC
+        + bytes([ENTRY_VERSION])
+        + b"\0\0\0"
+        + nonce
+        + AESSIV(vk.entry_key).encrypt(plain, [b"cryptfs v1 lease", nonce])
+    )
 
 
 def open_lease(vk: VolumeKeys, body: bytes) -> bytes:
@@ -491,16 +516,17 @@ def open_lease(vk: VolumeKeys, body: bytes) -> bytes:
 
 # ---------------------------------------------------------------- attributes
 
+
 @dataclass(frozen=True)
 class Attrs:
-    mode: int       # full st_mode including the type bits
+    mode: int  # full st_mode including the type bits
     uid: int
     gid: int
     mtime_ns: int
     ctime_ns: int
     atime_ns: int | None = None  # None: the same as mtime (attribute blobs of version 1 have none)
-    rdev: int = 0                # device number of character and block device nodes
-    nlink: int = 1               # names of a hard-linked file (attribute version 3)
+    rdev: int = 0  # device number of character and block device nodes
+    nlink: int = 1  # names of a hard-linked file (attribute version 3)
 
     def __post_init__(self):
         if self.atime_ns is None:
@@ -508,8 +534,8 @@ class Attrs:
 
 
 ATTR_VERSION = 2
-_ATTR_V1 = struct.Struct(">BIIIqq")     # version 1: no atime, no rdev
-_ATTR_V2 = struct.Struct(">BIIIqqqQ")   # version 2: atime and rdev appended
+_ATTR_V1 = struct.Struct(">BIIIqq")  # version 1: no atime, no rdev
+_ATTR_V2 = struct.Struct(">BIIIqqqQ")  # version 2: atime and rdev appended
 _ATTR_V3 = struct.Struct(">BIIIqqqQI")  # version 3: the link count appended (hard-linked files only)
 _ATTR_LAYOUTS = {1: _ATTR_V1, 2: _ATTR_V2, 3: _ATTR_V3}
 _ATTR_SIZES = {16 + 16 + layout.size: (version, layout) for version, layout in _ATTR_LAYOUTS.items()}
@@ -524,8 +550,7 @@ def encrypt_attrs(vk: VolumeKeys, object_key: str, obj_id: bytes, attrs: Attrs) 
     else:
         plain = _ATTR_V2.pack(ATTR_VERSION, *fields)
     nonce = os.urandom(16)
-    return nonce + AESSIV(vk.attr_key).encrypt(
-        plain, [b"cryptfs v1 attrs", object_key.encode(), obj_id, nonce])
+    return nonce + AESSIV(vk.attr_key).encrypt(plain, [b"cryptfs v1 attrs", object_key.encode(), obj_id, nonce])
 
 
 def decrypt_attrs(vk: VolumeKeys, object_key: str, obj_id: bytes, blob: bytes) -> Attrs:
@@ -533,8 +558,7 @@ def decrypt_attrs(vk: VolumeKeys, object_key: str, obj_id: bytes, blob: bytes) -
     if layout is None:
         raise IntegrityError("attribute blob has a bad length")
     try:
-        plain = AESSIV(vk.attr_key).decrypt(
-            blob[16:], [b"cryptfs v1 attrs", object_key.encode(), obj_id, blob[:16]])
+        plain = AESSIV(vk.attr_key).decrypt(blob[16:], [b"cryptfs v1 attrs", object_key.encode(), obj_id, blob[:16]])
     except InvalidTag:
         raise IntegrityError("attribute blob failed authentication") from None
     fields = layout.unpack(plain)
@@ -543,16 +567,22 @@ def decrypt_attrs(vk: VolumeKeys, object_key: str, obj_id: bytes, blob: bytes) -
     return Attrs(*fields[1:])
 
 
-def file_metadata(vk: VolumeKeys, object_key: str, file_id: bytes, wrapped_key: bytes,
-                  attrs: Attrs) -> dict[str, str]:
+def file_metadata(vk: VolumeKeys, object_key: str, file_id: bytes, wrapped_key: bytes, attrs: Attrs) -> dict[str, str]:
     """User metadata of a file object: always carries the wrapped key with the attributes."""
-    return {META_VERSION: str(ENTRY_VERSION), META_ID: b64e(file_id), META_KEY: b64e(wrapped_key),
-            META_ATTR: b64e(encrypt_attrs(vk, object_key, file_id, attrs))}
+    return {
+        META_VERSION: str(ENTRY_VERSION),
+        META_ID: b64e(file_id),
+        META_KEY: b64e(wrapped_key),
+        META_ATTR: b64e(encrypt_attrs(vk, object_key, file_id, attrs)),
+    }
 
 
 def dirent_metadata(vk: VolumeKeys, object_key: str, dir_id: bytes, attrs: Attrs) -> dict[str, str]:
-    return {META_VERSION: str(ENTRY_VERSION), META_ID: b64e(dir_id),
-            META_ATTR: b64e(encrypt_attrs(vk, object_key, dir_id, attrs))}
+    return {
+        META_VERSION: str(ENTRY_VERSION),
+        META_ID: b64e(dir_id),
+        META_ATTR: b64e(encrypt_attrs(vk, object_key, dir_id, attrs)),
+    }
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,7 @@ class FuseError(OSError):
 
 def op(func):
     """Translate cryptfs errors into errno; log anything unexpected as EIO."""
+
     @functools.wraps(func)
     def wrapper(self, *args):
         where = f" {shown(args[0])}" if args and isinstance(args[0], str) else ""
@@ -65,6 +66,7 @@ def op(func):
         except Exception:
             log.exception("%s%s failed", func.__name__, where)
             raise FuseError(errno.EIO) from None
+
     return wrapper
 
 
@@ -73,7 +75,7 @@ def split(path: str) -> list[bytes]:
 
 
 def ino_of(obj_id: bytes) -> int:
-    return 1 if obj_id == fmt.ROOT_DIR_ID else (int.from_bytes(obj_id[:8], "big") & (2 ** 63 - 1)) or 2
+    return 1 if obj_id == fmt.ROOT_DIR_ID else (int.from_bytes(obj_id[:8], "big") & (2**63 - 1)) or 2
 
 
 class CryptFS:
@@ -86,8 +88,17 @@ class CryptFS:
 
     use_ns = True
 
-    def __init__(self, store: Store, ns: Namespace, reader: BlockReader, journal: Journal, staging_dir: str,
-                 writeback_delay: float = 2.0, fsync_mode: str = "upload", read_only: bool = False):
+    def __init__(
+        self,
+        store: Store,
+        ns: Namespace,
+        reader: BlockReader,
+        journal: Journal,
+        staging_dir: str,
+        writeback_delay: float = 2.0,
+        fsync_mode: str = "upload",
+        read_only: bool = False,
+    ):
         self.store, self.ns, self.reader, self.journal = store, ns, reader, journal
         self.staging_dir = staging_dir
         self.fsync_mode = fsync_mode
@@ -111,6 +122,7 @@ class CryptFS:
     def _ctx(self) -> tuple[int, int]:
         try:
             from mfusepy import fuse_get_context
+
             uid, gid, _ = fuse_get_context()
             return uid, gid
         except (ImportError, OSError):  # no FUSE library: in-process use
@@ -164,8 +176,7 @@ class CryptFS:
         """Changes to a file: once one met a full cache disk, the file has failed, and every
         further write, flush and fsync is ENOSPC until its last close gives it up (`_abandon`)."""
         if state.failed:
-            raise NoSpace("an earlier write to this file found the cache disk full; "
-                          "its changes are given up at close")
+            raise NoSpace("an earlier write to this file found the cache disk full; its changes are given up at close")
         try:
             yield
         except NoSpace:
@@ -218,6 +229,7 @@ class CryptFS:
             return
         try:
             from mfusepy import _libfuse
+
             context = _libfuse.fuse_get_context()
         except (ImportError, OSError, AttributeError):  # no FUSE library: in-process use
             return
@@ -253,10 +265,20 @@ class CryptFS:
         entry = node.entry() if isinstance(node, FileState) else node
         a = entry_attrs(entry)
         size = DIR_SIZE if entry.is_dir else entry.size
-        return {"st_mode": a.mode, "st_ino": ino_of(entry.obj_id), "st_nlink": 2 if entry.is_dir else a.nlink,
-                "st_uid": a.uid, "st_gid": a.gid, "st_size": size, "st_atime": a.atime_ns,
-                "st_mtime": a.mtime_ns, "st_ctime": a.ctime_ns, "st_rdev": a.rdev,
-                "st_blksize": self.store.block_size, "st_blocks": -(-size // 512)}
+        return {
+            "st_mode": a.mode,
+            "st_ino": ino_of(entry.obj_id),
+            "st_nlink": 2 if entry.is_dir else a.nlink,
+            "st_uid": a.uid,
+            "st_gid": a.gid,
+            "st_size": size,
+            "st_atime": a.atime_ns,
+            "st_mtime": a.mtime_ns,
+            "st_ctime": a.ctime_ns,
+            "st_rdev": a.rdev,
+            "st_blksize": self.store.block_size,
+            "st_blocks": -(-size // 512),
+        }
 
     def _handle(self, state: FileState) -> int:
         fh = next(self._fh)
@@ -315,8 +337,10 @@ class CryptFS:
     def readdir(self, path, fh):
         with self._lock:
             dir_id = self.dirs[fh]
-        out = [(".", {"st_mode": stat.S_IFDIR, "st_ino": ino_of(dir_id)}, 0),
-               ("..", {"st_mode": stat.S_IFDIR, "st_ino": 1}, 0)]
+        out = [
+            (".", {"st_mode": stat.S_IFDIR, "st_ino": ino_of(dir_id)}, 0),
+            ("..", {"st_mode": stat.S_IFDIR, "st_ino": 1}, 0),
+        ]
         for name, node in sorted(self.ns.listdir(dir_id), key=lambda item: item[0]):
             if isinstance(node, FileState):
                 mode, ino = node.attrs.mode, ino_of(node.fk.file_id)
@@ -342,8 +366,13 @@ class CryptFS:
     def _set_attrs(self, path: str | None, change, fh: int | None) -> None:
         self._set_attrs_held(path, change, fh)
         state = self.fhs.get(fh) if fh else None
-        self._names_changed(state.fk.file_id if state is not None and state.inode_key else
-                            self._linked_id(path) if path is not None else None)
+        self._names_changed(
+            state.fk.file_id
+            if state is not None and state.inode_key
+            else self._linked_id(path)
+            if path is not None
+            else None
+        )
 
     def _set_attrs_held(self, path: str | None, change, fh: int | None) -> None:
         self._check_writable()
@@ -390,14 +419,21 @@ class CryptFS:
     @op
     def chmod(self, path, mode, fh=None):
         now = time.time_ns()
-        self._set_attrs(path, lambda a: replace(a, mode=stat.S_IFMT(a.mode) | stat.S_IMODE(mode), ctime_ns=now),
-                        fh)
+        self._set_attrs(path, lambda a: replace(a, mode=stat.S_IFMT(a.mode) | stat.S_IMODE(mode), ctime_ns=now), fh)
 
     @op
     def chown(self, path, uid, gid, fh=None):
         now = time.time_ns()
-        self._set_attrs(path, lambda a: replace(a, uid=a.uid if uid in (-1, 0xFFFFFFFF) else uid,
-                                                gid=a.gid if gid in (-1, 0xFFFFFFFF) else gid, ctime_ns=now), fh)
+        self._set_attrs(
+            path,
+            lambda a: replace(
+                a,
+                uid=a.uid if uid in (-1, 0xFFFFFFFF) else uid,
+                gid=a.gid if gid in (-1, 0xFFFFFFFF) else gid,
+                ctime_ns=now,
+            ),
+            fh,
+        )
 
     @op
     def utimens(self, path, times=None, fh=None):
@@ -406,9 +442,16 @@ class CryptFS:
         atime, mtime = times if times is not None else (now, now)
         if atime is None and mtime is None:
             return 0
-        self._set_attrs(path, lambda a: replace(a, atime_ns=a.atime_ns if atime is None else int(atime),
-                                                mtime_ns=a.mtime_ns if mtime is None else int(mtime),
-                                                ctime_ns=now), fh)
+        self._set_attrs(
+            path,
+            lambda a: replace(
+                a,
+                atime_ns=a.atime_ns if atime is None else int(atime),
+                mtime_ns=a.mtime_ns if mtime is None else int(mtime),
+                ctime_ns=now,
+            ),
+            fh,
+        )
 
     # ------------------------------------------------------------ files
 
@@ -454,8 +497,14 @@ class CryptFS:
                 if flags & os.O_EXCL:
                     raise FuseError(errno.EEXIST)
                 return self._open_node(parent_id, name, existing, flags)
-            state = FileState.create(self.store, self.reader, self.staging_dir, parent_id, name,
-                                     self._new_attrs(stat.S_IFREG | stat.S_IMODE(mode), parent_id))
+            state = FileState.create(
+                self.store,
+                self.reader,
+                self.staging_dir,
+                parent_id,
+                name,
+                self._new_attrs(stat.S_IFREG | stat.S_IMODE(mode), parent_id),
+            )
             state.remote_at_key = self.ns.claim(parent_id, name) is not None
             state.handles = 1
             self.ns.put(parent_id, name, state)
@@ -662,8 +711,9 @@ class CryptFS:
                 other = self.ns.other_name(live.fk.file_id, (parent_id, name))
                 if other is not None:
                     self.ns.rename_state(live, other.parent_id, other.name)
-                    live.basis = replace(live.basis, parent_id=other.parent_id, name=other.name,
-                                         link_key=other.link_key)
+                    live.basis = replace(
+                        live.basis, parent_id=other.parent_id, name=other.name, link_key=other.link_key
+                    )
                 else:  # its other names are unknown here: it stays open, as uploaded, under none
                     self.ns.unlink_state(live)
                     self.ns.claim(parent_id, name)
@@ -690,8 +740,9 @@ class CryptFS:
         parent_id, name = self._new_name(path)
         with self.ns.names.hold((parent_id, name)):
             self._take_name(parent_id, name)
-            entry = mkdir_journaled(self.store, self.journal, parent_id, name,
-                                    self._new_attrs(stat.S_IFDIR | stat.S_IMODE(mode), parent_id))
+            entry = mkdir_journaled(
+                self.store, self.journal, parent_id, name, self._new_attrs(stat.S_IFDIR | stat.S_IMODE(mode), parent_id)
+            )
             self.ns.put(parent_id, name, entry)
             self.ns.pointed_back(entry)
             self.ns.created_dir(entry.obj_id)
@@ -823,8 +874,9 @@ class CryptFS:
             entry = replace(node.basis, attrs=node.attrs)
         else:
             entry = node
-        moved = rename_journaled(self.store, self.journal, _ctime_now(entry), dst[0], dst[1],
-                                 target if isinstance(target, Entry) else None)
+        moved = rename_journaled(
+            self.store, self.journal, _ctime_now(entry), dst[0], dst[1], target if isinstance(target, Entry) else None
+        )
         if isinstance(node, FileState):
             node.basis, node.attrs = moved, entry_attrs(moved)
             self.ns.rename_state(node, *dst)
@@ -851,14 +903,16 @@ class CryptFS:
                 if isinstance(node, Entry) and node.is_dir:
                     raise FuseError(errno.EPERM)
                 with self._linked(node) as live:  # an open file is uploaded first
-                    old, new = self.store.link(node if live is None else replace(live.basis, attrs=live.attrs),
-                                               *dst)
+                    old, new = self.store.link(node if live is None else replace(live.basis, attrs=live.attrs), *dst)
                     if live is not None:
                         live.inode_key = old.key
                     self._adopt(live, old)
                     if live is None or not self.ns.bound(src[0], src[1], live):
-                        self.ns.put(src[0], src[1], replace(old, parent_id=src[0], name=src[1],
-                                                            link_key=self.store.entry_key(*src)))
+                        self.ns.put(
+                            src[0],
+                            src[1],
+                            replace(old, parent_id=src[0], name=src[1], link_key=self.store.entry_key(*src)),
+                        )
                 self.ns.put(dst[0], dst[1], new)
         self._touch(dst[0])
         self._names_changed(new.obj_id)
@@ -892,9 +946,17 @@ class CryptFS:
     def statfs(self, path):
         total = 1 << 50  # 1 PiB: object storage has no fixed size
         bsize = 4096
-        return {"f_bsize": bsize, "f_frsize": bsize, "f_blocks": total // bsize, "f_bfree": total // bsize,
-                "f_bavail": total // bsize, "f_files": 1 << 32, "f_ffree": 1 << 32, "f_favail": 1 << 32,
-                "f_namemax": fmt.NAME_MAX}
+        return {
+            "f_bsize": bsize,
+            "f_frsize": bsize,
+            "f_blocks": total // bsize,
+            "f_bfree": total // bsize,
+            "f_bavail": total // bsize,
+            "f_files": 1 << 32,
+            "f_ffree": 1 << 32,
+            "f_favail": 1 << 32,
+            "f_namemax": fmt.NAME_MAX,
+        }
 
     # ------------------------------------------------------------ lifecycle
 
@@ -910,8 +972,10 @@ class CryptFS:
         self._stop.set()
         dirs_failed = self.ns.flush_dirs()
         if failed:
-            log.error("unmount: %d file(s) could not be uploaded; they stay in the journal and upload "
-                      "at the next mount", len(failed))
+            log.error(
+                "unmount: %d file(s) could not be uploaded; they stay in the journal and upload at the next mount",
+                len(failed),
+            )
         elif dirs_failed:
             log.warning("unmount: times of %d directories could not be stored", dirs_failed)
         else:

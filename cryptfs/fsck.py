@@ -67,44 +67,65 @@ def check(store: Store, repair: bool = False, abort_uploads: bool = False, on_fi
         ours[prefix] = child
         members = [info.key for info in store.list_objects(prefix) if info.key not in reached]
         if members == [rel]:
-            report.add("orphan-directory", rel, "empty directory no entry names (an interrupted mkdir)"
-                       + ("; removed" if repair else ""))
+            report.add(
+                "orphan-directory",
+                rel,
+                "empty directory no entry names (an interrupted mkdir)" + ("; removed" if repair else ""),
+            )
             if repair:
                 store.delete_key(rel)
                 report.repaired.append(f"removed empty orphaned directory {rel}")
             reached.update(members)
             continue
-        report.add("orphan-directory", rel, f"directory with {len(members) - 1} object(s) that no entry names"
-                   + ("; linked into /lost+found" if repair else ""))
+        report.add(
+            "orphan-directory",
+            rel,
+            f"directory with {len(members) - 1} object(s) that no entry names"
+            + ("; linked into /lost+found" if repair else ""),
+        )
         if repair:
             entry = _link_lost(store, child, rel)
-            report.repaired.append(f"linked orphaned directory {rel} as /lost+found/"
-                                   f"{entry.name.decode()}")
+            report.repaired.append(f"linked orphaned directory {rel} as /lost+found/{entry.name.decode()}")
             todo.append((entry, "/lost+found/" + entry.name.decode()))
             walk()
         reached.update(members)
     for info in store.list_objects():
         if info.key not in reached:
-            report.add("foreign", store.abs_key(info.key), "object is not part of this volume's tree "
-                       "(foreign, orphaned, or left by an interrupted operation)")
+            report.add(
+                "foreign",
+                store.abs_key(info.key),
+                "object is not part of this volume's tree (foreign, orphaned, or left by an interrupted operation)",
+            )
     for upload in store.pending_uploads():
         abort = abort_uploads or (repair and _is_ours(store, ours, upload.key))
         where = store.abs_key(upload.key)
-        report.add("abandoned-upload", where, f"unfinished multipart upload {upload.upload_id}"
-                   + (" (aborted)" if abort else ""))
+        report.add(
+            "abandoned-upload",
+            where,
+            f"unfinished multipart upload {upload.upload_id}" + (" (aborted)" if abort else ""),
+        )
         if abort:
             store.abort_upload(upload.key, upload.upload_id)
             report.repaired.append(f"aborted multipart upload {upload.upload_id} to {where}")
     return report
 
 
-def _walk_dir(store: Store, directory: Entry, path: str, report: Report, reached: set, ours: dict,
-              todo: list, repair: bool, on_file) -> None:
+def _walk_dir(
+    store: Store,
+    directory: Entry,
+    path: str,
+    report: Report,
+    reached: set,
+    ours: dict,
+    todo: list,
+    repair: bool,
+    on_file,
+) -> None:
     reached.add(store.backptr_key(directory.obj_id))
     prefix = fmt.dir_prefix(store.vk, directory.obj_id)
     ours[prefix] = directory.obj_id
     for info in store.list_objects(prefix):
-        suffix = info.key[len(prefix):]
+        suffix = info.key[len(prefix) :]
         if suffix == fmt.BACKPTR_NAME:
             continue
         try:
@@ -150,14 +171,22 @@ def _stale(store: Store, entry: Entry, where: str, report: Report, repair: bool)
         except (CryptfsError, KeyError):
             canonical = None
     if canonical is not None and canonical.is_dir and canonical.obj_id == entry.obj_id:
-        report.add("stale-directory", where, f"entry names a directory that points back elsewhere "
-                   f"(object {entry.key})" + ("; removed" if repair else ""))
+        report.add(
+            "stale-directory",
+            where,
+            f"entry names a directory that points back elsewhere "
+            f"(object {entry.key})" + ("; removed" if repair else ""),
+        )
         if repair:
             store.delete_key(entry.key)
             report.repaired.append(f"removed stale directory entry {where}")
         return True
-    report.add("stale-directory", where, f"entry names a directory that points back to no entry "
-               f"(object {entry.key})" + ("; made its entry again" if repair else ""))
+    report.add(
+        "stale-directory",
+        where,
+        f"entry names a directory that points back to no entry "
+        f"(object {entry.key})" + ("; made its entry again" if repair else ""),
+    )
     if repair:
         store.write_backptr(entry.obj_id, entry.parent_id, entry.name, entry.attrs)
         report.repaired.append(f"pointed directory {where} back to its entry")
@@ -187,7 +216,7 @@ def _is_ours(store: Store, ours: dict[str, bytes], key: str) -> bool:
     for prefix, dir_id in ours.items():
         if key.startswith(prefix):
             try:
-                fmt.decrypt_name(store.vk, dir_id, key[len(prefix):])
+                fmt.decrypt_name(store.vk, dir_id, key[len(prefix) :])
                 return True
             except (FormatError, IntegrityError):
                 return False

@@ -28,8 +28,18 @@ MAX_DIRTY_BLOCKS = 64  # per file: 4 MiB of plaintext with 64 KiB blocks
 
 
 class FileState:
-    def __init__(self, store: Store, reader: BlockReader, staging_dir: str, parent_id: bytes, name: bytes,
-                 attrs: fmt.Attrs, basis: Entry | None, fk: fmt.FileKey, wrapped: bytes | None):
+    def __init__(
+        self,
+        store: Store,
+        reader: BlockReader,
+        staging_dir: str,
+        parent_id: bytes,
+        name: bytes,
+        attrs: fmt.Attrs,
+        basis: Entry | None,
+        fk: fmt.FileKey,
+        wrapped: bytes | None,
+    ):
         self.store, self.reader, self.staging_dir = store, reader, staging_dir
         self.bs = store.block_size
         self.layout = store.layout
@@ -45,15 +55,15 @@ class FileState:
         self.dirty: dict[int, bytearray] = {}
         self.staged: dict[int, tuple[bool, int]] = {}  # block -> (encrypted as last, plaintext length)
         self.fd: int | None = None
-        self.unsynced = False        # staged blocks written since the last fsync
-        self.modified = False        # differs from the bucket: an upload is owed
+        self.unsynced = False  # staged blocks written since the last fsync
+        self.modified = False  # differs from the bucket: an upload is owed
         self.journaled = False
-        self.changes = 0             # bumped by every change; journaled_at says which one is on disk
+        self.changes = 0  # bumped by every change; journaled_at says which one is on disk
         self.journaled_at = -1
         self.handles = 0
         self.unlinked = False
         self.error: Exception | None = None  # a failed upload, reported on the next fsync/close
-        self.failed = False          # a write met a full cache disk: ENOSPC until the last close drops it
+        self.failed = False  # a write met a full cache disk: ENOSPC until the last close drops it
         self.seq = SequentialDetector()
         self.remote_at_key = basis is not None  # an object (ours or an older one) sits under our key
         self.inode_key = basis.key if basis is not None and basis.link_key else None  # hard-linked
@@ -62,8 +72,17 @@ class FileState:
 
     @classmethod
     def open_existing(cls, store, reader, staging_dir, entry: Entry) -> "FileState":
-        return cls(store, reader, staging_dir, entry.parent_id, entry.name, entry_attrs(entry), entry,
-                   store.file_key(entry), entry.wrapped_key)
+        return cls(
+            store,
+            reader,
+            staging_dir,
+            entry.parent_id,
+            entry.name,
+            entry_attrs(entry),
+            entry,
+            store.file_key(entry),
+            entry.wrapped_key,
+        )
 
     @classmethod
     def create(cls, store, reader, staging_dir, parent_id, name, attrs, file_id=None) -> "FileState":
@@ -89,15 +108,16 @@ class FileState:
     def touch(self, ctime_only: bool = False) -> None:
         self.changes += 1
         now = time.time_ns()
-        self.attrs = replace(self.attrs, ctime_ns=now) if ctime_only else \
-            replace(self.attrs, mtime_ns=now, ctime_ns=now)
+        self.attrs = (
+            replace(self.attrs, ctime_ns=now) if ctime_only else replace(self.attrs, mtime_ns=now, ctime_ns=now)
+        )
 
     def accessed(self) -> None:
         """relatime: a read moves atime when it is not newer than mtime/ctime, or a day old.
         Kept here, and carried into the bucket by the file's next upload or attribute change."""
         a, now = self.attrs, time.time_ns()
         atime = a.mtime_ns if a.atime_ns is None else a.atime_ns
-        if atime <= max(a.mtime_ns, a.ctime_ns) or now - atime > 86_400 * 10 ** 9:
+        if atime <= max(a.mtime_ns, a.ctime_ns) or now - atime > 86_400 * 10**9:
             self.attrs = replace(a, atime_ns=now)
 
     # ------------------------------------------------------------ block sources
@@ -139,7 +159,7 @@ class FileState:
                 self.reader.prefetch(self.basis, self.fk, self.header, span.start, window)
             out = b"".join(self._plain(i) for i in span)
             skip = offset - span.start * self.bs
-            return out[skip:skip + size]
+            return out[skip : skip + size]
 
     def write(self, offset: int, data: bytes) -> int:
         with self.lock:
@@ -157,7 +177,7 @@ class FileState:
                     buf = bytearray(self._plain(i)) if existing else bytearray()
                 if len(buf) < hi - start:
                     buf.extend(bytes(hi - start - len(buf)))
-                buf[lo - start:hi - start] = data[lo - offset:hi - offset]
+                buf[lo - start : hi - start] = data[lo - offset : hi - offset]
                 self.dirty.pop(i, None)
                 self.dirty[i] = buf
                 self.staged.pop(i, None)
@@ -193,7 +213,7 @@ class FileState:
     def _resize(self, length: int) -> None:
         if length < self.size:
             last = fmt.block_count(length, self.bs) - 1
-            keep = bytearray(self._stored_plain(last)[:length - last * self.bs])
+            keep = bytearray(self._stored_plain(last)[: length - last * self.bs])
             for table in (self.dirty, self.staged):
                 for i in [i for i in table if i >= last]:
                     del table[i]
@@ -292,9 +312,18 @@ class FileState:
     def entry(self) -> Entry:
         """What getattr and listings show for this file now."""
         base = self.basis
-        return Entry(self.parent_id, self.name, self.key, False, self.fk.file_id, self.size,
-                     base.etag if base else "", base.last_modified if base else time.time(), self.attrs,
-                     self.wrapped)
+        return Entry(
+            self.parent_id,
+            self.name,
+            self.key,
+            False,
+            self.fk.file_id,
+            self.size,
+            base.etag if base else "",
+            base.last_modified if base else time.time(),
+            self.attrs,
+            self.wrapped,
+        )
 
 
 def _pwrite(fd: int, data: bytes, offset: int) -> None:

@@ -20,7 +20,7 @@ from .errors import FormatError, IntegrityError, WrongPassphrase
 DEFAULT_RSA_BITS = 3072
 MIN_RSA_BITS = 2048
 MAX_RSA_BITS = 16384
-SCRYPT_MIN_N = 2 ** 17
+SCRYPT_MIN_N = 2**17
 SCRYPT_MIN_R = 8
 DATA_KEY_LABEL = b"cryptfs v1 data key"
 SECRET_LABEL = b"cryptfs v1 volume secret"
@@ -41,8 +41,7 @@ def generate_rsa(bits: int = DEFAULT_RSA_BITS) -> rsa.RSAPrivateKey:
 
 def public_pem(key: rsa.RSAPublicKey | rsa.RSAPrivateKey) -> str:
     pub = key.public_key() if isinstance(key, rsa.RSAPrivateKey) else key
-    return pub.public_bytes(serialization.Encoding.PEM,
-                            serialization.PublicFormat.SubjectPublicKeyInfo).decode("ascii")
+    return pub.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode("ascii")
 
 
 def load_public_pem(pem: str) -> rsa.RSAPublicKey:
@@ -63,8 +62,9 @@ def fingerprint(key: rsa.RSAPublicKey | rsa.RSAPrivateKey) -> str:
 
 
 def private_der(key: rsa.RSAPrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def load_private_der(der: bytes) -> rsa.RSAPrivateKey:
@@ -90,29 +90,38 @@ def unwrap(priv: rsa.RSAPrivateKey, wrapped: bytes, label: bytes) -> bytes:
 def wrap_private_key(pub: rsa.RSAPublicKey, priv: rsa.RSAPrivateKey) -> dict:
     """Hybrid wrap of a private key for a recipient: AES-GCM under a key wrapped with OAEP."""
     aes_key, nonce = os.urandom(32), os.urandom(12)
-    return {"wrapped_key": wrap(pub, aes_key, PRIVATE_KEY_LABEL).hex(), "nonce": nonce.hex(),
-            "ciphertext": AESGCM(aes_key).encrypt(nonce, private_der(priv), PRIVATE_KEY_LABEL).hex()}
+    return {
+        "wrapped_key": wrap(pub, aes_key, PRIVATE_KEY_LABEL).hex(),
+        "nonce": nonce.hex(),
+        "ciphertext": AESGCM(aes_key).encrypt(nonce, private_der(priv), PRIVATE_KEY_LABEL).hex(),
+    }
 
 
 def unwrap_private_key(priv: rsa.RSAPrivateKey, blob: dict) -> rsa.RSAPrivateKey:
     aes_key = unwrap(priv, bytes.fromhex(blob["wrapped_key"]), PRIVATE_KEY_LABEL)
     try:
-        der = AESGCM(aes_key).decrypt(bytes.fromhex(blob["nonce"]), bytes.fromhex(blob["ciphertext"]),
-                                      PRIVATE_KEY_LABEL)
+        der = AESGCM(aes_key).decrypt(
+            bytes.fromhex(blob["nonce"]), bytes.fromhex(blob["ciphertext"]), PRIVATE_KEY_LABEL
+        )
     except InvalidTag:
         raise IntegrityError("wrapped content key failed authentication") from None
     return load_private_der(der)
 
 
 def sign(priv: rsa.RSAPrivateKey, data: bytes) -> bytes:
-    return priv.sign(data, padding.PSS(mgf=padding.MGF1(hashes.SHA256()),
-                                       salt_length=padding.PSS.DIGEST_LENGTH), hashes.SHA256())
+    return priv.sign(
+        data, padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=padding.PSS.DIGEST_LENGTH), hashes.SHA256()
+    )
 
 
 def verify(pub: rsa.RSAPublicKey, data: bytes, signature: bytes) -> bool:
     try:
-        pub.verify(signature, data, padding.PSS(mgf=padding.MGF1(hashes.SHA256()),
-                                                salt_length=padding.PSS.DIGEST_LENGTH), hashes.SHA256())
+        pub.verify(
+            signature,
+            data,
+            padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=padding.PSS.DIGEST_LENGTH),
+            hashes.SHA256(),
+        )
         return True
     except InvalidSignature:
         return False
@@ -124,11 +133,12 @@ def canonical_json(obj) -> bytes:
 
 # ---------------------------------------------------------------- passphrase protection
 
-def protect_private_key(priv: rsa.RSAPrivateKey, passphrase: bytes, n: int = SCRYPT_MIN_N,
-                        r: int = SCRYPT_MIN_R, p: int = 1) -> dict:
+
+def protect_private_key(
+    priv: rsa.RSAPrivateKey, passphrase: bytes, n: int = SCRYPT_MIN_N, r: int = SCRYPT_MIN_R, p: int = 1
+) -> dict:
     """The owner's private key under scrypt(passphrase); parameters bound as associated data."""
-    params = {"kdf": "scrypt", "n": n, "r": r, "p": p, "salt": os.urandom(16).hex(),
-              "fingerprint": fingerprint(priv)}
+    params = {"kdf": "scrypt", "n": n, "r": r, "p": p, "salt": os.urandom(16).hex(), "fingerprint": fingerprint(priv)}
     key = _scrypt(passphrase, params)
     nonce = os.urandom(12)
     ct = AESGCM(key).encrypt(nonce, private_der(priv), canonical_json(params))
@@ -139,8 +149,9 @@ def unlock_private_key(blob: dict, passphrase: bytes) -> rsa.RSAPrivateKey:
     params = {k: blob[k] for k in ("kdf", "n", "r", "p", "salt", "fingerprint")}
     key = _scrypt(passphrase, params)
     try:
-        der = AESGCM(key).decrypt(bytes.fromhex(blob["nonce"]), bytes.fromhex(blob["ciphertext"]),
-                                  canonical_json(params))
+        der = AESGCM(key).decrypt(
+            bytes.fromhex(blob["nonce"]), bytes.fromhex(blob["ciphertext"]), canonical_json(params)
+        )
     except InvalidTag:
         raise WrongPassphrase("wrong passphrase") from None
     priv = load_private_der(der)
@@ -160,6 +171,7 @@ def _scrypt(passphrase: bytes, params: dict) -> bytes:
 
 # ---------------------------------------------------------------- data-key cache
 
+
 class DataKeyCache:
     """Unwrapped per-file data keys, in memory only, keyed by the wrapped bytes.
 
@@ -178,6 +190,7 @@ class DataKeyCache:
             return hit
         if self._priv is None:
             from .errors import ReadOnly
+
             raise ReadOnly("this host has no content private key: file contents cannot be read")
         key = unwrap(self._priv, wrapped, DATA_KEY_LABEL)
         if len(key) != 32:

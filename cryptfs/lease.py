@@ -41,15 +41,15 @@ FENCE_AT = 0.75  # unrenewed for this share of the duration, a holder stops writ
 
 @dataclass
 class Record:
-    state: str          # "held", or "released" at a clean unmount
+    state: str  # "held", or "released" at a clean unmount
     host: str
     pid: int
-    since: float        # when this holder took the lease (its clock)
-    renewed: float      # its last renewal (its clock)
-    duration: float     # seconds the lease lasts unrenewed
-    epoch: int          # one more than the record it replaced
-    cache: str          # random id of the holder's cache directory (its journal)
-    mount: str          # random id of this take
+    since: float  # when this holder took the lease (its clock)
+    renewed: float  # its last renewal (its clock)
+    duration: float  # seconds the lease lasts unrenewed
+    epoch: int  # one more than the record it replaced
+    cache: str  # random id of the holder's cache directory (its journal)
+    mount: str  # random id of this take
 
     def dumps(self) -> bytes:
         return json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
@@ -133,13 +133,25 @@ class Lease:
             if info is not None:
                 self._may_take(prev, info, break_lease)
             now = time.time()
-            record = Record("held", socket.gethostname(), os.getpid(), now, now, self.duration,
-                            (prev.epoch if prev else 0) + 1, self.cache_id, os.urandom(8).hex())
+            record = Record(
+                "held",
+                socket.gethostname(),
+                os.getpid(),
+                now,
+                now,
+                self.duration,
+                (prev.epoch if prev else 0) + 1,
+                self.cache_id,
+                os.urandom(8).hex(),
+            )
             started = time.monotonic()
             try:
-                etag = self.backend.put(self.key, fmt.seal_lease(self.store.vk, record.dumps()),
-                                        if_none_match=info is None,
-                                        if_match=None if info is None else info.etag)
+                etag = self.backend.put(
+                    self.key,
+                    fmt.seal_lease(self.store.vk, record.dumps()),
+                    if_none_match=info is None,
+                    if_match=None if info is None else info.etag,
+                )
             except (PreconditionFailed, NotFound):
                 continue  # another mount took or changed it meanwhile: look again
             with self._lock:
@@ -153,22 +165,31 @@ class Lease:
             return
         if prev is not None and prev.cache == self.cache_id:
             # the caller holds this cache directory's lock, so the mount that used it is gone
-            log.warning("the lease was held by a mount with this cache directory (host %s, pid %s) that "
-                        "ended without releasing it; taken over", prev.host, prev.pid)
+            log.warning(
+                "the lease was held by a mount with this cache directory (host %s, pid %s) that "
+                "ended without releasing it; taken over",
+                prev.host,
+                prev.pid,
+            )
             return
         if expired(prev, info, self.duration):
             log.warning("the lease of the volume had expired (%s); taken over", describe(prev, info))
             return
         if break_lease:
-            log.warning("breaking the lease of the volume (%s). If that mount is still running, both mounts "
-                        "may write until its next renewal (within %d s), and the later upload of a file wins; "
-                        "after that it writes nothing more. What it has not uploaded stays in its own journal "
-                        "and is not replayed over this mount's changes.",
-                        describe(prev, info), round(prev.duration / 3 if prev else self.duration))
+            log.warning(
+                "breaking the lease of the volume (%s). If that mount is still running, both mounts "
+                "may write until its next renewal (within %d s), and the later upload of a file wins; "
+                "after that it writes nothing more. What it has not uploaded stays in its own journal "
+                "and is not replayed over this mount's changes.",
+                describe(prev, info),
+                round(prev.duration / 3 if prev else self.duration),
+            )
             return
-        raise InUse(f"{self.store.vol.url} is mounted read-write elsewhere: lease {describe(prev, info)}. "
-                    "Mount it read-only (-o ro) beside that mount, wait for it to end, or, if that mount is "
-                    "gone for good, take over at once with --break-lease")
+        raise InUse(
+            f"{self.store.vol.url} is mounted read-write elsewhere: lease {describe(prev, info)}. "
+            "Mount it read-only (-o ro) beside that mount, wait for it to end, or, if that mount is "
+            "gone for good, take over at once with --break-lease"
+        )
 
     # ------------------------------------------------------------ holding
 
@@ -181,8 +202,11 @@ class Lease:
         """Whether this mount may still write: the lease is ours and was renewed recently
         enough that nobody can have taken it as expired."""
         with self._lock:
-            return self.lost is None and self.record is not None and \
-                time.monotonic() - self._renewed_at < self.duration * FENCE_AT
+            return (
+                self.lost is None
+                and self.record is not None
+                and time.monotonic() - self._renewed_at < self.duration * FENCE_AT
+            )
 
     def start(self) -> None:
         """In the mount process: record its pid, renew now and then every duration/3."""
@@ -215,9 +239,12 @@ class Lease:
         except CryptfsError as exc:
             if not self.writable and not self._warned:
                 self._warned = True
-                log.error("the lease could not be renewed for %d s (%s): no more writes to the bucket until "
-                          "it is; closed files wait in the journal", round(time.monotonic() - self._renewed_at),
-                          exc)
+                log.error(
+                    "the lease could not be renewed for %d s (%s): no more writes to the bucket until "
+                    "it is; closed files wait in the journal",
+                    round(time.monotonic() - self._renewed_at),
+                    exc,
+                )
             else:
                 log.warning("lease renewal failed (retried in %d s): %s", round(self.period), exc)
             return
@@ -230,8 +257,12 @@ class Lease:
     def _still_ours(self, sent: Record) -> bool:
         """A retried renewal can fail its condition on our own write: look before giving up."""
         current, info = read(self.store)
-        if current is not None and current.mount == sent.mount and current.state == "held" \
-                and current.renewed == sent.renewed:
+        if (
+            current is not None
+            and current.mount == sent.mount
+            and current.state == "held"
+            and current.renewed == sent.renewed
+        ):
             with self._lock:
                 self.record, self.etag, self._renewed_at = current, info.etag, time.monotonic()
             return True
@@ -242,8 +273,11 @@ class Lease:
             if self.lost is not None:
                 return
             self.lost = why
-        log.error("%s: this mount writes nothing more to the bucket; new writes fail (EROFS) and closed "
-                  "files not yet uploaded stay in the local journal", why)
+        log.error(
+            "%s: this mount writes nothing more to the bucket; new writes fail (EROFS) and closed "
+            "files not yet uploaded stay in the local journal",
+            why,
+        )
 
     def release(self) -> None:
         """At unmount: mark the lease released, only if it is still ours."""
@@ -260,8 +294,9 @@ class Lease:
         except (PreconditionFailed, NotFound):
             log.warning("the lease was no longer this mount's at unmount; left as it is")
         except CryptfsError as exc:
-            log.warning("could not release the lease (%s); it expires %d s after its last renewal",
-                        exc, round(self.duration))
+            log.warning(
+                "could not release the lease (%s); it expires %d s after its last renewal", exc, round(self.duration)
+            )
 
 
 class FencedBackend:
@@ -275,8 +310,7 @@ class FencedBackend:
 
     def _check(self) -> None:
         if not self._lease.writable:
-            raise ReadOnly(self._lease.lost or "the lease is not renewed: nothing is written to the bucket "
-                           "until it is")
+            raise ReadOnly(self._lease.lost or "the lease is not renewed: nothing is written to the bucket until it is")
 
     def put(self, *args, **kwargs):
         self._check()
@@ -297,6 +331,7 @@ class FencedBackend:
 
 # ---------------------------------------------------------------- the cache directory
 
+
 class CacheLock:
     """An exclusive flock on `<cache dir>/lock`, held for the mount's life (the mount process
     inherits it across fork), so two mounts never share a cache directory."""
@@ -309,8 +344,10 @@ class CacheLock:
         except BlockingIOError:
             holder = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "?"
             os.close(self.fd)
-            raise InUse(f"the cache directory {root} is in use by another mount of {url} (pid {holder}); "
-                        "give this mount its own --cache-dir") from None
+            raise InUse(
+                f"the cache directory {root} is in use by another mount of {url} (pid {holder}); "
+                "give this mount its own --cache-dir"
+            ) from None
         self.note_pid()
 
     def note_pid(self) -> None:
@@ -355,8 +392,9 @@ def replay_allowed(prev: Record | None, existed: bool, cache: str, epoch: int | 
     return prev is not None and prev.cache == cache and epoch is not None and prev.epoch == epoch
 
 
-def take_journal(root: str, journal_dir: str, staging_dir: str, prev: Record | None, existed: bool,
-                 epoch: int, pending: int) -> str | None:
+def take_journal(
+    root: str, journal_dir: str, staging_dir: str, prev: Record | None, existed: bool, epoch: int, pending: int
+) -> str | None:
     """Decide the fate of a journal with `pending` records before a read-write mount opens it,
     then record the new epoch. Returns where a stale journal was set aside, if it was."""
     me = cache_id(root)
@@ -368,9 +406,13 @@ def take_journal(root: str, journal_dir: str, staging_dir: str, prev: Record | N
             if os.path.exists(d):
                 shutil.move(d, os.path.join(aside, os.path.basename(d)))
         who = "another mount" if prev is None else f"host {prev.host} (pid {prev.pid})"
-        log.error("%d pending upload(s) in this cache directory were written before %s held the lease; "
-                  "they are not uploaded, so they cannot overwrite newer data, and are kept in %s",
-                  pending, who, aside)
+        log.error(
+            "%d pending upload(s) in this cache directory were written before %s held the lease; "
+            "they are not uploaded, so they cannot overwrite newer data, and are kept in %s",
+            pending,
+            who,
+            aside,
+        )
     _write_atomic(os.path.join(root, "journal-epoch"), str(epoch))
     return aside
 

@@ -15,11 +15,14 @@ from .errors import UsageError
 def check(path: str, st: os.stat_result) -> None:
     """UsageError unless `path` (with stat `st`) is this user's and nobody else can write to it."""
     if st.st_uid != os.geteuid():
-        raise UsageError(f"{path} belongs to uid {st.st_uid}, not to this user (uid {os.geteuid()}); "
-                         "refusing to keep local state there")
+        raise UsageError(
+            f"{path} belongs to uid {st.st_uid}, not to this user (uid {os.geteuid()}); "
+            "refusing to keep local state there"
+        )
     if st.st_mode & 0o022:
-        raise UsageError(f"{path} is writable by other users (mode {stat.S_IMODE(st.st_mode):o}); "
-                         "refusing to keep local state there")
+        raise UsageError(
+            f"{path} is writable by other users (mode {stat.S_IMODE(st.st_mode):o}); refusing to keep local state there"
+        )
 
 
 def private_dir(path: str) -> str:

@@ -10,7 +10,7 @@ import logging
 import os
 
 HTTP_LOGGERS = ("botocore", "boto3", "s3transfer", "urllib3")
-FUSE_LOGGER = "fuse"   # mfusepy: logs each failing operation's arguments (paths) at debug level
+FUSE_LOGGER = "fuse"  # mfusepy: logs each failing operation's arguments (paths) at debug level
 
 _names = False
 

@@ -38,6 +38,7 @@ def load_fuse() -> Any:
             raise UsageError("libfuse 3 is not installed (apt-get install fuse3 libfuse3-3)")
         os.environ["FUSE_LIBRARY_PATH"] = lib
     import mfusepy
+
     return mfusepy
 
 
@@ -77,14 +78,25 @@ class Mount:
         self.journal = Journal(os.path.join(root, "journal"))
         self.staging = os.path.join(root, "staging")
         os.makedirs(self.staging, mode=0o700, exist_ok=True)
-        disk = DiskCache(os.path.join(root, "blocks"), settings.cache_size_mb * 1024 * 1024) \
-            if settings.cache_size_mb > 0 else None
-        self.reader = BlockReader(store, BlockCache(settings.memory_cache_mb * 1024 * 1024), disk,
-                                  workers=settings.workers)
+        disk = (
+            DiskCache(os.path.join(root, "blocks"), settings.cache_size_mb * 1024 * 1024)
+            if settings.cache_size_mb > 0
+            else None
+        )
+        self.reader = BlockReader(
+            store, BlockCache(settings.memory_cache_mb * 1024 * 1024), disk, workers=settings.workers
+        )
         self.ns = Namespace(store, AttrDB(os.path.join(root, "attrs.db")), settings.attr_ttl, settings.workers)
-        self.fs = CryptFS(store, self.ns, self.reader, self.journal, self.staging,
-                          writeback_delay=settings.writeback_delay, fsync_mode=settings.fsync,
-                          read_only=read_only)
+        self.fs = CryptFS(
+            store,
+            self.ns,
+            self.reader,
+            self.journal,
+            self.staging,
+            writeback_delay=settings.writeback_delay,
+            fsync_mode=settings.fsync,
+            read_only=read_only,
+        )
 
     def recover(self) -> None:
         done = recover(self.store, self.journal)
@@ -110,8 +122,9 @@ def hold(store: Store, settings: VolumeSettings, read_only: bool, break_lease: b
             journal = Journal(os.path.join(root, "journal"))
             pending = len(journal.records())
             journal.close()
-            take_journal(root, os.path.join(root, "journal"), os.path.join(root, "staging"), prev, existed,
-                         lease.epoch, pending)
+            take_journal(
+                root, os.path.join(root, "journal"), os.path.join(root, "staging"), prev, existed, lease.epoch, pending
+            )
         except BaseException:
             lease.release()
             raise
@@ -136,8 +149,9 @@ def run(store: Store, settings: VolumeSettings, mountpoint: str, options: dict, 
         lock.close()
 
 
-def _run(store: Store, settings: VolumeSettings, mountpoint: str, options: dict, read_only: bool,
-         lease: Lease | None) -> None:
+def _run(
+    store: Store, settings: VolumeSettings, mountpoint: str, options: dict, read_only: bool, lease: Lease | None
+) -> None:
     mfusepy = load_fuse()
     fuse_base: Any = mfusepy.FUSE  # loaded at run time, bound to libfuse 3
     mount = Mount(store, settings, read_only)
@@ -179,12 +193,13 @@ def _run(store: Store, settings: VolumeSettings, mountpoint: str, options: dict,
             # hard_remove stays off, so fstat of an open unlinked file works (the kernel sends it
             # without a handle); libfuse's .fuse_hidden* rename is an unlink to us (fs.py)
             config.nullpath_ok = 1
-            config.auto_cache = 1      # page cache kept while mtime and size are unchanged
+            config.auto_cache = 1  # page cache kept while mtime and size are unchanged
             config.attr_timeout = 1.0
             config.entry_timeout = 1.0
             config.negative_timeout = 1.0
         if conn is not None:
             conn.max_readahead = 1024 * 1024
+
     fs.init_with_config = init_with_config  # type: ignore[attr-defined]  # mfusepy looks for it
 
     kwargs = dict(options)
@@ -211,11 +226,18 @@ def _timespec_ns(ts) -> int | None:
         return None
     if ts.tv_nsec == UTIME_NOW:
         return time.time_ns()
-    return ts.tv_sec * 10 ** 9 + ts.tv_nsec
+    return ts.tv_sec * 10**9 + ts.tv_nsec
 
 
-def daemonize_and_run(store: Store, settings: VolumeSettings, mountpoint: str, options: dict,
-                      foreground: bool, log_path: str, break_lease: bool = False) -> int:
+def daemonize_and_run(
+    store: Store,
+    settings: VolumeSettings,
+    mountpoint: str,
+    options: dict,
+    foreground: bool,
+    log_path: str,
+    break_lease: bool = False,
+) -> int:
     """Mount; in the background unless foreground. Returns once mounted (or failed)."""
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core dump ever holds unwrapped keys
     os.umask(0o077)  # every file of the mount's local state is the user's alone
@@ -275,7 +297,7 @@ def daemonize_and_run(store: Store, settings: VolumeSettings, mountpoint: str, o
 
 def status_file(mountpoint: str) -> str:
     """What the mount process says of its unmount, for `cryptfs umount` to report."""
-    return pidfile(mountpoint)[:-len(".pid")] + ".status"
+    return pidfile(mountpoint)[: -len(".pid")] + ".status"
 
 
 def _write_status(mountpoint: str, failed: int | None) -> None:
@@ -334,16 +356,23 @@ def unmount(mountpoint: str, timeout: float | None = None) -> int:
             print("cryptfs: waiting for pending uploads to finish...", file=sys.stderr)
             told = True
         if timeout is not None and time.monotonic() - start > timeout:
-            print("cryptfs: error: uploads still pending; they finish in the background "
-                  "(or at the next mount)", file=sys.stderr)
+            print(
+                "cryptfs: error: uploads still pending; they finish in the background (or at the next mount)",
+                file=sys.stderr,
+            )
             return 1
         time.sleep(0.1)
     failed = _read_status(mountpoint)
     if failed is not None and failed != "0":
-        what = "the mount ended before uploading what was pending" if failed == "unknown" else \
-            f"{failed} closed file(s) could not be uploaded"
-        raise CryptfsError(f"{what}; they stay in the local journal and upload at the next mount of this "
-                           "volume with the same cache directory (see the mount log)")
+        what = (
+            "the mount ended before uploading what was pending"
+            if failed == "unknown"
+            else f"{failed} closed file(s) could not be uploaded"
+        )
+        raise CryptfsError(
+            f"{what}; they stay in the local journal and upload at the next mount of this "
+            "volume with the same cache directory (see the mount log)"
+        )
     return 0
 
 

@@ -29,6 +29,7 @@ Locks, always taken in this order (never the other way round):
 `_doomed`, `_backptrs`, `root`, and FileState.handles; FileState.parent_id/name change only with both
 the state's lock and `_lock` held.
 """
+
 import concurrent.futures as cf
 import contextlib
 import json
@@ -59,8 +60,9 @@ class AttrDB:
         self._db = sqlite3.connect(path or ":memory:", check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("CREATE TABLE IF NOT EXISTS attrs (key TEXT PRIMARY KEY, etag TEXT, "
-                         "lm REAL, size INTEGER, meta TEXT)")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS attrs (key TEXT PRIMARY KEY, etag TEXT, lm REAL, size INTEGER, meta TEXT)"
+        )
 
     def get(self, info: ObjectInfo) -> dict | None:
         with self._lock:
@@ -118,7 +120,7 @@ class _Dir:
 
     def __init__(self):
         self.children: dict[bytes, ObjectInfo | Entry | FileState] = {}
-        self.fresh_until = 0.0       # monotonic time the last listing is trusted until; 0: never listed
+        self.fresh_until = 0.0  # monotonic time the last listing is trusted until; 0: never listed
         self.listing: threading.Event | None = None  # a LIST in flight
         self.changed: dict[bytes, int] = {}  # name -> sequence number of its last local change
 
@@ -253,9 +255,11 @@ class Namespace:
     def _merge(self, dir_id: bytes, d: _Dir, listing: dict[bytes, ObjectInfo], seq0: int) -> None:
         """Lay a listing begun at sequence number seq0 under the local state (with _lock held)."""
         prefix_len = len(self.store.vol.prefix)
-        local = {name: child for name, child in d.children.items()
-                 if isinstance(child, FileState) or d.changed.get(name, -1) > seq0
-                 or (dir_id, name) in self._dirty}
+        local = {
+            name: child
+            for name, child in d.children.items()
+            if isinstance(child, FileState) or d.changed.get(name, -1) > seq0 or (dir_id, name) in self._dirty
+        }
         merged: dict[bytes, ObjectInfo | Entry | FileState] = {}
         for name, info in listing.items():
             if name in local or d.changed.get(name, -1) > seq0 or (dir_id, name) in self._doomed:
@@ -270,7 +274,7 @@ class Namespace:
         d.changed = {n: s for n, s in d.changed.items() if s > seq0}
 
     def _resolve(self, dir_id: bytes, name: bytes, info: ObjectInfo) -> Node:
-        rel = info.key[len(self.store.vol.prefix):]
+        rel = info.key[len(self.store.vol.prefix) :]
         meta = self.db.get(info)
         entry = None
         if meta is not None:
@@ -372,10 +376,15 @@ class Namespace:
         with self._lock:
             for d in self._dirs.values():
                 for name, child in d.children.items():
-                    if isinstance(child, Entry) and child.link_key and child.obj_id == inode.obj_id \
-                            and child.link_key != inode.link_key:
-                        d.children[name] = replace(inode, parent_id=child.parent_id, name=child.name,
-                                                   link_key=child.link_key)
+                    if (
+                        isinstance(child, Entry)
+                        and child.link_key
+                        and child.obj_id == inode.obj_id
+                        and child.link_key != inode.link_key
+                    ):
+                        d.children[name] = replace(
+                            inode, parent_id=child.parent_id, name=child.name, link_key=child.link_key
+                        )
 
     def open_link(self, file_id: bytes) -> FileState | None:
         """The FileState of a hard-linked file, under whichever of its names it is bound to."""
@@ -389,17 +398,28 @@ class Namespace:
     def link_names(self, file_id: bytes) -> list[tuple[bytes, bytes]]:
         """Every name of a hard-linked file known here, as (directory id, name)."""
         with self._lock:
-            return [(dir_id, name) for dir_id, d in self._dirs.items() for name, child in d.children.items()
-                    if (child.link_key is not None and child.obj_id == file_id if isinstance(child, Entry) else
-                        isinstance(child, FileState) and child.inode_key and child.fk.file_id == file_id)]
+            return [
+                (dir_id, name)
+                for dir_id, d in self._dirs.items()
+                for name, child in d.children.items()
+                if (
+                    child.link_key is not None and child.obj_id == file_id
+                    if isinstance(child, Entry)
+                    else isinstance(child, FileState) and child.inode_key and child.fk.file_id == file_id
+                )
+            ]
 
     def other_name(self, file_id: bytes, but: tuple[bytes, bytes]) -> Entry | None:
         """Another name of a hard-linked file bound to an Entry here, if any is known."""
         with self._lock:
             for d in self._dirs.values():
                 for child in d.children.values():
-                    if isinstance(child, Entry) and child.link_key and child.obj_id == file_id \
-                            and (child.parent_id, child.name) != but:
+                    if (
+                        isinstance(child, Entry)
+                        and child.link_key
+                        and child.obj_id == file_id
+                        and (child.parent_id, child.name) != but
+                    ):
                         return child
         return None
 
@@ -502,8 +522,9 @@ class Namespace:
 
     def pending(self) -> list[FileState]:
         with self._lock:
-            return [c for d in self._dirs.values() for c in d.children.values()
-                    if isinstance(c, FileState) and c.modified]
+            return [
+                c for d in self._dirs.values() for c in d.children.values() if isinstance(c, FileState) and c.modified
+            ]
 
     # ------------------------------------------------------------ directory attributes
 
@@ -552,8 +573,9 @@ class Namespace:
                 self._dirty.discard(loc)
             elif current is not None and current.obj_id == old.obj_id and current.key == old.key:
                 # changed again meanwhile: keep those attributes (still dirty), take the new ETag
-                self._put_dir_entry(loc, replace(current, etag=new.etag, last_modified=new.last_modified,
-                                                 raw_meta=None))
+                self._put_dir_entry(
+                    loc, replace(current, etag=new.etag, last_modified=new.last_modified, raw_meta=None)
+                )
         if new.raw_meta is not None:
             self.record(new)
 

@@ -18,9 +18,9 @@ from .store import Entry, Store
 
 log = logging.getLogger(__name__)
 
-CHUNK_BLOCKS = 16          # 1 MiB of plaintext per chunk with 64 KiB blocks
-MAX_RUN = 16               # chunks in one GET
-MAX_WINDOW = 64            # chunks prefetched ahead of a sequential reader
+CHUNK_BLOCKS = 16  # 1 MiB of plaintext per chunk with 64 KiB blocks
+MAX_RUN = 16  # chunks in one GET
+MAX_WINDOW = 64  # chunks prefetched ahead of a sequential reader
 
 
 class BlockReader:
@@ -47,23 +47,26 @@ class BlockReader:
         of the first chunk also brings the stored header, checked here; that of the last
         brings the tag table."""
         spans = [self._span(entry, c) for c in chunks]
-        raws = [self.disk.get(self._chunk_key(entry, c), s[3] - s[2]) if self.disk else None
-                for c, s in zip(chunks, spans, strict=True)]
+        raws = [
+            self.disk.get(self._chunk_key(entry, c), s[3] - s[2]) if self.disk else None
+            for c, s in zip(chunks, spans, strict=True)
+        ]
         if any(r is None for r in raws):
             start, end = spans[0][2], spans[-1][3]
             with_header = chunks[0] == 0
-            with_table = self.store.layout.has_table and spans[-1][0] + spans[-1][1] == \
-                fmt.block_count(entry.size, self.bs)
+            with_table = self.store.layout.has_table and spans[-1][0] + spans[-1][1] == fmt.block_count(
+                entry.size, self.bs
+            )
             lo = 0 if with_header else start
             hi = self.store.layout.table_extent(entry.size)[1] if with_table else end
             data = self.store.get_range(entry.key, lo, hi, entry.etag)
             if with_header:
-                self.store.check_header(entry, fk, data[:fmt.HEADER_SIZE])
+                self.store.check_header(entry, fk, data[: fmt.HEADER_SIZE])
             if with_table:
-                self.store.tag_table(entry, fk, header, data[end - lo:])
+                self.store.tag_table(entry, fk, header, data[end - lo :])
             for i, (c, s) in enumerate(zip(chunks, spans, strict=True)):
                 if raws[i] is None:
-                    got = raws[i] = data[s[2] - lo:s[3] - lo]
+                    got = raws[i] = data[s[2] - lo : s[3] - lo]
                     if self.disk:
                         self.disk.put(self._chunk_key(entry, c), got)
         for c, s, raw in zip(chunks, spans, raws, strict=True):
@@ -130,8 +133,9 @@ class BlockReader:
         nchunks = -(-fmt.block_count(entry.size, self.bs) // CHUNK_BLOCKS)
         first = from_block // CHUNK_BLOCKS
         end = min(-(-(first + chunks) // MAX_RUN) * MAX_RUN, nchunks)
-        missing = [c for c in range(first, end)
-                   if self.blocks.get((entry.obj_id, entry.etag, c * CHUNK_BLOCKS)) is None]
+        missing = [
+            c for c in range(first, end) if self.blocks.get((entry.obj_id, entry.etag, c * CHUNK_BLOCKS)) is None
+        ]
         for fut in set(self._ensure(entry, fk, header, missing)):
             fut.add_done_callback(_log_failure)
 

@@ -18,8 +18,16 @@ from . import format as fmt
 from . import keys
 from cachetools import LRUCache
 from .backend.base import ObjectInfo, PendingUpload, Readable, read_exact
-from .errors import (AlreadyExists, DirectoryNotEmpty, FormatError, IntegrityError, IsADirectory,
-                     NotADirectory, NotFound, PreconditionFailed)
+from .errors import (
+    AlreadyExists,
+    DirectoryNotEmpty,
+    FormatError,
+    IntegrityError,
+    IsADirectory,
+    NotADirectory,
+    NotFound,
+    PreconditionFailed,
+)
 from .volume import Volume
 
 log = logging.getLogger(__name__)
@@ -31,12 +39,13 @@ SPECIAL_TYPES = (stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK)  # wha
 @dataclass(frozen=True)
 class Entry:
     """One name in one directory, as the bucket holds it."""
+
     parent_id: bytes
     name: bytes
-    key: str                 # object key relative to the volume prefix
+    key: str  # object key relative to the volume prefix
     is_dir: bool
-    obj_id: bytes            # file id, or the directory's own id
-    size: int                # plaintext size; 0 for directories
+    obj_id: bytes  # file id, or the directory's own id
+    size: int  # plaintext size; 0 for directories
     etag: str
     last_modified: float
     attrs: fmt.Attrs | None  # None until metadata was read
@@ -130,8 +139,7 @@ class Store:
 
     # ------------------------------------------------------------ reading entries
 
-    def entry_from(self, parent_id: bytes, name: bytes, rel: str, info: ObjectInfo,
-                   body: bytes | None) -> Entry:
+    def entry_from(self, parent_id: bytes, name: bytes, rel: str, info: ObjectInfo, body: bytes | None) -> Entry:
         """An Entry from an object's info (with metadata) and, for directories, its body."""
         if info.size == fmt.LINK_SIZE:
             return self._linked(parent_id, name, rel, body)
@@ -139,27 +147,41 @@ class Store:
         attrs = fmt.decrypt_attrs(self.vk, rel, meta.obj_id, meta.attr_blob)
         if info.size == fmt.DIRENT_SIZE:
             # the child id is authenticated by the attribute blob; the body repeats it
-            if body is not None and fmt.decrypt_dirent(self.vk, parent_id, name, body[:fmt.DIRENT_SIZE]) \
-                    != meta.obj_id:
+            if (
+                body is not None
+                and fmt.decrypt_dirent(self.vk, parent_id, name, body[: fmt.DIRENT_SIZE]) != meta.obj_id
+            ):
                 raise IntegrityError(f"directory entry {rel} does not match its metadata")
             if not stat.S_ISDIR(attrs.mode):
                 raise IntegrityError(f"directory entry {rel} has non-directory attributes")
-            return Entry(parent_id, name, rel, True, meta.obj_id, 0, info.etag, info.last_modified, attrs,
-                         raw_meta=info.metadata)
+            return Entry(
+                parent_id, name, rel, True, meta.obj_id, 0, info.etag, info.last_modified, attrs, raw_meta=info.metadata
+            )
         if meta.wrapped_key is None:
             raise FormatError("file object without a wrapped key")
         if body is not None and len(body) >= fmt.HEADER_SIZE:
             if fmt.parse_header(body).file_id != meta.obj_id:
                 raise IntegrityError("file header and metadata name different files")
         size = self.layout.plain_size(info.size)
-        return Entry(parent_id, name, rel, False, meta.obj_id, size, info.etag, info.last_modified,
-                     attrs, meta.wrapped_key, raw_meta=info.metadata)
+        return Entry(
+            parent_id,
+            name,
+            rel,
+            False,
+            meta.obj_id,
+            size,
+            info.etag,
+            info.last_modified,
+            attrs,
+            meta.wrapped_key,
+            raw_meta=info.metadata,
+        )
 
     def _linked(self, parent_id: bytes, name: bytes, rel: str, body: bytes | None) -> Entry:
         """A hard-linked name: its link entry names the file, whose object holds the rest."""
         if body is None or len(body) < fmt.LINK_SIZE:
             body, _ = self.backend.get(self.abs_key(rel))
-        file_id = fmt.decrypt_link(self.vk, parent_id, name, body[:fmt.LINK_SIZE])
+        file_id = fmt.decrypt_link(self.vk, parent_id, name, body[: fmt.LINK_SIZE])
         entry = self.inode(file_id, parent_id, name)
         return replace(entry, link_key=rel)
 
@@ -197,8 +219,7 @@ class Store:
         info = self.backend.head(self.abs_key(rel))
         meta = fmt.parse_metadata(info.metadata or {})
         attrs = fmt.decrypt_attrs(self.vk, rel, fmt.ROOT_DIR_ID, meta.attr_blob)
-        return Entry(fmt.ROOT_DIR_ID, b"", rel, True, fmt.ROOT_DIR_ID, 0, info.etag,
-                     info.last_modified, attrs)
+        return Entry(fmt.ROOT_DIR_ID, b"", rel, True, fmt.ROOT_DIR_ID, 0, info.etag, info.last_modified, attrs)
 
     def resolve(self, parts: list[bytes]) -> Entry:
         entry = self.root()
@@ -208,8 +229,9 @@ class Store:
             try:
                 entry, _ = self.lookup(entry.obj_id, name)
             except NotFound:
-                raise NotFound(f"/{b'/'.join(parts[:i + 1]).decode(errors='replace')}: no such file "
-                               "or directory") from None
+                raise NotFound(
+                    f"/{b'/'.join(parts[: i + 1]).decode(errors='replace')}: no such file or directory"
+                ) from None
             self.follow(entry)
         return entry
 
@@ -217,7 +239,7 @@ class Store:
         """(name, info, is_dir) for every entry, from one LIST; foreign keys are skipped."""
         prefix = fmt.dir_prefix(self.vk, dir_id)
         for info in self.backend.list(self.abs_key(prefix)):
-            suffix = info.key[len(self.vol.prefix) + len(prefix):]
+            suffix = info.key[len(self.vol.prefix) + len(prefix) :]
             if suffix == fmt.BACKPTR_NAME:
                 continue
             try:
@@ -235,7 +257,7 @@ class Store:
         def one(item):
             name, info, _ = item
             try:
-                entry = self.stat_listed(dir_id, name, info.key[len(self.vol.prefix):], info.size)
+                entry = self.stat_listed(dir_id, name, info.key[len(self.vol.prefix) :], info.size)
                 if entry.is_dir:
                     self.follow(entry)
                 return entry
@@ -247,6 +269,7 @@ class Store:
             except NotFound:
                 pass  # removed since the listing
             return None
+
         with cf.ThreadPoolExecutor(self.workers) as pool:
             return [e for e in pool.map(one, listed) if e is not None]
 
@@ -276,8 +299,7 @@ class Store:
                 self._tables[(entry.key, entry.etag)] = tags
         return tags
 
-    def decrypt_range(self, entry: Entry, fk: fmt.FileKey, header: bytes, first: int,
-                      raw: bytes) -> list[bytes]:
+    def decrypt_range(self, entry: Entry, fk: fmt.FileKey, header: bytes, first: int, raw: bytes) -> list[bytes]:
         """Plaintext blocks from raw ciphertext starting at block `first`, each checked to be
         a block of this version of the file."""
         ct = fmt.block_ct_size(self.block_size)
@@ -287,13 +309,13 @@ class Store:
         out = []
         for n, pos in enumerate(range(0, len(raw), ct)):
             index = first + n
-            block = raw[pos:pos + ct]
+            block = raw[pos : pos + ct]
             try:
                 if tags is not None:
                     fmt.check_tag(tags, index, block)
                 out.append(fmt.decrypt_block(fk, header, index, block, index == nblocks - 1))
             except IntegrityError as exc:
-                log.error("%s: %s", entry.key, exc)   # the error names the block
+                log.error("%s: %s", entry.key, exc)  # the error names the block
                 raise IntegrityError(f"{exc} (object {entry.key})") from None
         return out
 
@@ -370,8 +392,9 @@ class Store:
 
     # ------------------------------------------------------------ writing files
 
-    def metadata_for(self, rel: str, obj_id: bytes, attrs: fmt.Attrs | None, wrapped: bytes | None,
-                     is_dir: bool) -> dict[str, str]:
+    def metadata_for(
+        self, rel: str, obj_id: bytes, attrs: fmt.Attrs | None, wrapped: bytes | None, is_dir: bool
+    ) -> dict[str, str]:
         if attrs is None:
             raise FormatError(f"object {rel}: attributes not read")
         if is_dir:
@@ -387,9 +410,17 @@ class Store:
         self.vol.data_keys.remember(wrapped, fk.data_key)
         return fk, wrapped
 
-    def write_stream(self, dir_id: bytes, name: bytes, stream: Readable, size: int, attrs: fmt.Attrs,
-                     existing: Entry | None = None, create_only: bool = False,
-                     progress: Callable[[int], None] | None = None) -> Entry:
+    def write_stream(
+        self,
+        dir_id: bytes,
+        name: bytes,
+        stream: Readable,
+        size: int,
+        attrs: fmt.Attrs,
+        existing: Entry | None = None,
+        create_only: bool = False,
+        progress: Callable[[int], None] | None = None,
+    ) -> Entry:
         """Encrypt `size` bytes from `stream` into the entry (dir_id, name), streaming."""
         rel = self.entry_key(dir_id, name)
         if existing is not None and existing.is_dir:
@@ -399,16 +430,29 @@ class Store:
         reader = EncryptingReader(stream, fk, size, self.layout)
         obj_size = self.layout.object_size(size)
         try:
-            etag = self.backend.upload(self.abs_key(rel), reader, obj_size, meta,
-                                       if_none_match=create_only, progress=_plain_progress(progress, size,
-                                                                                          obj_size))
+            etag = self.backend.upload(
+                self.abs_key(rel),
+                reader,
+                obj_size,
+                meta,
+                if_none_match=create_only,
+                progress=_plain_progress(progress, size, obj_size),
+            )
         except PreconditionFailed:
             raise AlreadyExists(f"{name.decode(errors='replace')} already exists") from None
         return Entry(dir_id, name, rel, False, fk.file_id, size, etag, time.time(), attrs, wrapped, meta)
 
-    def write_bytes(self, dir_id: bytes, name: bytes, data: bytes, attrs: fmt.Attrs,
-                    existing: Entry | None = None, create_only: bool = False) -> Entry:
+    def write_bytes(
+        self,
+        dir_id: bytes,
+        name: bytes,
+        data: bytes,
+        attrs: fmt.Attrs,
+        existing: Entry | None = None,
+        create_only: bool = False,
+    ) -> Entry:
         import io
+
         return self.write_stream(dir_id, name, io.BytesIO(data), len(data), attrs, existing, create_only)
 
     # ------------------------------------------------------------ directories
@@ -417,8 +461,11 @@ class Store:
         """A directory's back-pointer. Its metadata (the directory's id and attributes, sealed to
         the key) is what lets `fsck --repair` prove an orphaned one is this volume's."""
         rel = self.backptr_key(child)
-        self.backend.put(self.abs_key(rel), fmt.encrypt_backptr(self.vk, child, parent_id, name),
-                         fmt.dirent_metadata(self.vk, rel, child, attrs) if attrs is not None else None)
+        self.backend.put(
+            self.abs_key(rel),
+            fmt.encrypt_backptr(self.vk, child, parent_id, name),
+            fmt.dirent_metadata(self.vk, rel, child, attrs) if attrs is not None else None,
+        )
 
     def backptr_id(self, rel: str, info: ObjectInfo) -> bytes | None:
         """The directory id an unreached back-pointer proves to be this volume's, or None."""
@@ -435,8 +482,9 @@ class Store:
         self.write_backptr(child, parent_id, name, attrs)
         meta = self.metadata_for(rel, child, attrs, None, True)
         try:
-            etag = self.backend.put(self.abs_key(rel), fmt.encrypt_dirent(self.vk, parent_id, name, child),
-                                    meta, if_none_match=True)
+            etag = self.backend.put(
+                self.abs_key(rel), fmt.encrypt_dirent(self.vk, parent_id, name, child), meta, if_none_match=True
+            )
         except PreconditionFailed:
             self.backend.delete(self.abs_key(self.backptr_key(child)))
             raise AlreadyExists(f"{name.decode(errors='replace')} already exists") from None
@@ -447,8 +495,9 @@ class Store:
         rel = self.entry_key(parent_id, name)
         meta = self.metadata_for(rel, child, attrs, None, True)
         try:
-            etag = self.backend.put(self.abs_key(rel), fmt.encrypt_dirent(self.vk, parent_id, name, child),
-                                    meta, if_none_match=True)
+            etag = self.backend.put(
+                self.abs_key(rel), fmt.encrypt_dirent(self.vk, parent_id, name, child), meta, if_none_match=True
+            )
         except PreconditionFailed:
             raise AlreadyExists(f"{name.decode(errors='replace')} already exists") from None
         self.write_backptr(child, parent_id, name, attrs)
@@ -467,8 +516,11 @@ class Store:
 
     def init_root(self, attrs: fmt.Attrs) -> None:
         rel = self.backptr_key(fmt.ROOT_DIR_ID)
-        self.backend.put(self.abs_key(rel), fmt.encrypt_backptr(self.vk, fmt.ROOT_DIR_ID, fmt.ROOT_DIR_ID, b""),
-                         fmt.dirent_metadata(self.vk, rel, fmt.ROOT_DIR_ID, attrs))
+        self.backend.put(
+            self.abs_key(rel),
+            fmt.encrypt_backptr(self.vk, fmt.ROOT_DIR_ID, fmt.ROOT_DIR_ID, b""),
+            fmt.dirent_metadata(self.vk, rel, fmt.ROOT_DIR_ID, attrs),
+        )
 
     def is_empty(self, dir_id: bytes) -> bool:
         prefix = self.abs_key(fmt.dir_prefix(self.vk, dir_id))
@@ -510,10 +562,10 @@ class Store:
         """Refuse to enter a directory through an entry it does not point back to (a stale
         entry, left by a crash or restored by someone with write access to the bucket)."""
         if entry.is_dir and entry.obj_id != fmt.ROOT_DIR_ID and not self.check_backptr(entry):
-            self.warn_once(entry.key, "stale directory entry (its directory points back elsewhere); "
-                                      "not followed")
-            raise IntegrityError(f"{entry.name.decode(errors='replace')}: stale directory entry, not followed "
-                                 f"(object {entry.key})")
+            self.warn_once(entry.key, "stale directory entry (its directory points back elsewhere); not followed")
+            raise IntegrityError(
+                f"{entry.name.decode(errors='replace')}: stale directory entry, not followed (object {entry.key})"
+            )
 
     # ------------------------------------------------------------ renames and attributes
 
@@ -535,8 +587,9 @@ class Store:
     def put_link(self, parent_id: bytes, name: bytes, file_id: bytes, create_only: bool) -> str:
         rel = self.entry_key(parent_id, name)
         try:
-            self.backend.put(self.abs_key(rel), fmt.encrypt_link(self.vk, parent_id, name, file_id), None,
-                             if_none_match=create_only)
+            self.backend.put(
+                self.abs_key(rel), fmt.encrypt_link(self.vk, parent_id, name, file_id), None, if_none_match=create_only
+            )
         except PreconditionFailed:
             raise AlreadyExists(f"{name.decode(errors='replace')} already exists") from None
         return rel
@@ -551,8 +604,9 @@ class Store:
             if self.backend.head(self.abs_key(rel)).size != self.layout.object_size(entry.size):
                 raise IntegrityError(f"copy of {entry.name!r} has the wrong size; not linked")
             self.put_link(entry.parent_id, entry.name, entry.obj_id, create_only=False)  # replaces the object
-            old = replace(entry, key=rel, etag=etag, last_modified=time.time(), attrs=attrs, raw_meta=meta,
-                          link_key=entry.key)
+            old = replace(
+                entry, key=rel, etag=etag, last_modified=time.time(), attrs=attrs, raw_meta=meta, link_key=entry.key
+            )
         else:
             old = self.bump_links(entry, 1)
         try:
@@ -600,9 +654,12 @@ class Store:
                 self.remove(target)
         meta = self.metadata_for(new_rel, entry.obj_id, entry.attrs, entry.wrapped_key, entry.is_dir)
         if entry.is_dir:
-            etag = self.backend.put(self.abs_key(new_rel),
-                                    fmt.encrypt_dirent(self.vk, new_parent, new_name, entry.obj_id),
-                                    meta, if_none_match=target is None or target.is_dir)
+            etag = self.backend.put(
+                self.abs_key(new_rel),
+                fmt.encrypt_dirent(self.vk, new_parent, new_name, entry.obj_id),
+                meta,
+                if_none_match=target is None or target.is_dir,
+            )
             self.write_backptr(entry.obj_id, new_parent, new_name, entry.attrs)
         else:
             etag = self.backend.copy(self.abs_key(entry.key), self.abs_key(new_rel), meta, if_match=entry.etag)
@@ -613,24 +670,28 @@ class Store:
             self.unlinked(target)  # its link entry was replaced by the copy
         if new_rel != entry.key:
             self.backend.delete(self.abs_key(entry.key))
-        return replace(entry, parent_id=new_parent, name=new_name, key=new_rel, etag=etag,
-                       last_modified=time.time(), raw_meta=meta)
+        return replace(
+            entry, parent_id=new_parent, name=new_name, key=new_rel, etag=etag, last_modified=time.time(), raw_meta=meta
+        )
 
     def set_attrs(self, entry: Entry, attrs: fmt.Attrs) -> Entry:
         """Persist new attributes: a metadata-only copy (files) or a small re-PUT (directories)."""
         if entry.obj_id == fmt.ROOT_DIR_ID and entry.is_dir:
             meta = fmt.dirent_metadata(self.vk, entry.key, fmt.ROOT_DIR_ID, attrs)
-            etag = self.backend.put(self.abs_key(entry.key),
-                                    fmt.encrypt_backptr(self.vk, fmt.ROOT_DIR_ID, fmt.ROOT_DIR_ID, b""), meta)
+            etag = self.backend.put(
+                self.abs_key(entry.key), fmt.encrypt_backptr(self.vk, fmt.ROOT_DIR_ID, fmt.ROOT_DIR_ID, b""), meta
+            )
             return replace(entry, attrs=attrs, etag=etag, raw_meta=meta)
         meta = self.metadata_for(entry.key, entry.obj_id, attrs, entry.wrapped_key, entry.is_dir)
         if entry.is_dir:
-            etag = self.backend.put(self.abs_key(entry.key),
-                                    fmt.encrypt_dirent(self.vk, entry.parent_id, entry.name, entry.obj_id),
-                                    meta, if_match=entry.etag)
+            etag = self.backend.put(
+                self.abs_key(entry.key),
+                fmt.encrypt_dirent(self.vk, entry.parent_id, entry.name, entry.obj_id),
+                meta,
+                if_match=entry.etag,
+            )
         else:
-            etag = self.backend.copy(self.abs_key(entry.key), self.abs_key(entry.key), meta,
-                                     if_match=entry.etag)
+            etag = self.backend.copy(self.abs_key(entry.key), self.abs_key(entry.key), meta, if_match=entry.etag)
         return replace(entry, attrs=attrs, etag=etag, last_modified=time.time(), raw_meta=meta)
 
 
@@ -659,10 +720,10 @@ class ProducedStream:
             n = 1 << 62
         while len(self.buf) - self.pos < n and not self._exhausted():
             if self.pos:
-                del self.buf[:self.pos]
+                del self.buf[: self.pos]
                 self.pos = 0
             self._more()
-        out = bytes(self.buf[self.pos:self.pos + n])
+        out = bytes(self.buf[self.pos : self.pos + n])
         self.pos += len(out)
         return out
 
@@ -711,7 +772,6 @@ class TagCollector:
 
     def add(self, block: bytes) -> None:
         self.tags += fmt.block_tag(block)
-
 
     def table(self) -> bytes:
         """What ends the object: the tag table (version 2), or nothing (version 1)."""

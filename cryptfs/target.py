@@ -18,8 +18,8 @@ from .errors import UsageError, VolumeNotFound
 @dataclass
 class Target:
     backend: Backend
-    prefix: str          # volume prefix inside the backend
-    parts: list[bytes]   # path inside the volume, as components
+    prefix: str  # volume prefix inside the backend
+    parts: list[bytes]  # path inside the volume, as components
 
     @property
     def display(self) -> str:
@@ -42,10 +42,18 @@ def make_backend(url: str, settings: VolumeSettings, root: str | None = None) ->
         if not netloc:
             raise UsageError(f"{url}: no bucket name")
         from .backend.s3 import S3Backend
-        backend = S3Backend(netloc, endpoint_url=settings.endpoint_url, region=settings.region,
-                            profile=settings.profile, path_style=settings.path_style,
-                            verify_tls=settings.verify_tls, retry_mode=settings.retry_mode,
-                            max_attempts=settings.max_attempts, workers=settings.workers)
+
+        backend = S3Backend(
+            netloc,
+            endpoint_url=settings.endpoint_url,
+            region=settings.region,
+            profile=settings.profile,
+            path_style=settings.path_style,
+            verify_tls=settings.verify_tls,
+            retry_mode=settings.retry_mode,
+            max_attempts=settings.max_attempts,
+            workers=settings.workers,
+        )
         return backend, path.lstrip("/")
     if scheme == "file":
         return LocalBackend(root or local_path(url)), ""
@@ -69,8 +77,10 @@ def locate(url: str, settings: VolumeSettings) -> Target:
     scheme, _, path = split_url(url)
     if scheme == "file":
         path = root = local_path(url)
-        while not (os.path.exists(os.path.join(root, volume.CONFIG_NAME))
-                   or os.path.exists(os.path.join(root, volume.BACKUP_NAME))):
+        while not (
+            os.path.exists(os.path.join(root, volume.CONFIG_NAME))
+            or os.path.exists(os.path.join(root, volume.BACKUP_NAME))
+        ):
             if root == os.path.dirname(root):
                 raise VolumeNotFound(f"no cryptfs volume at {path} or any parent of it")
             root = os.path.dirname(root)
@@ -80,7 +90,7 @@ def locate(url: str, settings: VolumeSettings) -> Target:
     backend.check()
     backend = from_environment(backend)
     prefix = volume.find_prefix(backend, path)
-    return Target(backend, prefix, _split(path[len(prefix):]))
+    return Target(backend, prefix, _split(path[len(prefix) :]))
 
 
 def for_init(url: str, settings: VolumeSettings) -> tuple[Backend, str]:

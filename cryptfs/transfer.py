@@ -59,6 +59,7 @@ def attrs_of(st: os.stat_result) -> fmt.Attrs:
 
 # ---------------------------------------------------------------- put
 
+
 def put_path(store: Store, src: str, parent: Entry, name: bytes, quiet: bool = False) -> int:
     """Upload a file, symlink or directory tree as `name` in directory `parent`; returns files sent."""
     st = os.lstat(src)
@@ -97,15 +98,18 @@ def _lookup(store: Store, parent: Entry, name: bytes) -> Entry | None:
 
 # ---------------------------------------------------------------- get and decrypt
 
+
 @dataclass
 class Restored:
     """What a decrypt did: files written, and files it could not restore with the reason."""
+
     written: int = 0
-    failed: list[tuple[str, CryptfsError]] = field(default_factory=list)   # (volume path, error)
+    failed: list[tuple[str, CryptfsError]] = field(default_factory=list)  # (volume path, error)
 
 
-def get_entry(store: Store, entry: Entry, dest: str, where: str, quiet: bool = False,
-              restored: Restored | None = None) -> int:
+def get_entry(
+    store: Store, entry: Entry, dest: str, where: str, quiet: bool = False, restored: Restored | None = None
+) -> int:
     """Download an entry (recursively for directories) to local path `dest`; returns files
     written. `where` is the entry's path in the volume, for messages.
 
@@ -123,8 +127,9 @@ def get_entry(store: Store, entry: Entry, dest: str, where: str, quiet: bool = F
             if restored is not None:
                 restored.failed.append((_join(where, name), exc))
         for child in sorted(children, key=lambda e: e.name):
-            written += get_entry(store, child, os.path.join(dest, os.fsdecode(child.name)),
-                                 _join(where, child.name), quiet, restored)
+            written += get_entry(
+                store, child, os.path.join(dest, os.fsdecode(child.name)), _join(where, child.name), quiet, restored
+            )
         _apply_attrs(dest, entry.attrs, follow=True)
         return written
     if restored is not None and _unchanged(dest, entry):

@@ -18,8 +18,15 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from . import format as fmt
 from . import keys, localstate
 from .backend.base import Backend
-from .errors import (AlreadyExists, FormatError, IntegrityError, KeyMismatch, NotFound,
-                     PreconditionFailed, VolumeNotFound)
+from .errors import (
+    AlreadyExists,
+    FormatError,
+    IntegrityError,
+    KeyMismatch,
+    NotFound,
+    PreconditionFailed,
+    VolumeNotFound,
+)
 
 CONFIG_NAME = "cryptfs.volume"
 BACKUP_NAME = "cryptfs.volume.bak"
@@ -28,7 +35,8 @@ FORMAT_NAME = "cryptfs-volume"
 
 def state_dir() -> str:
     return os.environ.get("CRYPTFS_STATE_DIR") or os.path.join(
-        os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state"), "cryptfs")
+        os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state"), "cryptfs"
+    )
 
 
 class KnownVolumes:
@@ -58,11 +66,15 @@ class KnownVolumes:
             seen = known.get(volume_id)
             if seen:
                 if seen["fingerprint"] != fp:
-                    raise KeyMismatch(f"volume {url} is signed by owner key {fp}, but this machine "
-                                      f"knows it as {seen['fingerprint']}: refusing a swapped key")
+                    raise KeyMismatch(
+                        f"volume {url} is signed by owner key {fp}, but this machine "
+                        f"knows it as {seen['fingerprint']}: refusing a swapped key"
+                    )
                 if generation < seen["generation"]:
-                    raise IntegrityError(f"volume config of {url} went back from generation "
-                                         f"{seen['generation']} to {generation} (rolled back?)")
+                    raise IntegrityError(
+                        f"volume config of {url} went back from generation "
+                        f"{seen['generation']} to {generation} (rolled back?)"
+                    )
                 if generation == seen["generation"] and seen.get("url") == url:
                     return
             known[volume_id] = {"fingerprint": fp, "generation": generation, "url": url}
@@ -76,8 +88,9 @@ class KnownVolumes:
 @dataclass
 class Volume:
     """An opened volume: the backend, where it lives, and its unwrapped keys (memory only)."""
+
     backend: Backend
-    prefix: str                      # "" or "some/prefix/"
+    prefix: str  # "" or "some/prefix/"
     body: dict
     etag: str
     volume_keys: fmt.VolumeKeys
@@ -118,8 +131,7 @@ class Volume:
         KnownVolumes().check_and_record(self.volume_id, self.owner_fingerprint(), body["generation"], self.url)
 
 
-def _store(backend: Backend, prefix: str, body: dict, owner, if_match: str | None = None,
-           create: bool = False) -> str:
+def _store(backend: Backend, prefix: str, body: dict, owner, if_match: str | None = None, create: bool = False) -> str:
     envelope = {"body": body, "signature": keys.sign(owner, keys.canonical_json(body)).hex()}
     raw = json.dumps(envelope, indent=1, sort_keys=True).encode()
     etag = backend.put(prefix + CONFIG_NAME, raw, if_none_match=create, if_match=if_match)
@@ -132,8 +144,14 @@ def normalize_prefix(prefix: str) -> str:
     return prefix + "/" if prefix else ""
 
 
-def create(backend: Backend, prefix: str, passphrase: bytes, block_size: int = fmt.DEFAULT_BLOCK_SIZE,
-           rsa_bits: int = keys.DEFAULT_RSA_BITS, version: int = fmt.VERSION) -> Volume:
+def create(
+    backend: Backend,
+    prefix: str,
+    passphrase: bytes,
+    block_size: int = fmt.DEFAULT_BLOCK_SIZE,
+    rsa_bits: int = keys.DEFAULT_RSA_BITS,
+    version: int = fmt.VERSION,
+) -> Volume:
     """Write a new volume's config and root directory; AlreadyExists if one is there."""
     prefix = normalize_prefix(prefix)
     backend.check()
@@ -149,18 +167,26 @@ def create(backend: Backend, prefix: str, passphrase: bytes, block_size: int = f
     secret = os.urandom(32)
     owner_fp = keys.fingerprint(owner)
     body = {
-        "format": FORMAT_NAME, "version": version, "generation": 1,
+        "format": FORMAT_NAME,
+        "version": version,
+        "generation": 1,
         "volume_id": os.urandom(16).hex(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "block_size": block_size,
-        "owner_public_key": keys.public_pem(owner), "owner_fingerprint": owner_fp,
+        "owner_public_key": keys.public_pem(owner),
+        "owner_fingerprint": owner_fp,
         "owner_private_key": keys.protect_private_key(owner, passphrase),
-        "content_public_key": keys.public_pem(content), "content_fingerprint": keys.fingerprint(content),
-        "recipients": [{
-            "name": "owner", "fingerprint": owner_fp, "public_key": keys.public_pem(owner),
-            "content_private_key": keys.wrap_private_key(owner.public_key(), content),
-            "volume_secret": keys.wrap(owner.public_key(), secret, keys.SECRET_LABEL).hex(),
-        }],
+        "content_public_key": keys.public_pem(content),
+        "content_fingerprint": keys.fingerprint(content),
+        "recipients": [
+            {
+                "name": "owner",
+                "fingerprint": owner_fp,
+                "public_key": keys.public_pem(owner),
+                "content_private_key": keys.wrap_private_key(owner.public_key(), content),
+                "volume_secret": keys.wrap(owner.public_key(), secret, keys.SECRET_LABEL).hex(),
+            }
+        ],
     }
     try:
         etag = _store(backend, prefix, body, owner, create=True)
@@ -181,7 +207,7 @@ def read_config(backend: Backend, prefix: str) -> tuple[dict, str]:
             return json.loads(raw), info.etag
         except NotFound:
             pass
-        except FormatError as exc:   # foreign: the other copy may do
+        except FormatError as exc:  # foreign: the other copy may do
             problems.append(exc)
         except ValueError as exc:
             problems.append(FormatError(f"volume config {prefix + name} is not valid JSON ({exc})"))
@@ -208,8 +234,7 @@ def find_prefix(backend: Backend, path: str) -> str:
     raise VolumeNotFound(f"no cryptfs volume at {backend.url}/{path.strip('/')} or any parent of it")
 
 
-def open_volume(backend: Backend, prefix: str, passphrase: bytes,
-                expected_fingerprint: str | None = None) -> Volume:
+def open_volume(backend: Backend, prefix: str, passphrase: bytes, expected_fingerprint: str | None = None) -> Volume:
     """Unlock a volume with the owner's passphrase, verifying the signed config."""
     prefix = normalize_prefix(prefix)
     envelope, etag = read_config(backend, prefix)
@@ -232,8 +257,9 @@ def open_volume(backend: Backend, prefix: str, passphrase: bytes,
     if not keys.fingerprint(content) == keys.fingerprint(content_pub) == body["content_fingerprint"]:
         raise KeyMismatch("content public key in the config does not match the content private key")
     secret = keys.unwrap(owner, bytes.fromhex(mine[0]["volume_secret"]), keys.SECRET_LABEL)
-    return Volume(backend, prefix, body, etag, fmt.VolumeKeys.derive(secret), content_pub,
-                  keys.DataKeyCache(content), owner)
+    return Volume(
+        backend, prefix, body, etag, fmt.VolumeKeys.derive(secret), content_pub, keys.DataKeyCache(content), owner
+    )
 
 
 def _check_envelope(envelope) -> dict:
@@ -243,8 +269,10 @@ def _check_envelope(envelope) -> dict:
         if body["format"] != FORMAT_NAME:
             raise FormatError(f"not a cryptfs volume config (format {body['format']!r})")
         if body["version"] not in fmt.VERSIONS:
-            raise FormatError(f"unsupported volume format version {body['version']} "
-                              f"(this cryptfs reads versions {', '.join(map(str, fmt.VERSIONS))})")
+            raise FormatError(
+                f"unsupported volume format version {body['version']} "
+                f"(this cryptfs reads versions {', '.join(map(str, fmt.VERSIONS))})"
+            )
         fmt.Layout(body["block_size"], body["version"])
         return body
     except (KeyError, TypeError):

@@ -28,7 +28,7 @@ from .store import Entry, ProducedStream, Store, TagCollector
 log = logging.getLogger(__name__)
 
 INLINE_MAX = 1024 * 1024  # objects up to this size are journaled inline
-RESERVE = 1024 * 1024     # bytes set aside on the cache disk for removing journal records
+RESERVE = 1024 * 1024  # bytes set aside on the cache disk for removing journal records
 
 
 class Journal:
@@ -41,8 +41,7 @@ class Journal:
 
     def __init__(self, directory: str):
         os.makedirs(directory, mode=0o700, exist_ok=True)
-        self._db = sqlite3.connect(os.path.join(directory, "journal.db"), check_same_thread=False,
-                                   isolation_level=None)
+        self._db = sqlite3.connect(os.path.join(directory, "journal.db"), check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("CREATE TABLE IF NOT EXISTS pending (uid TEXT PRIMARY KEY, record TEXT)")
         self._lock = threading.Lock()
@@ -134,8 +133,9 @@ class ComposedReader(ProducedStream):
     then the tag table. Basis blocks are checked against the basis's own tag table, so a
     block spliced into the basis is never carried into the new version."""
 
-    def __init__(self, store: Store, fk: fmt.FileKey, header: bytes, size: int, runs: list,
-                 read_staged, basis: Entry | None):
+    def __init__(
+        self, store: Store, fk: fmt.FileKey, header: bytes, size: int, runs: list, read_staged, basis: Entry | None
+    ):
         self.store, self.fk, self.header, self.size = store, fk, header, size
         self.layout = store.layout
         self.bs = store.block_size
@@ -143,8 +143,9 @@ class ComposedReader(ProducedStream):
         self.runs = [list(r) for r in runs]
         self.read_staged = read_staged  # (start, end) -> bytes of the staging file
         self.basis = basis
-        self.basis_tags = store.tag_table(basis, fk, header) \
-            if basis is not None and any(r[0] == "b" for r in runs) else None
+        self.basis_tags = (
+            store.tag_table(basis, fk, header) if basis is not None and any(r[0] == "b" for r in runs) else None
+        )
         self.tags = TagCollector(fk, header, store.layout)
         self.finished = False
         self.buf = bytearray(header)
@@ -165,9 +166,12 @@ class ComposedReader(ProducedStream):
                 raise CryptfsError("upload plan names basis blocks but has no basis")
             data = self.store.get_range(self.basis.key, lo, hi, self.basis.etag)
         else:
-            data = b"".join(fmt.encrypt_block(self.fk, self.header, i,
-                                              bytes(fmt.block_plain_len(i, self.size, self.bs)), i == self.n - 1)
-                            for i in range(start, step_end))
+            data = b"".join(
+                fmt.encrypt_block(
+                    self.fk, self.header, i, bytes(fmt.block_plain_len(i, self.size, self.bs)), i == self.n - 1
+                )
+                for i in range(start, step_end)
+            )
         if len(data) != hi - lo:
             raise CryptfsError(f"upload source for blocks {start}-{step_end} is short")
         for i, block in enumerate(self.layout.split_blocks(data, start, step_end, self.size), start):
@@ -184,8 +188,16 @@ class ComposedReader(ProducedStream):
         return self.finished
 
 
-def upload_record(store: Store, journal: Journal, record: dict, fk: fmt.FileKey, header: bytes, read_staged,
-                  key: str | None = None, metadata: dict | None = None) -> str:
+def upload_record(
+    store: Store,
+    journal: Journal,
+    record: dict,
+    fk: fmt.FileKey,
+    header: bytes,
+    read_staged,
+    key: str | None = None,
+    metadata: dict | None = None,
+) -> str:
     """Upload the object a journal record describes (normal uploads and recovery alike);
     `key` and `metadata` override the record's (a recovered file moved to /lost+found).
 
@@ -201,13 +213,27 @@ def upload_record(store: Store, journal: Journal, record: dict, fk: fmt.FileKey,
         # not fsynced: enough against a killed process (the page cache survives it); after a
         # power cut `fsck --repair` finds the upload
         journal.write(uid, {**record, "upload": [key, upload_id]}, durable=False)
+
     basis = record.get("basis")
-    basis_entry = None if basis is None else Entry(  # records of version 1 volumes have no basis size
-        bytes.fromhex(record["parent"]), b"", basis["key"], False, fk.file_id, basis.get("size", 0), basis["etag"],
-        0.0, None)
+    basis_entry = (
+        None
+        if basis is None
+        else Entry(  # records of version 1 volumes have no basis size
+            bytes.fromhex(record["parent"]),
+            b"",
+            basis["key"],
+            False,
+            fk.file_id,
+            basis.get("size", 0),
+            basis["etag"],
+            0.0,
+            None,
+        )
+    )
     reader = ComposedReader(store, fk, header, record["size"], record["runs"], read_staged, basis_entry)
-    return store.upload(key, reader, store.layout.object_size(record["size"]), metadata or record["metadata"],
-                        started=started)
+    return store.upload(
+        key, reader, store.layout.object_size(record["size"]), metadata or record["metadata"], started=started
+    )
 
 
 class WriteBack:
@@ -221,8 +247,7 @@ class WriteBack:
         self._counter = 0
         self._cond = threading.Condition()
         self._stop = False
-        self._threads = [threading.Thread(target=self._worker, name=f"upload-{i}", daemon=True)
-                         for i in range(workers)]
+        self._threads = [threading.Thread(target=self._worker, name=f"upload-{i}", daemon=True) for i in range(workers)]
         for t in self._threads:
             t.start()
 
@@ -230,11 +255,21 @@ class WriteBack:
 
     def record(self, state: FileState, runs: list) -> dict:
         meta = self.store.metadata_for(state.key, state.fk.file_id, state.attrs, state.wrapped, False)
-        record = {"version": 1, "uid": state.uid, "key": state.key, "parent": state.parent_id.hex(),
-                  "file_id": state.fk.file_id.hex(), "size": state.size, "metadata": meta, "runs": runs,
-                  "staging": None, "inline": None,
-                  "basis": {"key": state.basis.key, "etag": state.basis.etag, "size": state.basis.size}
-                  if state.basis else None}
+        record = {
+            "version": 1,
+            "uid": state.uid,
+            "key": state.key,
+            "parent": state.parent_id.hex(),
+            "file_id": state.fk.file_id.hex(),
+            "size": state.size,
+            "metadata": meta,
+            "runs": runs,
+            "staging": None,
+            "inline": None,
+            "basis": {"key": state.basis.key, "etag": state.basis.etag, "size": state.basis.size}
+            if state.basis
+            else None,
+        }
         if state.fd is not None:
             if self._inline(state):
                 record["inline"] = fmt.b64e(state.staged_bytes())
@@ -315,16 +350,28 @@ class WriteBack:
             self.on_uploaded(state, entry)  # still under the lock: no rename or unlink in between
 
     def _send(self, state: FileState, record: dict) -> Entry:
-        etag = upload_record(self.store, self.journal, record, state.fk, state.header,
-                             state.read_staged)
-        return Entry(state.parent_id, state.name, record["key"], False, state.fk.file_id, state.size, etag,
-                     time.time(), state.attrs, state.wrapped, raw_meta=record["metadata"], link_key=state.link_key)
+        etag = upload_record(self.store, self.journal, record, state.fk, state.header, state.read_staged)
+        return Entry(
+            state.parent_id,
+            state.name,
+            record["key"],
+            False,
+            state.fk.file_id,
+            state.size,
+            etag,
+            time.time(),
+            state.attrs,
+            state.wrapped,
+            raw_meta=record["metadata"],
+            link_key=state.link_key,
+        )
 
     def schedule(self, state: FileState, delay: float | None = None) -> None:
         with self._cond:
             self._counter += 1
-            heapq.heappush(self._due, (time.monotonic() + (self.delay if delay is None else delay),
-                                       self._counter, state))
+            heapq.heappush(
+                self._due, (time.monotonic() + (self.delay if delay is None else delay), self._counter, state)
+            )
             self._cond.notify()
 
     def _worker(self) -> None:
@@ -366,12 +413,10 @@ class WriteBack:
             try:
                 self.upload_now(state)
             except (CryptfsError, OSError) as exc:  # reported and kept: the next mount uploads it
-                log.error("could not upload %s at unmount: %s (kept in the journal for the next mount)",
-                          state.key, exc)
+                log.error("could not upload %s at unmount: %s (kept in the journal for the next mount)", state.key, exc)
                 return state
             except Exception:
-                log.exception("could not upload %s at unmount (kept in the journal for the next mount)",
-                              state.key)
+                log.exception("could not upload %s at unmount (kept in the journal for the next mount)", state.key)
                 return state
             return None
 
@@ -387,17 +432,30 @@ class WriteBack:
 
 # ---------------------------------------------------------------- renames of uploaded entries
 
-def rename_journaled(store: Store, journal: Journal, entry: Entry, new_parent: bytes, new_name: bytes,
-                     target: Entry | None) -> Entry:
+
+def rename_journaled(
+    store: Store, journal: Journal, entry: Entry, new_parent: bytes, new_name: bytes, target: Entry | None
+) -> Entry:
     """store.rename with an intent recorded first, so a crash half-way is finished at the next mount
     (a hard-linked name needs none: its stored link count covers a crash, see store.py)."""
     if entry.link_key is not None:
         return store.rename(entry, new_parent, new_name, target)
     uid = "rename-" + os.urandom(8).hex()
-    journal.intend(uid, {"uid": uid, "intent": {
-        "src": entry.key, "dst": store.entry_key(new_parent, new_name), "is_dir": entry.is_dir,
-        "obj_id": entry.obj_id.hex(), "parent": new_parent.hex(), "name": new_name.hex(),
-        "size": store.layout.object_size(entry.size) if not entry.is_dir else fmt.DIRENT_SIZE}})
+    journal.intend(
+        uid,
+        {
+            "uid": uid,
+            "intent": {
+                "src": entry.key,
+                "dst": store.entry_key(new_parent, new_name),
+                "is_dir": entry.is_dir,
+                "obj_id": entry.obj_id.hex(),
+                "parent": new_parent.hex(),
+                "name": new_name.hex(),
+                "size": store.layout.object_size(entry.size) if not entry.is_dir else fmt.DIRENT_SIZE,
+            },
+        },
+    )
     moved = store.rename(entry, new_parent, new_name, target)
     journal.remove(uid)
     return moved
@@ -471,13 +529,18 @@ def _finish_rename(store: Store, intent: dict) -> str:
     if intent["is_dir"]:
         child = bytes.fromhex(intent["obj_id"])
         meta = fmt.parse_metadata(copied.metadata or {})
-        store.write_backptr(child, bytes.fromhex(intent["parent"]), bytes.fromhex(intent["name"]),
-                            fmt.decrypt_attrs(store.vk, intent["dst"], child, meta.attr_blob))
+        store.write_backptr(
+            child,
+            bytes.fromhex(intent["parent"]),
+            bytes.fromhex(intent["name"]),
+            fmt.decrypt_attrs(store.vk, intent["dst"], child, meta.attr_blob),
+        )
     store.delete_key(intent["src"])
     return f"finished rename to {intent['dst']}"
 
 
 # ---------------------------------------------------------------- crash recovery
+
 
 def recover(store: Store, journal: Journal) -> list[str]:
     """Finish uploads and renames left by a mount that died; returns a line per item for the log."""
@@ -507,7 +570,7 @@ def recover(store: Store, journal: Journal) -> list[str]:
 def kept_path(state: FileState) -> str:
     """Where keep_closed_version copies a staging file (its name starts with the uid, so
     the mount's cleanup of unjournaled staging files keeps it while its record lives)."""
-    return state.staging_path[:-len(".obj")] + ".closed.obj"
+    return state.staging_path[: -len(".obj")] + ".closed.obj"
 
 
 def _unlink(path: str) -> None:
@@ -538,9 +601,16 @@ def recover_record(store: Store, journal: Journal, record: dict) -> str:
     fd = os.open(record["staging"], os.O_RDONLY) if record.get("staging") else None
     inline = fmt.b64d(record["inline"]) if record.get("inline") else b""
     try:
-        upload_record(store, journal, record, fk, header,
-                      (lambda lo, hi: os.pread(fd, hi - lo, lo)) if fd is not None else (lambda lo, hi: inline[lo:hi]),
-                      key, metadata)
+        upload_record(
+            store,
+            journal,
+            record,
+            fk,
+            header,
+            (lambda lo, hi: os.pread(fd, hi - lo, lo)) if fd is not None else (lambda lo, hi: inline[lo:hi]),
+            key,
+            metadata,
+        )
     finally:
         if fd is not None:
             os.close(fd)
@@ -556,7 +626,7 @@ def recover_record(store: Store, journal: Journal, record: dict) -> str:
 def _lost_and_found(store: Store, record: dict, fk, meta) -> tuple[str, dict]:
     """A pending file whose directory vanished: put it in /lost+found under its old name."""
     parent = bytes.fromhex(record["parent"])
-    suffix = record["key"][len(fmt.dir_prefix(store.vk, parent)):]
+    suffix = record["key"][len(fmt.dir_prefix(store.vk, parent)) :]
     try:
         name = fmt.decrypt_name(store.vk, parent, suffix)
     except CryptfsError:

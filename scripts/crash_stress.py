@@ -57,11 +57,13 @@ class Stop(Exception):
 # Each has run(mnt, stop) (returns when stop is set or the mount is gone) and
 # check(mnt) -> (files checked, problems). `done` holds only what finished.
 
+
 class Rsync:
     """`rsync -a` of 1,500 small files, killed part-way. rsync reports a file before its
     receiver has renamed it into place, so what rsync printed proves nothing closed: every
     file present must be byte-exact (rsync's own temporary files aside), and once a pass
     completes, every file."""
+
     name = "rsync"
 
     def __init__(self, work):
@@ -76,8 +78,11 @@ class Rsync:
         self.complete = False
 
     def run(self, mnt, stop):
-        proc = subprocess.Popen(["rsync", "-a", self.src + "/", os.path.join(mnt, "rsync")],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            ["rsync", "-a", self.src + "/", os.path.join(mnt, "rsync")],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         while proc.poll() is None and not stop.is_set():
             time.sleep(0.05)
         if proc.poll() == 0:
@@ -104,6 +109,7 @@ class Rsync:
 
 class SmallFiles:
     """1,500 small files copied one by one; each counts once its close() returned."""
+
     name = "small-files"
 
     def __init__(self, work):
@@ -187,12 +193,13 @@ class Multipart(BigCopy):
 
 class Renames:
     """Directories with files, renamed around; a rename in flight may land either way."""
+
     name = "dir-renames"
 
     def __init__(self, work):
         self.files = {f"f{i}": random.Random(i).randbytes(3000 + i) for i in range(5)}
-        self.where: dict[str, str] = {}      # directory -> its current name
-        self.moving: dict[str, str] = {}     # directory -> name it was being renamed to
+        self.where: dict[str, str] = {}  # directory -> its current name
+        self.moving: dict[str, str] = {}  # directory -> name it was being renamed to
         self.n = 0
 
     def run(self, mnt, stop):
@@ -238,6 +245,7 @@ class Renames:
 
 class EditorSaves:
     """Save as editors do: write a temporary file, fsync, rename it over the document."""
+
     name = "editor-saves"
 
     def __init__(self, work):
@@ -304,39 +312,66 @@ class MkdirStorm:
         base = os.path.join(mnt, "storm")
         found = set(os.listdir(base)) if os.path.isdir(base) else set()
         extra, missing = found - self.live, self.live - found
-        problems = [f"{d}: unexpected" for d in extra if d != self.pending] + \
-                   [f"{d}: missing" for d in missing if d != self.pending]
+        problems = [f"{d}: unexpected" for d in extra if d != self.pending] + [
+            f"{d}: missing" for d in missing if d != self.pending
+        ]
         self.live, self.pending = found, None
         return len(found), problems
 
 
 WORKLOADS = {w.name: w for w in (Rsync, SmallFiles, BigCopy, Renames, EditorSaves, MkdirStorm, Multipart)}
-SHORT = {"rsync": "rsync", "small": "small-files", "cp": "cp-150MiB", "renames": "dir-renames",
-         "editor": "editor-saves", "mkdir": "mkdir-rmdir", "multipart": "multipart-40MiB"}
+SHORT = {
+    "rsync": "rsync",
+    "small": "small-files",
+    "cp": "cp-150MiB",
+    "renames": "dir-renames",
+    "editor": "editor-saves",
+    "mkdir": "mkdir-rmdir",
+    "multipart": "multipart-40MiB",
+}
 
 
 # ---------------------------------------------------------------- the volume and its mount
 
+
 class Volume:
     def __init__(self, work, backend):
         self.work = work
-        self.env = dict(os.environ, CRYPTFS_PASSPHRASE=PASSPHRASE, CRYPTFS_STATE_DIR=os.path.join(work, "state"),
-                        CRYPTFS_CONFIG=os.path.join(work, "none.yaml"))
+        self.env = dict(
+            os.environ,
+            CRYPTFS_PASSPHRASE=PASSPHRASE,
+            CRYPTFS_STATE_DIR=os.path.join(work, "state"),
+            CRYPTFS_CONFIG=os.path.join(work, "none.yaml"),
+        )
         self.server = None
         self.args: list[str] = []
         if backend == "s3":
             port = free_port()
             endpoint = f"http://127.0.0.1:{port}"
-            self.env.update(AWS_ACCESS_KEY_ID="stress", AWS_SECRET_ACCESS_KEY="stress", AWS_DEFAULT_REGION="us-east-1",
-                            AWS_EC2_METADATA_DISABLED="true")
+            self.env.update(
+                AWS_ACCESS_KEY_ID="stress",
+                AWS_SECRET_ACCESS_KEY="stress",
+                AWS_DEFAULT_REGION="us-east-1",
+                AWS_EC2_METADATA_DISABLED="true",
+            )
             for name in ("AWS_PROFILE", "AWS_CA_BUNDLE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"):
                 self.env.pop(name, None)
-            self.server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=self.env)
+            self.server = subprocess.Popen(
+                [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                env=self.env,
+            )
             wait_http(endpoint)
             import boto3
-            boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="stress", aws_secret_access_key="stress",
-                         region_name="us-east-1").create_bucket(Bucket="stress")
+
+            boto3.client(
+                "s3",
+                endpoint_url=endpoint,
+                aws_access_key_id="stress",
+                aws_secret_access_key="stress",
+                region_name="us-east-1",
+            ).create_bucket(Bucket="stress")
             self.url, self.args = "s3://stress/vol", ["--endpoint-url", endpoint]
         else:
             os.makedirs(os.path.join(work, "storage"))
@@ -347,8 +382,13 @@ class Volume:
         self.cli("init", self.url, "--rsa-bits", "2048")
 
     def cli(self, *args, check=True) -> subprocess.CompletedProcess:
-        proc = subprocess.run([sys.executable, "-m", "cryptfs", *args, *self.args], env=self.env,
-                              capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        proc = subprocess.run(
+            [sys.executable, "-m", "cryptfs", *args, *self.args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+        )
         if check and proc.returncode:
             raise SystemExit(f"cryptfs {' '.join(args)} exited {proc.returncode}: {proc.stderr.strip()}")
         return proc
@@ -411,8 +451,15 @@ def wait_http(url: str) -> None:
 
 
 def stress(vol: Volume, workload, kills: int, max_delay: float) -> dict:
-    row = {"workload": workload.name, "kills": 0, "checked": 0, "lost": 0, "umount": set(), "fsck": set(),
-           "problems": []}
+    row = {
+        "workload": workload.name,
+        "kills": 0,
+        "checked": 0,
+        "lost": 0,
+        "umount": set(),
+        "fsck": set(),
+        "problems": [],
+    }
     for _ in range(kills):
         vol.mount()
         stop = threading.Event()
@@ -453,8 +500,11 @@ def main() -> int:
         for name in names:
             rows.append(stress(vol, WORKLOADS[name](work), args.kills, args.max_delay))
             r = rows[-1]
-            print(f"{r['workload']:16} kills {r['kills']:3}  checked {r['checked']:6}  lost {r['lost']:3}  "
-                  f"umount exit {sorted(r['umount'])}  fsck exit {sorted(r['fsck'])}", flush=True)
+            print(
+                f"{r['workload']:16} kills {r['kills']:3}  checked {r['checked']:6}  lost {r['lost']:3}  "
+                f"umount exit {sorted(r['umount'])}  fsck exit {sorted(r['fsck'])}",
+                flush=True,
+            )
             for p in r["problems"][:10]:
                 print(f"    {p}", flush=True)
     finally:

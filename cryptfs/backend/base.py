@@ -10,7 +10,7 @@ import builtins
 from dataclasses import dataclass, field
 from typing import Iterator, Protocol
 
-MAX_OBJECT_SIZE = 5 * 1024 ** 4  # S3's limit for one object; every backend keeps to it
+MAX_OBJECT_SIZE = 5 * 1024**4  # S3's limit for one object; every backend keeps to it
 
 
 @dataclass
@@ -58,19 +58,35 @@ class Backend:
 
     url: str = ""
 
-    def get(self, key: str, start: int = 0, end: int | None = None,
-            if_match: str | None = None) -> tuple[bytes, ObjectInfo]:
+    def get(
+        self, key: str, start: int = 0, end: int | None = None, if_match: str | None = None
+    ) -> tuple[bytes, ObjectInfo]:
         raise NotImplementedError
 
     def head(self, key: str) -> ObjectInfo:
         raise NotImplementedError
 
-    def put(self, key: str, data: bytes, metadata: dict[str, str] | None = None,
-            if_none_match: bool = False, if_match: str | None = None) -> str:
+    def put(
+        self,
+        key: str,
+        data: bytes,
+        metadata: dict[str, str] | None = None,
+        if_none_match: bool = False,
+        if_match: str | None = None,
+    ) -> str:
         raise NotImplementedError
 
-    def upload(self, key: str, stream: Readable, size: int, metadata: dict[str, str] | None = None,
-               if_none_match: bool = False, if_match: str | None = None, progress=None, started=None) -> str:
+    def upload(
+        self,
+        key: str,
+        stream: Readable,
+        size: int,
+        metadata: dict[str, str] | None = None,
+        if_none_match: bool = False,
+        if_match: str | None = None,
+        progress=None,
+        started=None,
+    ) -> str:
         raise NotImplementedError
 
     def copy(self, src: str, dst: str, metadata: dict[str, str], if_match: str | None = None) -> str:

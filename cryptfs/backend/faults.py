@@ -38,7 +38,7 @@ class Rule:
     delay: float = 0.0
     jitter: float = 0.0
     fail_rate: float = 0.0
-    fail_times: int = 0              # fail the next n matching requests
+    fail_times: int = 0  # fail the next n matching requests
     gate: threading.Event | None = None  # cleared: matching requests wait
     pause_file: str | None = None
     arrived_file: str | None = None
@@ -92,11 +92,18 @@ class FaultPlan:
             try:
                 with open(self._path) as f:
                     doc = json.load(f)
-                rules = [Rule(frozenset(r.get("ops", OPS)), delay=float(r.get("delay", 0)),
-                              jitter=float(r.get("jitter", 0)), fail_rate=float(r.get("fail_rate", 0)),
-                              pause_file=r.get("pause_file"), arrived_file=r.get("arrived_file"),
-                              key_contains=r.get("key_contains", ""))
-                         for r in doc.get("rules", [])]
+                rules = [
+                    Rule(
+                        frozenset(r.get("ops", OPS)),
+                        delay=float(r.get("delay", 0)),
+                        jitter=float(r.get("jitter", 0)),
+                        fail_rate=float(r.get("fail_rate", 0)),
+                        pause_file=r.get("pause_file"),
+                        arrived_file=r.get("arrived_file"),
+                        key_contains=r.get("key_contains", ""),
+                    )
+                    for r in doc.get("rules", [])
+                ]
             except (OSError, ValueError, AttributeError) as exc:
                 log.warning("fault rules in %s unreadable: %s", self._path, exc)
                 rules = []
@@ -151,14 +158,14 @@ class FaultyBackend(Backend):
         self.plan.before("put", key)
         return self.inner.put(key, data, metadata, if_none_match, if_match)
 
-    def upload(self, key, stream, size, metadata=None, if_none_match=False, if_match=None, progress=None,
-               started=None):
+    def upload(self, key, stream, size, metadata=None, if_none_match=False, if_match=None, progress=None, started=None):
         self.plan.before("upload", key)
 
         def begun(upload_id):
             if started:
                 started(upload_id)
             self.plan.before("multipart", key)
+
         return self.inner.upload(key, stream, size, metadata, if_none_match, if_match, progress, begun)
 
     def copy(self, src, dst, metadata, if_match=None):

@@ -31,8 +31,7 @@ import threading
 import uuid
 from typing import Iterator
 
-from ..errors import (AccessDenied, BackendError, BucketNotFound, FormatError, NoSpace, NotFound,
-                      PreconditionFailed)
+from ..errors import AccessDenied, BackendError, BucketNotFound, FormatError, NoSpace, NotFound, PreconditionFailed
 from .base import Backend, ObjectInfo, Readable
 
 META_BLOCK = 4096
@@ -82,8 +81,13 @@ class LocalBackend(Backend):
     @staticmethod
     def _info(key: str, st: os.stat_result, meta: dict | None) -> ObjectInfo:
         regular = stat.S_ISREG(st.st_mode) and st.st_size >= META_BLOCK
-        return ObjectInfo(key, st.st_size - META_BLOCK if regular else 0,
-                          f"{st.st_ino:x}-{st.st_mtime_ns:x}-{st.st_size:x}", st.st_mtime, meta)
+        return ObjectInfo(
+            key,
+            st.st_size - META_BLOCK if regular else 0,
+            f"{st.st_ino:x}-{st.st_mtime_ns:x}-{st.st_size:x}",
+            st.st_mtime,
+            meta,
+        )
 
     def _open(self, key: str):
         """The object file under `key`, open for reading, and its metadata."""
@@ -91,8 +95,7 @@ class LocalBackend(Backend):
         try:
             with self._dirs(parts[:-1]) as fds:
                 try:
-                    fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
-                                 dir_fd=fds[-1])
+                    fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=fds[-1])
                 except OSError as exc:
                     if exc.errno != errno.ELOOP:
                         raise
@@ -120,8 +123,7 @@ class LocalBackend(Backend):
                 if not isinstance(meta, dict):
                     raise ValueError("not an object")
             except ValueError:
-                raise FormatError(f"{key}: not an object file of the local backend "
-                                  "(bad metadata block)") from None
+                raise FormatError(f"{key}: not an object file of the local backend (bad metadata block)") from None
             return f, self._info(key, st, meta)
         except BaseException:
             f.close()
@@ -180,8 +182,15 @@ class LocalBackend(Backend):
 
     # ------------------------------------------------------------ writes
 
-    def _store(self, key: str, metadata: dict | None, source: bytes | Readable, if_none_match: bool,
-               if_match: str | None, progress=None) -> str:
+    def _store(
+        self,
+        key: str,
+        metadata: dict | None,
+        source: bytes | Readable,
+        if_none_match: bool,
+        if_match: str | None,
+        progress=None,
+    ) -> str:
         parts = self._parts(key)
         meta_raw = json.dumps(metadata or {}).encode()
         if len(meta_raw) > META_BLOCK:
@@ -191,8 +200,9 @@ class LocalBackend(Backend):
             with contextlib.ExitStack() as stack:
                 with self._lock:  # a listing never sees the new directories empty
                     dir_fd = stack.enter_context(self._dirs(parts[:-1], create=True))[-1]
-                    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                                 0o666, dir_fd=dir_fd)
+                    fd = os.open(
+                        tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666, dir_fd=dir_fd
+                    )
                 stack.callback(_unlink, tmp, dir_fd)
                 with os.fdopen(fd, "wb") as f:
                     f.write(meta_raw.ljust(META_BLOCK, b" "))
@@ -211,12 +221,12 @@ class LocalBackend(Backend):
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise NoSpace(f"no space left in {self.root}") from None
             if exc.errno in (errno.ENOTDIR, errno.ELOOP):
-                raise BackendError(f"writing {key}: a path component is not a directory "
-                                   "(symlinks are never followed)") from None
+                raise BackendError(
+                    f"writing {key}: a path component is not a directory (symlinks are never followed)"
+                ) from None
             raise BackendError(f"writing {key}: {exc}") from None
 
-    def _commit(self, key: str, dir_fd: int, tmp: str, name: str, if_none_match: bool,
-                if_match: str | None) -> str:
+    def _commit(self, key: str, dir_fd: int, tmp: str, name: str, if_none_match: bool, if_match: str | None) -> str:
         """Put the written temp file in place (with _lock held); returns the new ETag."""
         if if_match is not None:
             fcntl.flock(dir_fd, fcntl.LOCK_EX)  # released when the caller closes dir_fd
@@ -239,8 +249,9 @@ class LocalBackend(Backend):
     def put(self, key, data, metadata=None, if_none_match=False, if_match=None):
         return self._store(key, metadata, bytes(data), if_none_match, if_match)
 
-    def upload(self, key, stream, size, metadata=None, if_none_match=False, if_match=None, progress=None,
-               started=None):  # one temporary file renamed into place: nothing to abort
+    def upload(
+        self, key, stream, size, metadata=None, if_none_match=False, if_match=None, progress=None, started=None
+    ):  # one temporary file renamed into place: nothing to abort
         return self._store(key, metadata, stream, if_none_match, if_match, progress)
 
     def copy(self, src, dst, metadata, if_match=None):

@@ -16,8 +16,15 @@ import boto3
 import botocore.config
 import botocore.exceptions
 
-from ..errors import (AccessDenied, BackendError, BucketNotFound, NoCredentials, NotFound,
-                      PreconditionFailed, Unreachable)
+from ..errors import (
+    AccessDenied,
+    BackendError,
+    BucketNotFound,
+    NoCredentials,
+    NotFound,
+    PreconditionFailed,
+    Unreachable,
+)
 from .base import Backend, ObjectInfo, PendingUpload, read_exact
 
 log = logging.getLogger(__name__)
@@ -25,8 +32,8 @@ log = logging.getLogger(__name__)
 PART_SIZE = 8 * 1024 * 1024
 PARTS_IN_FLIGHT = 4
 MAX_PARTS = 10000
-COPY_LIMIT = 5 * 1024 ** 3  # larger objects are copied in parts
-COPY_PART = 1024 ** 3
+COPY_LIMIT = 5 * 1024**3  # larger objects are copied in parts
+COPY_PART = 1024**3
 
 
 BOTO_ERRORS = (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError)
@@ -39,11 +46,18 @@ class RangeNotSatisfiable(BackendError):
 def _translate(exc: Exception, what: str) -> Exception:
     """A cryptfs error for a botocore error, named after what we were doing."""
     if isinstance(exc, botocore.exceptions.NoCredentialsError):
-        return NoCredentials("no AWS credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
-                             "a profile with --profile, or an instance role)")
-    if isinstance(exc, (botocore.exceptions.EndpointConnectionError,
-                        botocore.exceptions.ConnectTimeoutError,
-                        botocore.exceptions.ConnectionClosedError)):
+        return NoCredentials(
+            "no AWS credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+            "a profile with --profile, or an instance role)"
+        )
+    if isinstance(
+        exc,
+        (
+            botocore.exceptions.EndpointConnectionError,
+            botocore.exceptions.ConnectTimeoutError,
+            botocore.exceptions.ConnectionClosedError,
+        ),
+    ):
         return Unreachable(f"cannot reach the S3 endpoint ({exc})")
     if isinstance(exc, botocore.exceptions.ClientError):
         err = exc.response.get("Error", {})
@@ -74,9 +88,18 @@ def _server_time(resp: dict) -> float | None:
 
 
 class S3Backend(Backend):
-    def __init__(self, bucket: str, endpoint_url: str | None = None, region: str | None = None,
-                 profile: str | None = None, path_style: bool = False, verify_tls: bool = True,
-                 retry_mode: str = "standard", max_attempts: int = 5, workers: int = 8):
+    def __init__(
+        self,
+        bucket: str,
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        profile: str | None = None,
+        path_style: bool = False,
+        verify_tls: bool = True,
+        retry_mode: str = "standard",
+        max_attempts: int = 5,
+        workers: int = 8,
+    ):
         self.bucket = bucket
         self.url = f"s3://{bucket}"
         self.workers = workers
@@ -88,12 +111,15 @@ class S3Backend(Backend):
             retries={"mode": retry_mode, "max_attempts": max_attempts},
             s3={"addressing_style": "path" if path_style else "auto"},
             max_pool_connections=max(16, workers * 2),
-            connect_timeout=10, read_timeout=60,
+            connect_timeout=10,
+            read_timeout=60,
             request_checksum_calculation="when_required",
-            response_checksum_validation="when_required")
+            response_checksum_validation="when_required",
+        )
         try:
-            self.client = session.client("s3", endpoint_url=endpoint_url, region_name=region or "us-east-1",
-                                         verify=verify_tls, config=config)
+            self.client = session.client(
+                "s3", endpoint_url=endpoint_url, region_name=region or "us-east-1", verify=verify_tls, config=config
+            )
         except botocore.exceptions.ProfileNotFound as exc:
             raise NoCredentials(str(exc)) from None
         self._pool = cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="s3-part")
@@ -113,8 +139,9 @@ class S3Backend(Backend):
     @staticmethod
     def _info(key: str, resp: dict, size: int) -> ObjectInfo:
         lm = resp.get("LastModified")
-        return ObjectInfo(key, size, resp.get("ETag", ""), lm.timestamp() if lm else 0.0,
-                          resp.get("Metadata"), _server_time(resp))
+        return ObjectInfo(
+            key, size, resp.get("ETag", ""), lm.timestamp() if lm else 0.0, resp.get("Metadata"), _server_time(resp)
+        )
 
     def head(self, key):
         resp = self._call(key, self.client.head_object, Key=key)
@@ -152,8 +179,7 @@ class S3Backend(Backend):
             kwargs["IfMatch"] = if_match
         return self._call(key, self.client.put_object, **kwargs)["ETag"]
 
-    def upload(self, key, stream, size, metadata=None, if_none_match=False, if_match=None, progress=None,
-               started=None):
+    def upload(self, key, stream, size, metadata=None, if_none_match=False, if_match=None, progress=None, started=None):
         part = max(PART_SIZE, -(-size // MAX_PARTS))
         if size <= part:
             data = read_exact(stream, size)
@@ -161,8 +187,7 @@ class S3Backend(Backend):
             if progress:
                 progress(len(data))
             return etag
-        upload_id = self._call(key, self.client.create_multipart_upload, Key=key,
-                               Metadata=metadata or {})["UploadId"]
+        upload_id = self._call(key, self.client.create_multipart_upload, Key=key, Metadata=metadata or {})["UploadId"]
         try:
             if started:
                 started(upload_id)
@@ -184,8 +209,9 @@ class S3Backend(Backend):
 
         def send(number: int, data: bytes) -> dict:
             try:
-                resp = self._call(key, self.client.upload_part, Key=key, UploadId=upload_id,
-                                  PartNumber=number, Body=data)
+                resp = self._call(
+                    key, self.client.upload_part, Key=key, UploadId=upload_id, PartNumber=number, Body=data
+                )
                 if progress:
                     progress(len(data))
                 return {"PartNumber": number, "ETag": resp["ETag"]}
@@ -216,18 +242,29 @@ class S3Backend(Backend):
             return self._call(f"copy {src}", self.client.copy_object, **kwargs)["CopyObjectResult"]["ETag"]
         upload_id = self._call(dst, self.client.create_multipart_upload, Key=dst, Metadata=metadata)["UploadId"]
         try:
+
             def send(number: int, start: int) -> dict:
-                kwargs = {"Key": dst, "UploadId": upload_id, "PartNumber": number, "CopySource": source,
-                          "CopySourceRange": f"bytes={start}-{min(start + COPY_PART, size) - 1}"}
+                kwargs = {
+                    "Key": dst,
+                    "UploadId": upload_id,
+                    "PartNumber": number,
+                    "CopySource": source,
+                    "CopySourceRange": f"bytes={start}-{min(start + COPY_PART, size) - 1}",
+                }
                 if if_match is not None:
                     kwargs["CopySourceIfMatch"] = if_match
                 resp = self._call(f"copy {src}", self.client.upload_part_copy, **kwargs)
                 return {"PartNumber": number, "ETag": resp["CopyPartResult"]["ETag"]}
-            futures = [self._pool.submit(send, i + 1, start)
-                       for i, start in enumerate(range(0, size, COPY_PART))]
+
+            futures = [self._pool.submit(send, i + 1, start) for i, start in enumerate(range(0, size, COPY_PART))]
             parts = [f.result() for f in futures]
-            return self._call(dst, self.client.complete_multipart_upload, Key=dst, UploadId=upload_id,
-                              MultipartUpload={"Parts": parts})["ETag"]
+            return self._call(
+                dst,
+                self.client.complete_multipart_upload,
+                Key=dst,
+                UploadId=upload_id,
+                MultipartUpload={"Parts": parts},
+            )["ETag"]
         except BaseException:
             self._abort_quietly(dst, upload_id)
             raise
@@ -243,23 +280,25 @@ class S3Backend(Backend):
         try:
             for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
                 for obj in page.get("Contents", []):
-                    yield ObjectInfo(obj["Key"], obj["Size"], obj["ETag"],
-                                     obj["LastModified"].timestamp(), None)
+                    yield ObjectInfo(obj["Key"], obj["Size"], obj["ETag"], obj["LastModified"].timestamp(), None)
         except BOTO_ERRORS as exc:
             raise _translate(exc, f"list {prefix or '/'}") from None
 
     def pending_uploads(self, prefix):
         resp = self._call("list uploads", self.client.list_multipart_uploads, Prefix=prefix)
-        return [PendingUpload(u["Key"], u["UploadId"], u["Initiated"].timestamp())
-                for u in resp.get("Uploads", [])]
+        return [PendingUpload(u["Key"], u["UploadId"], u["Initiated"].timestamp()) for u in resp.get("Uploads", [])]
 
     def _abort_quietly(self, key: str, upload_id: str) -> None:
         """After a failed multipart upload: abort it, or say that it stays behind."""
         try:
             self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
         except BOTO_ERRORS as exc:
-            log.warning("%s: multipart upload %s not aborted (%s); the next attempt or fsck --repair "
-                        "aborts it", key, upload_id, exc)
+            log.warning(
+                "%s: multipart upload %s not aborted (%s); the next attempt or fsck --repair aborts it",
+                key,
+                upload_id,
+                exc,
+            )
 
     def abort_upload(self, upload):
         self._call(upload.key, self.client.abort_multipart_upload, Key=upload.key, UploadId=upload.upload_id)
