@@ -396,8 +396,9 @@ class Volume:
     def mount(self):
         self.cli("mount", self.url, self.mnt, "--cache-dir", self.cache, "--writeback-delay", "0.3")
 
-    def pid(self) -> int:
-        want = self.mnt.encode()
+    def pids(self) -> list[int]:
+        """Every mount process of this mountpoint (by its command line)."""
+        want, found = self.mnt.encode(), []
         for name in os.listdir("/proc"):
             if name.isdigit():
                 try:
@@ -405,17 +406,29 @@ class Volume:
                 except OSError:
                     continue
                 if b"cryptfs" in args and b"mount" in args and want in args:
-                    return int(name)
-        raise SystemExit("mount process not found")
+                    found.append(int(name))
+        return found
 
     def kill(self):
-        pid = self.pid()
-        os.kill(pid, signal.SIGKILL)
-        for _ in range(200):
-            if not os.path.exists(f"/proc/{pid}") or read(f"/proc/{pid}/stat").split(b") ")[1][:1] == b"Z":
-                break
-            time.sleep(0.05)
-        subprocess.run(["fusermount3", "-uz", self.mnt], check=False, capture_output=True)
+        pids = self.pids()
+        if not pids:
+            raise SystemExit("mount process not found")
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        self._detach(pids)
+
+    def _detach(self, pids):
+        """Wait for killed mount processes to go, and take the dead mount off its mountpoint."""
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            subprocess.run(["fusermount3", "-uz", self.mnt], check=False, capture_output=True)
+            alive = [
+                p for p in pids if os.path.exists(f"/proc/{p}") and read(f"/proc/{p}/stat").split(b") ")[1][:1] != b"Z"
+            ]
+            if not alive and not os.path.ismount(self.mnt):
+                return
+            time.sleep(0.1)
+        raise SystemExit(f"mount processes {pids} did not go, or {self.mnt} stayed mounted")
 
     def umount(self) -> int:
         return self.cli("umount", self.mnt, "--timeout", "300", check=False).returncode
@@ -427,6 +440,11 @@ class Volume:
     def close(self):
         if os.path.ismount(self.mnt):
             self.cli("umount", self.mnt, "--timeout", "120", check=False)
+        left = self.pids()
+        for pid in left:  # ours, by pid: nothing outlives the run
+            os.kill(pid, signal.SIGKILL)
+        if left or os.path.ismount(self.mnt):
+            self._detach(left)
         if self.server is not None:
             self.server.terminate()
             self.server.wait(10)
