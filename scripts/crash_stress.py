@@ -381,9 +381,10 @@ class Volume:
         os.makedirs(self.mnt)
         self.cli("init", self.url, "--rsa-bits", "2048")
 
-    def cli(self, *args, check=True) -> subprocess.CompletedProcess:
+    def cli(self, *args, check=True, volume=True) -> subprocess.CompletedProcess:
+        """`cryptfs *args`; commands that open the volume get its endpoint too."""
         proc = subprocess.run(
-            [sys.executable, "-m", "cryptfs", *args, *self.args],
+            [sys.executable, "-m", "cryptfs", *args, *(self.args if volume else [])],
             env=self.env,
             capture_output=True,
             text=True,
@@ -431,7 +432,10 @@ class Volume:
         raise SystemExit(f"mount processes {pids} did not go, or {self.mnt} stayed mounted")
 
     def umount(self) -> int:
-        return self.cli("umount", self.mnt, "--timeout", "300", check=False).returncode
+        proc = self.cli("umount", self.mnt, "--timeout", "300", check=False, volume=False)
+        if proc.returncode:
+            print(f"    umount exited {proc.returncode}: {proc.stderr.strip()}", flush=True)
+        return proc.returncode
 
     def fsck(self) -> tuple[int, list[str]]:
         proc = self.cli("fsck", self.url, check=False)
@@ -439,7 +443,7 @@ class Volume:
 
     def close(self):
         if os.path.ismount(self.mnt):
-            self.cli("umount", self.mnt, "--timeout", "120", check=False)
+            self.cli("umount", self.mnt, "--timeout", "120", check=False, volume=False)
         left = self.pids()
         for pid in left:  # ours, by pid: nothing outlives the run
             os.kill(pid, signal.SIGKILL)
