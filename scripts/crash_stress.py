@@ -488,8 +488,8 @@ def stress(vol: Volume, workload, kills: int, max_delay: float) -> dict:
         runner = threading.Thread(target=workload.run, args=(vol.mnt, stop), daemon=True)
         runner.start()
         time.sleep(random.uniform(0.2, max_delay))
+        stop.set()  # first: a workload must not start writing into the bare mountpoint after the kill
         vol.kill()
-        stop.set()
         runner.join(60)
         row["kills"] += 1
         vol.mount()
