@@ -410,15 +410,15 @@ class Volume:
                     found.append(int(name))
         return found
 
-    def kill(self):
+    def kill(self) -> list[int]:
         pids = self.pids()
         if not pids:
             raise SystemExit("mount process not found")
         for pid in pids:
             os.kill(pid, signal.SIGKILL)
-        self._detach(pids)
+        return pids
 
-    def _detach(self, pids):
+    def detach(self, pids):
         """Wait for killed mount processes to go, and take the dead mount off its mountpoint."""
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -448,7 +448,7 @@ class Volume:
         for pid in left:  # ours, by pid: nothing outlives the run
             os.kill(pid, signal.SIGKILL)
         if left or os.path.ismount(self.mnt):
-            self._detach(left)
+            self.detach(left)
         if self.server is not None:
             self.server.terminate()
             self.server.wait(10)
@@ -488,9 +488,10 @@ def stress(vol: Volume, workload, kills: int, max_delay: float) -> dict:
         runner = threading.Thread(target=workload.run, args=(vol.mnt, stop), daemon=True)
         runner.start()
         time.sleep(random.uniform(0.2, max_delay))
-        stop.set()  # first: a workload must not start writing into the bare mountpoint after the kill
-        vol.kill()
-        runner.join(60)
+        pids = vol.kill()
+        stop.set()
+        runner.join(60)  # the dead mount answers ENOTCONN: the workload ends before the mountpoint is bare
+        vol.detach(pids)
         row["kills"] += 1
         vol.mount()
         checked, problems = workload.check(vol.mnt)
