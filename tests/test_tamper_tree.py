@@ -50,7 +50,8 @@ def test_swapped_directory_entry_body(volume_factory, volume_kind, tmp_path):
 
     problems = [(kind, where) for kind, where, _ in ref.fsck().problems]
     assert problems[0] == ("metadata", "/d1"), problems
-    assert {kind for kind, _ in problems[1:]} == {"foreign"}, problems  # d1's subtree is unreachable
+    # d1's directory is unreachable now: an orphan (its back-pointer proves it ours)
+    assert [kind for kind, _ in problems[1:]] == ["orphan-directory"], problems
     assert run_cli("get", ref.path("d1/f"), str(tmp_path / "out"), *ref.args).returncode == 5
     listing = run_cli("ls", "-l", ref.path(""), *ref.args)
     assert listing.returncode == 0 and "d2" in listing.stdout and "d1" not in listing.stdout, listing
