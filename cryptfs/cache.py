@@ -29,11 +29,6 @@ class BlockCache:
             if len(block) <= self._lru.maxsize:
                 self._lru[key] = block
 
-    def drop_file(self, file_id: bytes) -> None:
-        with self._lock:
-            for key in [k for k in self._lru if k[0] == file_id]:
-                del self._lru[key]
-
 
 class DiskCache:
     """Ciphertext chunks on local disk, bounded by total bytes, least recently used evicted.

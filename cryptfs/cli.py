@@ -8,17 +8,20 @@ import os
 import stat
 import sys
 
-from . import __version__, config, fsck, transfer, volume
+from . import __version__, config, fsck, keys, lease, localstate, logs, transfer, volume
 from . import format as fmt
-from .errors import (EXIT_INTEGRITY, EXIT_OK, EXIT_USAGE, CryptfsError, IsADirectory, NotFound,
-                     UsageError)
+from .errors import (EXIT_INTEGRITY, EXIT_OK, EXIT_USAGE, CryptfsError, InUse, IntegrityError, IsADirectory,
+                     NotFound, UsageError)
 from .store import Store, default_attrs
 from .target import Target, for_init, locate
 
 EPILOG = """\
-Exit codes: 0 ok, 1 other error, 2 usage, 3 wrong passphrase or key mismatch, 4 not found,
-5 integrity (tampered/foreign data; fsck found problems), 6 endpoint unreachable,
-7 no credentials or access denied, 8 already exists, 9 local disk full.
+Exit codes: 0 ok, 1 other error, 2 usage (bad option or value, missing local file, local
+state another user owns or can write), 3 wrong passphrase or key mismatch, 4 not found,
+5 integrity (tampered/foreign data; fsck found problems; decrypt could not restore some
+files), 6 endpoint unreachable, 7 no credentials or access denied, 8 already exists,
+9 local disk full, 10 in use (another read-write mount holds the volume's lease, or the
+cache directory is in use).
 
 The passphrase comes from $CRYPTFS_PASSPHRASE, --passphrase-file, or a prompt; never from
 an argument. AWS credentials come from boto3's usual chain (environment, --profile, role).
@@ -31,8 +34,11 @@ def read_passphrase(args, prompt: str = "Passphrase: ", confirm: bool = False, e
                     file_arg: str = "passphrase_file") -> bytes:
     path = getattr(args, file_arg, None)
     if path:
-        with open(path, "rb") as f:
-            value = f.read().rstrip(b"\r\n")
+        try:
+            with open(path, "rb") as f:
+                value = f.read().rstrip(b"\r\n")
+        except OSError as exc:
+            raise UsageError(f"cannot read --{file_arg.replace('_', '-')} {path}: {exc.strerror}") from None
     elif os.environ.get(env) is not None:
         value = os.environ[env].encode()
     elif sys.stdin.isatty():
@@ -80,12 +86,20 @@ def show(parts: list[bytes]) -> str:
     return "/" + b"/".join(parts).decode(errors="replace")
 
 
+def local_destination(dest: str) -> str:
+    """`dest` when its directory exists; a missing one is a mistake on the command line."""
+    parent = os.path.dirname(os.path.abspath(dest))
+    if not os.path.isdir(parent):
+        raise UsageError(f"destination directory {parent} does not exist")
+    return dest
+
+
 # ---------------------------------------------------------------- commands
 
 def cmd_init(args) -> int:
     url, settings = settings_of(args)
-    backend, prefix = for_init(url, settings)
     passphrase = read_passphrase(args, "New passphrase: ", confirm=True)
+    backend, prefix = for_init(url, settings)
     vol = volume.create(backend, prefix, passphrase, block_size=args.block_size, rsa_bits=args.rsa_bits)
     Store(vol).init_root(default_attrs(stat.S_IFDIR | 0o755))
     print(f"Created cryptfs volume {vol.url}")
@@ -109,6 +123,7 @@ def cmd_info(args) -> int:
     print(f"key derivation: scrypt N={body['owner_private_key']['n']} r={body['owner_private_key']['r']}")
     for r in body["recipients"]:
         print(f"recipient:     {r['name']} {r['fingerprint']}")
+    print(f"lease:         {lease.describe(*lease.read(store))}")
     return EXIT_OK
 
 
@@ -153,6 +168,9 @@ def _names_only(store, directory):
 
 
 def cmd_put(args) -> int:
+    for src in args.sources:
+        if not os.path.lexists(src):
+            raise UsageError(f"{src}: no such file or directory")
     store, target = open_target(args)
     try:
         dest = store.resolve(target.parts)
@@ -174,12 +192,12 @@ def cmd_put(args) -> int:
 
 
 def cmd_get(args) -> int:
+    dest = local_destination(args.dest)
     store, target = open_target(args)
     entry = store.resolve(target.parts)
-    dest = args.dest
     if os.path.isdir(dest) and not entry.is_dir:
         dest = os.path.join(dest, os.fsdecode(entry.name))
-    transfer.get_entry(store, entry, dest, args.quiet)
+    transfer.get_entry(store, entry, dest, show(target.parts), args.quiet)
     return EXIT_OK
 
 
@@ -189,8 +207,11 @@ def cmd_cat(args) -> int:
     if entry.is_dir:
         raise IsADirectory(f"{show(target.parts)} is a directory")
     out = sys.stdout.buffer
-    for chunk in store.iter_plain(entry):
-        out.write(chunk)
+    try:
+        for chunk in store.iter_plain(entry):
+            out.write(chunk)
+    except CryptfsError as exc:
+        raise exc.about(show(target.parts)) from None
     out.flush()
     return EXIT_OK
 
@@ -281,29 +302,43 @@ def _is_inside(store: Store, parent, moved) -> bool:
             return True
         if dir_id == fmt.ROOT_DIR_ID:
             return False
-        raw, _ = store.backend.get(store.abs_key(store.backptr_key(dir_id)))
-        dir_id, _ = fmt.decrypt_backptr(store.vk, dir_id, raw)
+        loc = store.read_backptr(dir_id)
+        if loc is None:
+            raise NotFound("a directory on the way to the root has no back-pointer (run fsck)")
+        dir_id = loc[0]
     return True
 
 
 def cmd_decrypt(args) -> int:
+    local_destination(args.dest)
     store, target = open_target(args)
     entry = store.resolve(target.parts)
-    written = transfer.get_entry(store, entry, args.dest, args.quiet, resume=True)
+    done = transfer.Restored()
+    transfer.get_entry(store, entry, args.dest, show(target.parts), args.quiet, done)
     if not args.quiet:
-        print(f"{written} file(s) written to {args.dest} (unchanged files skipped)", file=sys.stderr)
+        print(f"cryptfs: {done.written} file(s) written to {args.dest} (unchanged files skipped)",
+              file=sys.stderr)
+    for where, exc in sorted(done.failed, key=lambda failure: failure[0]):
+        print(f"cryptfs: not restored: {where}: {exc}", file=sys.stderr)
+    if done.failed:
+        raise IntegrityError(f"{len(done.failed)} file(s) could not be restored (listed above); "
+                             "the rest is restored, and a rerun retries only those")
     return EXIT_OK
 
 
 def cmd_fsck(args) -> int:
     store, _ = open_target(args)
+    if args.repair or args.abort_uploads:
+        held, info = lease.read(store)
+        if held is not None and held.state == "held" and not lease.expired(held, info):
+            raise InUse(f"not repairing while the volume is mounted read-write: lease {lease.describe(held, info)}")
     report = fsck.check(store, repair=args.repair, abort_uploads=args.abort_uploads)
     for kind, where, detail in report.problems:
         print(f"{kind}: {where}: {detail}")
     for line in report.repaired:
         print(f"repaired: {line}")
     print(f"{report.directories} directories, {report.files} files, {report.bytes} bytes checked; "
-          f"{len(report.problems)} problem(s), {len(report.repaired)} repaired")
+          f"{len(report.problems)} problem(s)" + (f", {len(report.repaired)} repaired" if args.repair else ""))
     if args.repair and report.problems and len(report.repaired) == len(report.problems):
         return EXIT_OK  # everything found was repaired
     return EXIT_OK if report.clean else EXIT_INTEGRITY
@@ -321,23 +356,22 @@ def cmd_passwd(args) -> int:
 def cmd_mount(args) -> int:
     from . import mount
     _, settings = settings_of(args)
-    for name in ("cache_dir", "writeback_delay", "fsync", "attr_ttl"):
+    for name in ("cache_dir", "writeback_delay", "fsync", "attr_ttl", "lease_duration"):
         if getattr(args, name) is not None:
             setattr(settings, name, getattr(args, name))
     options = mount.parse_options(args.options or [])
+    if "debug" in options and not args.log_names:
+        raise UsageError("-o debug logs every file name in plaintext; add --log-names to allow that")
     mountpoint = mount.check_mountpoint(args.mountpoint, nonempty=bool(options.get("nonempty")))
     store, target = open_target(args)
     if target.parts:
         raise UsageError("mount the volume root (a URL without a path inside the volume)")
     if options.get("allow_other"):
         options["default_permissions"] = True
-    from .namespace import cache_root
-    root = cache_root(store.vol.volume_id, settings.cache_dir)
-    os.makedirs(root, mode=0o700, exist_ok=True)
-    logging.getLogger().setLevel(logging.DEBUG if args.verbose else logging.INFO)
-    logging.getLogger("botocore").setLevel(logging.WARNING if args.verbose else logging.CRITICAL)
+    root = localstate.cache_dir(store.vol.volume_id, settings.cache_dir)
+    logs.configure(args.verbose, args.log_names, logging.INFO)
     code = mount.daemonize_and_run(store, settings, mountpoint, options, args.foreground,
-                                   os.path.join(root, "mount.log"))
+                                   os.path.join(root, "mount.log"), break_lease=args.break_lease)
     if code == 0 and not args.foreground and not args.quiet:
         print(f"Mounted {store.vol.url} on {mountpoint}", file=sys.stderr)
     return code
@@ -350,8 +384,33 @@ def cmd_umount(args) -> int:
 
 # ---------------------------------------------------------------- parser
 
+class Parser(argparse.ArgumentParser):
+    """A command-line mistake is one line and the usage exit code, like every other error."""
+
+    def error(self, message):
+        print(f"cryptfs: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def number(kind: type, low: float, high: float | None, flag: str):
+    """An argparse type: a number in [low, high]; out of range is a UsageError naming the flag."""
+    return lambda text: config.parse_number(text, kind, low, high, flag)
+
+
+def setting(name: str):
+    """An argparse type for a flag that overrides the config setting `name`, checked alike."""
+    return number(*config.NUMBERS[name], "--" + name.replace("_", "-"))
+
+
+def block_size(text: str) -> int:
+    size = config.parse_number(text, int, 1 << 12, 1 << 24, "--block-size")
+    if size & (size - 1):
+        raise UsageError(f"--block-size must be a power of two from 4096 to 16777216, not {size}")
+    return size
+
+
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = Parser(add_help=False)
     g = common.add_argument_group("volume access")
     g.add_argument("--config", metavar="FILE", help="YAML config with named volumes "
                    "(default $CRYPTFS_CONFIG or ~/.config/cryptfs/config.yaml)")
@@ -365,8 +424,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--owner-fingerprint", metavar="FP", help="refuse a volume signed by another owner key")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     g.add_argument("-v", "--verbose", action="store_true", help="log details to stderr")
+    g.add_argument("--log-names", action="store_true", help="let plaintext file names into log "
+                   "records, for debugging (they are left out otherwise, at every level)")
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="cryptfs", description="End-to-end encrypted files on S3 or a local directory.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"cryptfs {__version__}")
@@ -383,8 +444,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("init", cmd_init, "create a volume (asks the new passphrase twice)",
             "cryptfs init s3://my-bucket/vault --endpoint-url http://127.0.0.1:9000")
     p.add_argument("url", help="where the volume goes: s3://bucket[/prefix] or file:///dir")
-    p.add_argument("--block-size", type=int, default=fmt.DEFAULT_BLOCK_SIZE, help="plaintext block size (64 KiB)")
-    p.add_argument("--rsa-bits", type=int, default=3072, help="RSA key size (at least 2048; default 3072)")
+    p.add_argument("--block-size", type=block_size, default=fmt.DEFAULT_BLOCK_SIZE,
+                   help="plaintext block size: a power of two from 4 KiB to 16 MiB (default 64 KiB)")
+    p.add_argument("--rsa-bits", type=number(int, keys.MIN_RSA_BITS, keys.MAX_RSA_BITS, "--rsa-bits"),
+                   default=keys.DEFAULT_RSA_BITS,
+                   help=f"RSA key size, {keys.MIN_RSA_BITS} to {keys.MAX_RSA_BITS} (default {keys.DEFAULT_RSA_BITS})")
 
     p = add("info", cmd_info, "show a volume's keys, format and settings", "cryptfs info s3://my-bucket/vault")
     p.add_argument("url", help=url_help)
@@ -451,18 +515,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mount options: ro, allow_other, nonempty, and other FUSE options")
     p.add_argument("--cache-dir", help="local cache, staging and journal directory "
                    "(default ~/.cache/cryptfs/<volume id>)")
-    p.add_argument("--writeback-delay", type=float, help="seconds after close before uploading (default 2)")
+    p.add_argument("--writeback-delay", type=setting("writeback_delay"),
+                   help="seconds after close before uploading (default 2)")
     p.add_argument("--fsync", choices=["upload", "journal"],
                    help="what fsync waits for: the upload to S3 (default) or the local journal")
-    p.add_argument("--attr-ttl", type=float, help="seconds listings and attributes are trusted (default 5)")
+    p.add_argument("--attr-ttl", type=setting("attr_ttl"),
+                   help="seconds listings and attributes are trusted (default 5)")
+    p.add_argument("--lease-duration", type=setting("lease_duration"), metavar="S",
+                   help="seconds the read-write lease lasts unrenewed (default 60, renewed every third; at least 3)")
+    p.add_argument("--break-lease", action="store_true",
+                   help="take the volume's lease even from a live holder: if that mount still runs, both may "
+                   "write until its next renewal; its pending uploads are not replayed")
 
     p = sub.add_parser("umount", help="unmount, waiting until pending uploads are done",
                        description="unmount, waiting until pending uploads are done",
                        epilog="example:\n  cryptfs umount ~/secure",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.set_defaults(func=cmd_umount, verbose=False)
+    p.set_defaults(func=cmd_umount, verbose=False, log_names=False)
     p.add_argument("mountpoint")
-    p.add_argument("--timeout", type=float, help="give up waiting after this many seconds")
+    p.add_argument("--timeout", type=number(float, 0, None, "--timeout"),
+                   help="give up waiting after this many seconds")
     return parser
 
 
@@ -472,10 +544,10 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:
         return int(exc.code or 0) and EXIT_USAGE
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="cryptfs: %(levelname)s: %(message)s")
-    if not args.verbose:
-        logging.getLogger("botocore").setLevel(logging.CRITICAL)
+    except UsageError as exc:   # a value the type check of its flag refused
+        print(f"cryptfs: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    logs.configure(args.verbose, args.log_names)
     try:
         return args.func(args)
     except CryptfsError as exc:

@@ -4,6 +4,7 @@ Locations: --config FILE, else $CRYPTFS_CONFIG, else ~/.config/cryptfs/config.ya
 AWS credentials are never read from here: boto3's own chain (env, profile, role) supplies them.
 """
 
+import math
 import os
 from dataclasses import dataclass, fields
 
@@ -29,10 +30,53 @@ class VolumeSettings:
     writeback_delay: float = 2.0          # seconds after close before the upload starts
     fsync: str = "upload"                 # "upload": durable in S3; "journal": durable locally
     attr_ttl: float = 5.0                 # seconds a cached listing or attribute is trusted
+    lease_duration: float = 60.0          # seconds a read-write mount's lease lasts unrenewed
     workers: int = 8
 
 
 FIELDS = {f.name for f in fields(VolumeSettings)}
+# (type, lowest, highest or None) of each number, and the words a choice may be
+NUMBERS = {"max_attempts": (int, 1, 100), "workers": (int, 1, 256), "cache_size_mb": (int, 0, None),
+           "memory_cache_mb": (int, 0, None), "writeback_delay": (float, 0, 86400), "attr_ttl": (float, 0, None),
+           "lease_duration": (float, 3, 86400)}
+CHOICES = {"retry_mode": ("standard", "adaptive"), "fsync": ("upload", "journal")}
+SWITCHES = {"path_style", "verify_tls"}
+
+
+def check_number(value, kind: type, low: float, high: float | None, what: str):
+    """`value` as a `kind` in [low, high]; UsageError saying what `what` must be."""
+    ok = isinstance(value, int if kind is int else (int, float)) and not isinstance(value, bool) \
+        and math.isfinite(value) and value >= low and (high is None or value <= high)
+    if not ok:
+        noun = "a whole number" if kind is int else "a number"
+        bounds = f"from {low}" + (f" to {high}" if high is not None else "")
+        raise UsageError(f"{what} must be {noun} {bounds}, not {value!r}")
+    return kind(value)
+
+
+def parse_number(text: str, kind: type, low: float, high: float | None, what: str):
+    """A number given on the command line, checked like check_number."""
+    try:
+        value = kind(text)
+    except ValueError:
+        value = text
+    return check_number(value, kind, low, high, what)
+
+
+def check(name: str, value, what: str | None = None):
+    """The value of setting `name`, or UsageError saying what it must be (`what` names it)."""
+    what = what or name
+    if name in NUMBERS:
+        return check_number(value, *NUMBERS[name], what)
+    if name in CHOICES:
+        if value not in CHOICES[name]:
+            raise UsageError(f"{what} must be {' or '.join(CHOICES[name])}, not {value!r}")
+    elif name in SWITCHES:
+        if not isinstance(value, bool):
+            raise UsageError(f"{what} must be true or false, not {value!r}")
+    elif not (isinstance(value, str) and value) and not (value is None and name != "url"):
+        raise UsageError(f"{what} must be a non-empty string, not {value!r}")
+    return value
 
 
 def default_path() -> str | None:
@@ -50,9 +94,11 @@ def load(path: str | None) -> dict[str, VolumeSettings]:
     except FileNotFoundError:
         raise UsageError(f"config file {path} not found") from None
     except yaml.YAMLError as exc:
-        raise UsageError(f"config file {path} is not valid YAML: {exc}") from None
-    if not isinstance(doc, dict) or set(doc) - {"volumes"}:
-        raise UsageError(f"{path}: the top level holds only 'volumes'")
+        raise UsageError(f"config file {path} is not valid YAML: {' '.join(str(exc).split())}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"config file {path} cannot be read: {getattr(exc, 'strerror', None) or exc}") from None
+    if not isinstance(doc, dict) or set(doc) - {"volumes"} or not isinstance(doc.get("volumes") or {}, dict):
+        raise UsageError(f"{path}: the top level holds only 'volumes', a mapping of names to volumes")
     out = {}
     for name, entry in (doc.get("volumes") or {}).items():
         if not isinstance(entry, dict) or "url" not in entry:
@@ -60,9 +106,8 @@ def load(path: str | None) -> dict[str, VolumeSettings]:
         unknown = set(entry) - FIELDS
         if unknown:
             raise UsageError(f"{path}: volume {name!r} has unknown keys: {', '.join(sorted(unknown))}")
-        if entry.get("fsync", "upload") not in ("upload", "journal"):
-            raise UsageError(f"{path}: volume {name!r}: fsync is 'upload' or 'journal'")
-        out[str(name)] = VolumeSettings(**entry)
+        out[str(name)] = VolumeSettings(**{key: check(key, value, f"{path}: volume {name!r}: {key}")
+                                           for key, value in entry.items()})
     return out
 
 

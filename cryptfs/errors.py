@@ -13,12 +13,19 @@ EXIT_NETWORK = 6        # endpoint unreachable
 EXIT_ACCESS = 7         # no credentials, access denied
 EXIT_EXISTS = 8         # init over a volume, target exists
 EXIT_NO_SPACE = 9       # local disk full
+EXIT_IN_USE = 10        # the volume's lease is held by another read-write mount; the cache dir is in use
 
 
 class CryptfsError(Exception):
     """Base of every error cryptfs reports to a user."""
     errno = errno.EIO
     exit_code = EXIT_ERROR
+
+    def about(self, where: str) -> "CryptfsError":
+        """This error, its message led by the path it concerns: for what a command prints,
+        never for log records (they name no plaintext path)."""
+        self.args = (f"{where}: {self}",)
+        return self
 
 
 class UsageError(CryptfsError):
@@ -115,6 +122,12 @@ class BackendError(CryptfsError):
 class NoSpace(CryptfsError):
     errno = errno.ENOSPC
     exit_code = EXIT_NO_SPACE
+
+
+class InUse(CryptfsError):
+    """The volume's lease is held by another read-write mount, or a cache directory is in use."""
+    errno = errno.EBUSY
+    exit_code = EXIT_IN_USE
 
 
 class ReadOnly(CryptfsError):

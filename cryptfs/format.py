@@ -24,6 +24,7 @@ ENTRY_VERSION = 1           # directory entries, back-pointers and metadata: unc
 FILE_MAGIC = b"CRYF"
 DIRENT_MAGIC = b"CRYD"
 BACKPTR_MAGIC = b"CRYB"
+LINK_MAGIC = b"CRYK"
 
 DEFAULT_BLOCK_SIZE = 64 * 1024
 NONCE_SIZE = 12
@@ -35,6 +36,7 @@ COMMIT_SIZE = 32
 TABLE_MAC_SIZE = 32  # version 2: HMAC-SHA256 over the tag table
 HEADER_SIZE = 4 + 1 + 1 + 2 + FILE_ID_SIZE + COMMIT_SIZE  # 56
 DIRENT_SIZE = 4 + 1 + 3 + 16 + 16 + DIR_ID_SIZE  # 56: never a valid file object size
+LINK_SIZE = 4 + 1 + 3 + 16 + 16 + FILE_ID_SIZE + 8  # 64: a hard-linked name; nor is this
 NAME_MAX = 255
 NAME_COMPONENT_MAX = 240  # encoded key components stay below every backend's 255
 ROOT_DIR_ID = bytes(DIR_ID_SIZE)
@@ -54,7 +56,7 @@ def b64e(data: bytes) -> str:
 def b64d(text: str) -> bytes:
     try:
         return base64.b64decode(text.encode("ascii"), validate=True)
-    except Exception as exc:
+    except (ValueError, UnicodeError, AttributeError) as exc:
         raise FormatError(f"bad base64 field: {exc}") from None
 
 
@@ -106,6 +108,11 @@ class Layout:
         if plain_size < 0:
             raise ValueError("negative size")
         return self._fixed + plain_size + self._per_block * block_count(plain_size, self.block_size)
+
+    def largest_plain(self, obj_limit: int) -> int:
+        """The largest plaintext size whose object fits in `obj_limit` bytes."""
+        full, rest = divmod(obj_limit - self._fixed, self.block_size + self._per_block)
+        return full * self.block_size + max(0, rest - self._per_block)
 
     def plain_size(self, obj_size: int) -> int:
         """Plaintext size for an object size; FormatError when no plaintext size maps to it."""
@@ -244,7 +251,7 @@ def _block_aad(header: bytes, index: int, last: bool) -> bytes:
     return header + struct.pack(">QB", index, 1 if last else 0)
 
 
-def encrypt_block(fk: FileKey, header: bytes, index: int, plain: bytes, last: bool,
+def encrypt_block(fk: FileKey, header: bytes, index: int, plain: bytes | bytearray, last: bool,
                   nonce: bytes | None = None) -> bytes:
     nonce = nonce or os.urandom(NONCE_SIZE)
     return nonce + AESGCM(fk.block_key).encrypt(nonce, bytes(plain), _block_aad(header, index, last))
@@ -344,7 +351,7 @@ def _b32d(text: str) -> bytes:
     pad = "=" * (-len(text) % 8)
     try:
         return base64.b32decode(text.upper() + pad)
-    except Exception:
+    except ValueError:
         raise FormatError("not an encrypted name") from None
 
 
@@ -412,6 +419,33 @@ def decrypt_dirent(vk: VolumeKeys, parent_id: bytes, name: bytes, body: bytes) -
         raise IntegrityError("directory entry failed authentication") from None
 
 
+def inode_key(vk: VolumeKeys, file_id: bytes) -> str:
+    """Key (relative to the volume) of a hard-linked file's object, which its names point to."""
+    digest = hmac.new(vk.dirhash_key, b"cryptfs v1 inode" + file_id, hashlib.sha256).digest()[:20]
+    return f"i/{_b32e(digest)}"
+
+
+def encrypt_link(vk: VolumeKeys, parent_id: bytes, name: bytes, file_id: bytes) -> bytes:
+    """The object body of a hard-linked name: the file's id bound to (parent, name)."""
+    nonce = os.urandom(16)
+    sealed = AESSIV(vk.entry_key).encrypt(file_id + bytes(8), [b"cryptfs v1 link", parent_id, name, nonce])
+    return LINK_MAGIC + bytes([ENTRY_VERSION]) + b"\0\0\0" + nonce + sealed
+
+
+def decrypt_link(vk: VolumeKeys, parent_id: bytes, name: bytes, body: bytes) -> bytes:
+    if len(body) != LINK_SIZE or body[:4] != LINK_MAGIC:
+        raise FormatError("not a cryptfs link entry")
+    if body[4] != ENTRY_VERSION or body[5:8] != b"\0\0\0":
+        raise FormatError(f"unsupported link entry version {body[4]} or flags")
+    try:
+        plain = AESSIV(vk.entry_key).decrypt(body[24:], [b"cryptfs v1 link", parent_id, name, body[8:24]])
+    except InvalidTag:
+        raise IntegrityError("link entry failed authentication") from None
+    if plain[FILE_ID_SIZE:] != bytes(8):
+        raise FormatError("unknown link entry fields")
+    return plain[:FILE_ID_SIZE]
+
+
 def encrypt_backptr(vk: VolumeKeys, dir_id: bytes, parent_id: bytes, name: bytes) -> bytes:
     """A directory's own record of where it belongs: (its id, parent id, name)."""
     nonce = os.urandom(16)
@@ -434,6 +468,27 @@ def decrypt_backptr(vk: VolumeKeys, dir_id: bytes, body: bytes) -> tuple[bytes, 
     return plain[:DIR_ID_SIZE], plain[DIR_ID_SIZE:]
 
 
+LEASE_MAGIC = b"CRYL"
+
+
+def seal_lease(vk: VolumeKeys, plain: bytes) -> bytes:
+    """The body of the volume's lease object: its record, readable only with the volume's keys."""
+    nonce = os.urandom(16)
+    return LEASE_MAGIC + bytes([ENTRY_VERSION]) + b"\0\0\0" + nonce + \
+        AESSIV(vk.entry_key).encrypt(plain, [b"cryptfs v1 lease", nonce])
+
+
+def open_lease(vk: VolumeKeys, body: bytes) -> bytes:
+    if len(body) < 24 + 16 or body[:4] != LEASE_MAGIC:
+        raise FormatError("not a cryptfs lease")
+    if body[4] != ENTRY_VERSION or body[5:8] != b"\0\0\0":
+        raise FormatError(f"unsupported lease version {body[4]} or flags")
+    try:
+        return AESSIV(vk.entry_key).decrypt(body[24:], [b"cryptfs v1 lease", body[8:24]])
+    except InvalidTag:
+        raise IntegrityError("lease failed authentication") from None
+
+
 # ---------------------------------------------------------------- attributes
 
 @dataclass(frozen=True)
@@ -445,6 +500,7 @@ class Attrs:
     ctime_ns: int
     atime_ns: int | None = None  # None: the same as mtime (attribute blobs of version 1 have none)
     rdev: int = 0                # device number of character and block device nodes
+    nlink: int = 1               # names of a hard-linked file (attribute version 3)
 
     def __post_init__(self):
         if self.atime_ns is None:
@@ -454,20 +510,26 @@ class Attrs:
 ATTR_VERSION = 2
 _ATTR_V1 = struct.Struct(">BIIIqq")     # version 1: no atime, no rdev
 _ATTR_V2 = struct.Struct(">BIIIqqqQ")   # version 2: atime and rdev appended
-_ATTR_SIZES = {16 + 16 + _ATTR_V1.size: _ATTR_V1, 16 + 16 + _ATTR_V2.size: _ATTR_V2}
+_ATTR_V3 = struct.Struct(">BIIIqqqQI")  # version 3: the link count appended (hard-linked files only)
+_ATTR_LAYOUTS = {1: _ATTR_V1, 2: _ATTR_V2, 3: _ATTR_V3}
+_ATTR_SIZES = {16 + 16 + layout.size: (version, layout) for version, layout in _ATTR_LAYOUTS.items()}
 
 
 def encrypt_attrs(vk: VolumeKeys, object_key: str, obj_id: bytes, attrs: Attrs) -> bytes:
-    """Attribute blob bound to the object's key (relative to the volume) and its id."""
-    plain = _ATTR_V2.pack(ATTR_VERSION, attrs.mode, attrs.uid, attrs.gid, attrs.mtime_ns, attrs.ctime_ns,
-                          attrs.atime_ns, attrs.rdev)
+    """Attribute blob bound to the object's key (relative to the volume) and its id; version 3
+    only where a link count other than 1 must be kept."""
+    fields = (attrs.mode, attrs.uid, attrs.gid, attrs.mtime_ns, attrs.ctime_ns, attrs.atime_ns, attrs.rdev)
+    if attrs.nlink != 1:
+        plain = _ATTR_V3.pack(3, *fields, attrs.nlink)
+    else:
+        plain = _ATTR_V2.pack(ATTR_VERSION, *fields)
     nonce = os.urandom(16)
     return nonce + AESSIV(vk.attr_key).encrypt(
         plain, [b"cryptfs v1 attrs", object_key.encode(), obj_id, nonce])
 
 
 def decrypt_attrs(vk: VolumeKeys, object_key: str, obj_id: bytes, blob: bytes) -> Attrs:
-    layout = _ATTR_SIZES.get(len(blob))
+    version, layout = _ATTR_SIZES.get(len(blob), (None, None))
     if layout is None:
         raise IntegrityError("attribute blob has a bad length")
     try:
@@ -476,7 +538,7 @@ def decrypt_attrs(vk: VolumeKeys, object_key: str, obj_id: bytes, blob: bytes) -
     except InvalidTag:
         raise IntegrityError("attribute blob failed authentication") from None
     fields = layout.unpack(plain)
-    if fields[0] != (1 if layout is _ATTR_V1 else ATTR_VERSION):
+    if fields[0] != version:
         raise FormatError(f"unsupported attribute version {fields[0]}")
     return Attrs(*fields[1:])
 

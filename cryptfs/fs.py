@@ -5,6 +5,7 @@ Which lock guards what, and their order, is written in namespace.py.
 """
 
 import contextlib
+import ctypes
 import errno
 import functools
 import itertools
@@ -15,14 +16,20 @@ import stat
 import threading
 import time
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from . import format as fmt
-from .errors import AlreadyExists, CryptfsError, NotFound
+from .backend.base import MAX_OBJECT_SIZE
+from .errors import AlreadyExists, CryptfsError, NoSpace, NotFound
 from .handles import FileState
+from .logs import shown
 from .namespace import ROOT_LOC, Namespace
 from .reader import BlockReader
-from .store import Entry, Store
-from .writeback import Journal, WriteBack, mkdir_journaled, rename_journaled
+from .store import SPECIAL_TYPES, Entry, Store, entry_attrs
+from .writeback import Journal, WriteBack, mkdir_journaled, recover_record, rename_journaled, rmdir_journaled
+
+if TYPE_CHECKING:
+    from .lease import Lease
 
 log = logging.getLogger(__name__)
 
@@ -44,16 +51,19 @@ def op(func):
     """Translate cryptfs errors into errno; log anything unexpected as EIO."""
     @functools.wraps(func)
     def wrapper(self, *args):
+        where = f" {shown(args[0])}" if args and isinstance(args[0], str) else ""
         try:
             return func(self, *args)
         except CryptfsError as exc:
-            if exc.errno in (errno.EIO, errno.ENOSPC, errno.EACCES):  # the rest is ordinary use
-                log.error("%s %s: %s", func.__name__, args[0] if args else "", exc)
+            if exc.errno in (errno.EIO, errno.EACCES):  # the rest is ordinary use
+                log.error("%s%s: %s", func.__name__, where, exc)
+            elif exc.errno == errno.ENOSPC:
+                log.warning("%s%s: %s", func.__name__, where, exc)
             raise FuseError(exc.errno) from None
         except OSError:
             raise
         except Exception:
-            log.exception("%s%s failed", func.__name__, args[:1])
+            log.exception("%s%s failed", func.__name__, where)
             raise FuseError(errno.EIO) from None
     return wrapper
 
@@ -82,6 +92,7 @@ class CryptFS:
         self.staging_dir = staging_dir
         self.fsync_mode = fsync_mode
         self.read_only = read_only
+        self.lease: Lease | None = None  # a read-write mount's lease (lease.py): lost or unrenewed, nothing is written
         self.wb = WriteBack(store, journal, writeback_delay, ns.uploaded)
         self.fhs: dict[int, FileState] = {}
         self.dirs: dict[int, bytes] = {}  # open directory handles: their directory ids
@@ -102,11 +113,19 @@ class CryptFS:
             from mfusepy import fuse_get_context
             uid, gid, _ = fuse_get_context()
             return uid, gid
-        except Exception:  # outside a FUSE request (in-process use)
+        except (ImportError, OSError):  # no FUSE library: in-process use
             return os.getuid(), os.getgid()
 
-    def _new_attrs(self, mode: int) -> fmt.Attrs:
+    def _new_attrs(self, mode: int, parent_id: bytes) -> fmt.Attrs:
+        """A new entry's attributes: the caller's uid and gid, or, in a set-group-ID
+        directory, the directory's gid (and its set-group-ID bit for a subdirectory), as
+        Linux does (the kernel already stripped S_ISGID the caller may not set)."""
         uid, gid = self._ctx()
+        parent = self.ns.dir_entry(parent_id)
+        if parent is not None and entry_attrs(parent).mode & stat.S_ISGID:
+            gid = entry_attrs(parent).gid
+            if stat.S_ISDIR(mode):
+                mode |= stat.S_ISGID
         now = time.time_ns()
         return fmt.Attrs(mode, uid, gid, now, now, now)
 
@@ -139,15 +158,102 @@ class CryptFS:
                     yield node
                     return
 
+    @staticmethod
+    @contextlib.contextmanager
+    def _space(state: FileState):
+        """Changes to a file: once one met a full cache disk, the file has failed, and every
+        further write, flush and fsync is ENOSPC until its last close gives it up (`_abandon`)."""
+        if state.failed:
+            raise NoSpace("an earlier write to this file found the cache disk full; "
+                          "its changes are given up at close")
+        try:
+            yield
+        except NoSpace:
+            state.failed = True
+            state.journaled = False  # what a journal record holds is no longer to be uploaded
+            raise
+
+    def _change(self, state: FileState, change):
+        """Every change to a file's contents: the version its last close journaled is kept
+        for recovery first (write-back), and a full cache disk fails the file (`_space`)."""
+        with self._space(state), state.lock:
+            self.wb.keep_closed_version(state)
+            return change()
+
+    def _live(self, node):
+        """What a hard-linked name stands for: the FileState this mount has open for its file
+        under any of its names, else the node itself."""
+        if isinstance(node, Entry) and node.link_key is not None:
+            return self.ns.open_link(node.obj_id) or node
+        return node
+
+    @contextlib.contextmanager
+    def _linked(self, node):
+        """Around a name operation on a hard-linked file: the FileState open for it (if any),
+        locked and uploaded first, so the store works on the file as it is; `_adopt` then gives
+        that state the file as stored."""
+        live = self._live(node)
+        if not isinstance(live, FileState):
+            yield None
+            return
+        with live.lock:
+            if live.modified:
+                self.wb.upload_now(live)
+            yield live
+
+    def _adopt(self, state: FileState | None, inode: Entry | None) -> None:
+        """A hard-linked file changed in the store: its open state and its other names follow."""
+        if inode is None:
+            return
+        if state is not None:
+            state.basis = replace(inode, parent_id=state.parent_id, name=state.name, link_key=state.link_key)
+            state.attrs = entry_attrs(inode)
+        self.ns.record(inode)
+
+    def _names_changed(self, file_id: bytes | None) -> None:
+        """libfuse gives each name of a hard-linked file an inode of its own in the kernel,
+        whose cached attributes and pages would lag a change made through another name for up
+        to the attribute timeout: after such a change (outside every lock), drop them."""
+        if file_id is None:
+            return
+        try:
+            from mfusepy import _libfuse
+            context = _libfuse.fuse_get_context()
+        except (ImportError, OSError, AttributeError):  # no FUSE library: in-process use
+            return
+        if not context or not context.contents.fuse:
+            return
+        invalidate = _libfuse.fuse_invalidate_path
+        invalidate.argtypes, invalidate.restype = [ctypes.c_void_p, ctypes.c_char_p], ctypes.c_int
+        for parent_id, name in self.ns.link_names(file_id):
+            parts = [name]
+            while parent_id != fmt.ROOT_DIR_ID:
+                loc = self.ns.location(parent_id)
+                if loc is None:
+                    break
+                parent_id = loc[0]
+                parts.append(loc[1])
+            else:
+                invalidate(context.contents.fuse, b"/" + b"/".join(reversed(parts)))
+
+    def _linked_id(self, path: str) -> bytes | None:
+        """The file id of a hard-linked file at a path, else None."""
+        try:
+            node = self._node(path)
+        except (CryptfsError, OSError):
+            return None
+        return _file_id(node) if node.link_key is not None else None
+
     def _check_writable(self) -> None:
-        if self.read_only:
+        if self.read_only or (self.lease is not None and not self.lease.writable):
             raise FuseError(errno.EROFS)
 
     def _stat(self, node) -> dict:
+        node = self._live(node)
         entry = node.entry() if isinstance(node, FileState) else node
-        a = entry.attrs
+        a = entry_attrs(entry)
         size = DIR_SIZE if entry.is_dir else entry.size
-        return {"st_mode": a.mode, "st_ino": ino_of(entry.obj_id), "st_nlink": 2 if entry.is_dir else 1,
+        return {"st_mode": a.mode, "st_ino": ino_of(entry.obj_id), "st_nlink": 2 if entry.is_dir else a.nlink,
                 "st_uid": a.uid, "st_gid": a.gid, "st_size": size, "st_atime": a.atime_ns,
                 "st_mtime": a.mtime_ns, "st_ctime": a.ctime_ns, "st_rdev": a.rdev,
                 "st_blksize": self.store.block_size, "st_blocks": -(-size // 512)}
@@ -215,7 +321,7 @@ class CryptFS:
             if isinstance(node, FileState):
                 mode, ino = node.attrs.mode, ino_of(node.fk.file_id)
             else:
-                mode, ino = node.attrs.mode, ino_of(node.obj_id)
+                mode, ino = entry_attrs(node).mode, ino_of(node.obj_id)
             # inode numbers must be non-zero, or readdir(3) hides the entry
             out.append((os.fsdecode(name), {"st_mode": mode, "st_ino": ino}, 0))
         return out
@@ -234,12 +340,20 @@ class CryptFS:
         return os.fsdecode(target)
 
     def _set_attrs(self, path: str | None, change, fh: int | None) -> None:
+        self._set_attrs_held(path, change, fh)
+        state = self.fhs.get(fh) if fh else None
+        self._names_changed(state.fk.file_id if state is not None and state.inode_key else
+                            self._linked_id(path) if path is not None else None)
+
+    def _set_attrs_held(self, path: str | None, change, fh: int | None) -> None:
         self._check_writable()
         state = self.fhs.get(fh) if fh else None
         if state is not None:
             with state.lock:
                 self._set_state_attrs(state, change)
             return
+        if path is None:  # no path: only ever sent with an open file's handle
+            raise FuseError(errno.EBADF)
         parts = split(path)
         if not parts:
             with self.ns.names.hold(ROOT_LOC):
@@ -248,7 +362,11 @@ class CryptFS:
             return
         parent_id, name = self._where(path)
         with self.ns.names.hold((parent_id, name)), self._bound(parent_id, name) as node:
-            if isinstance(node, FileState):
+            live = self._live(node)
+            if live is not node:  # a hard-linked file open under another name
+                with live.lock:
+                    self._set_state_attrs(live, change)
+            elif isinstance(node, FileState):
                 self._set_state_attrs(node, change)
             elif node.is_dir:
                 self.ns.stored_dir((parent_id, name), node, self.store.set_attrs(node, change(node.attrs)))
@@ -303,15 +421,21 @@ class CryptFS:
                 break
             if node.is_dir:
                 raise FuseError(errno.EISDIR)
+            live = self._live(node)
+            if live is not node:  # a hard-linked file already open under another name
+                self.ns.hold(live)
+                state = live
+                break
             fresh = FileState.open_existing(self.store, self.reader, self.staging_dir, node)
-            state = self.ns.adopt(parent_id, name, node, fresh)
-            if state is not None:
+            adopted = self.ns.adopt(parent_id, name, node, fresh)
+            if adopted is not None:
+                state = adopted
                 break
             node = self.ns.lookup(parent_id, name)  # changed behind our back (another mount)
         fh = self._handle(state)
         if flags & os.O_TRUNC and (state.size or state.basis is not None):
             try:
-                state.rewrite_from_scratch()
+                self._change(state, state.rewrite_from_scratch)
             except BaseException:
                 self.release(None, fh)
                 raise
@@ -331,7 +455,7 @@ class CryptFS:
                     raise FuseError(errno.EEXIST)
                 return self._open_node(parent_id, name, existing, flags)
             state = FileState.create(self.store, self.reader, self.staging_dir, parent_id, name,
-                                     self._new_attrs(stat.S_IFREG | stat.S_IMODE(mode)))
+                                     self._new_attrs(stat.S_IFREG | stat.S_IMODE(mode), parent_id))
             state.remote_at_key = self.ns.claim(parent_id, name) is not None
             state.handles = 1
             self.ns.put(parent_id, name, state)
@@ -356,11 +480,20 @@ class CryptFS:
 
     @op
     def write(self, path, data, offset, fh):
-        return self.fhs[fh].write(offset, data)
+        self._check_writable()
+        self._check_size(offset + len(data))
+        state = self.fhs[fh]
+        return self._change(state, lambda: state.write(offset, data))
+
+    def _check_size(self, size: int) -> None:
+        """EFBIG beyond the largest file whose object the bucket can hold."""
+        if size > self.store.layout.largest_plain(MAX_OBJECT_SIZE):
+            raise FuseError(errno.EFBIG)
 
     @op
     def truncate(self, path, length, fh=None):
         self._check_writable()
+        self._check_size(length)
         state = self.fhs.get(fh) if fh else None
         temporary = None
         if state is None:
@@ -369,10 +502,7 @@ class CryptFS:
                 temporary = self._open_node(parent_id, name, self.ns.lookup(parent_id, name), 0)
             state = self.fhs[temporary]
         try:
-            if length == 0:
-                state.rewrite_from_scratch()
-            else:
-                state.truncate(length)
+            self._change(state, state.rewrite_from_scratch if length == 0 else lambda: state.truncate(length))
         finally:
             if temporary is not None:
                 try:
@@ -383,7 +513,8 @@ class CryptFS:
     @op
     def flush(self, path, fh):
         state = self.fhs[fh]
-        self.wb.journal_state(state)
+        with self._space(state):
+            self.wb.journal_state(state)
         return self._report(state)
 
     def _report(self, state: FileState) -> int:
@@ -396,14 +527,17 @@ class CryptFS:
     @op
     def fsync(self, path, datasync, fh):
         state = self.fhs[fh]
-        if self.fsync_mode == "journal":
-            self.wb.journal_state(state)
-        else:
-            try:
-                self.wb.upload_now(state)
-            except CryptfsError as exc:
-                log.error("fsync upload of %s failed: %s", state.key, exc)
-                raise FuseError(errno.EIO) from None
+        with self._space(state):
+            if self.fsync_mode == "journal":
+                self.wb.journal_state(state)
+            else:
+                try:
+                    self.wb.upload_now(state)
+                except NoSpace:
+                    raise
+                except CryptfsError as exc:
+                    log.error("fsync upload of %s failed: %s", state.key, exc)
+                    raise FuseError(errno.EIO) from None
         return self._report(state)
 
     @op
@@ -414,12 +548,43 @@ class CryptFS:
             return 0
         if state.unlinked:
             self._discard(state)
-        elif state.modified:
-            self.wb.journal_state(state)
-            self.wb.schedule(state)
+            return 0
+        if state.modified and not state.failed:
+            try:
+                with self._space(state):
+                    self.wb.journal_state(state)
+            except NoSpace:
+                pass  # failed now: given up below
+            else:
+                self.wb.schedule(state)
+                if state.inode_key:
+                    self._names_changed(state.fk.file_id)
+                return 0
+        if state.failed:
+            self._abandon(state)
         else:
             self.ns.settle(state)
         return 0
+
+    def _abandon(self, state: FileState) -> None:
+        """The last close of a file that met a full cache disk: nothing of it is uploaded, its
+        staging goes (the space comes back), and its name shows again what the bucket holds
+        under it (the version before, or nothing for a new file)."""
+        with self.ns.names.hold((state.parent_id, state.name)), state.lock:
+            if state.handles:
+                return  # opened again meanwhile: its last close gives it up
+            state.discard_staging()
+            record = self.journal.get(state.uid)
+            state.modified = False  # no upload is owed
+            self.ns.abandon(state)
+        log.warning("%s: changes given up after the cache disk filled", state.key)
+        if record is not None and (record.get("staging") or "").endswith(".closed.obj"):
+            try:  # the version an earlier close journaled still goes to the bucket
+                recover_record(self.store, self.journal, record)
+            except CryptfsError as exc:
+                log.warning("%s: the closed version stays in the journal for the next mount: %s", state.key, exc)
+        else:
+            self.journal.remove(state.uid)
 
     def _discard(self, state: FileState) -> None:
         """An unlinked file's last close: drop local data; delete its object if it kept it."""
@@ -446,27 +611,63 @@ class CryptFS:
                 self._hidden.pop(hidden, None)
             return
         parent_id, name = self._where(path)
+        linked = self._linked_id(path)
         self._unlink(parent_id, name)
         self._touch(parent_id)
+        self._names_changed(linked)
 
     def _unlink(self, parent_id: bytes, name: bytes, hide_as: tuple[bytes, bytes] | None = None) -> None:
         with self.ns.names.hold((parent_id, name)):
-            with self._bound(parent_id, name) as node:
-                if isinstance(node, Entry):
-                    if node.is_dir:
-                        raise FuseError(errno.EISDIR)
+            self._unlink_held(parent_id, name, hide_as)
+
+    def _unlink_held(self, parent_id: bytes, name: bytes, hide_as: tuple[bytes, bytes] | None = None) -> None:
+        """Unlink a name whose lock the caller holds."""
+        with self._bound(parent_id, name) as node:
+            if isinstance(node, Entry) and node.is_dir:
+                raise FuseError(errno.EISDIR)
+            if node.link_key is not None and self._unlink_link(parent_id, name, node):
+                live = self._live(node)
+                if hide_as is not None and isinstance(live, FileState):  # open: fstat still works
+                    with self._lock:
+                        self._hidden[hide_as] = live
+            elif isinstance(node, Entry):
+                self.store.delete_key(node.key)
+            else:
+                open_now = self.ns.unlink_state(node)
+                self.journal.remove(node.uid)
+                if not open_now:
+                    node.discard_staging()
+                elif hide_as is not None:
+                    with self._lock:
+                        self._hidden[hide_as] = node
+                if node.remote_at_key if node.basis is None else not open_now:
                     self.store.delete_key(node.key)
-                else:
-                    open_now = self.ns.unlink_state(node)
-                    self.journal.remove(node.uid)
-                    if not open_now:
-                        node.discard_staging()
-                    elif hide_as is not None:
-                        with self._lock:
-                            self._hidden[hide_as] = node
-                    if node.remote_at_key if node.basis is None else not open_now:
-                        self.store.delete_key(node.key)
-            self.ns.remove(parent_id, name)  # again, after the DELETE: no listing brings it back
+        self.ns.remove(parent_id, name)  # again, after the DELETE: no listing brings it back
+
+    def _unlink_link(self, parent_id: bytes, name: bytes, node) -> bool:
+        """One name of a hard-linked file goes: its link entry, then one link fewer (the file too
+        with its last name). False when the caller is to finish: the last name of a file open
+        under it, whose object goes at its last close."""
+        with self._linked(node) as live:
+            self.store.delete_key(self.store.entry_key(parent_id, name))
+            if live is None:
+                inode = self.store.unlinked(node)
+                self._adopt(None, inode and replace(inode, link_key=node.link_key))
+                return True
+            if live is node and live.attrs.nlink <= 1:
+                return False
+            inode = self.store.unlinked(live.basis)
+            self._adopt(live, inode)
+            if live is node:  # it was open under this very name: it moves to another one
+                other = self.ns.other_name(live.fk.file_id, (parent_id, name))
+                if other is not None:
+                    self.ns.rename_state(live, other.parent_id, other.name)
+                    live.basis = replace(live.basis, parent_id=other.parent_id, name=other.name,
+                                         link_key=other.link_key)
+                else:  # its other names are unknown here: it stays open, as uploaded, under none
+                    self.ns.unlink_state(live)
+                    self.ns.claim(parent_id, name)
+            return True
 
     def _new_name(self, path: str) -> tuple[bytes, bytes]:
         self._check_writable()
@@ -490,7 +691,7 @@ class CryptFS:
         with self.ns.names.hold((parent_id, name)):
             self._take_name(parent_id, name)
             entry = mkdir_journaled(self.store, self.journal, parent_id, name,
-                                    self._new_attrs(stat.S_IFDIR | stat.S_IMODE(mode)))
+                                    self._new_attrs(stat.S_IFDIR | stat.S_IMODE(mode), parent_id))
             self.ns.put(parent_id, name, entry)
             self.ns.pointed_back(entry)
             self.ns.created_dir(entry.obj_id)
@@ -517,16 +718,20 @@ class CryptFS:
         for state in self.ns.doomed_in(entry.obj_id):  # unlinked files still open: their objects go now
             if self.ns.release_doomed(state):
                 self.store.delete_key(state.key)
-        self.store.remove(entry)  # checks the bucket too: entries of another mount
+        rmdir_journaled(self.store, self.journal, entry)  # checks the bucket too: entries of another mount
 
     @op
     def symlink(self, path, target):
+        self._make(path, os.fsencode(target), stat.S_IFLNK | 0o777)
+
+    def _make(self, path: str, body: bytes, mode: int, rdev: int = 0) -> None:
+        """A new small entry uploaded at once: a symlink (its target) or a special file (empty)."""
         parent_id, name = self._new_name(path)
+        attrs = replace(self._new_attrs(mode, parent_id), rdev=rdev)
         with self.ns.names.hold((parent_id, name)):
             self._take_name(parent_id, name)
             try:
-                entry = self.store.write_bytes(parent_id, name, os.fsencode(target),
-                                               self._new_attrs(stat.S_IFLNK | 0o777), create_only=True)
+                entry = self.store.write_bytes(parent_id, name, body, attrs, create_only=True)
             except AlreadyExists:
                 raise FuseError(errno.EEXIST) from None
             self.ns.put(parent_id, name, entry)
@@ -550,13 +755,16 @@ class CryptFS:
                 target = None
             if target is not None and flags & RENAME_NOREPLACE:
                 raise FuseError(errno.EEXIST)
-            if src == dst or target is node:
-                return
+            if src == dst or target is node or _same_file(target, node):
+                return  # two names of one hard-linked file: POSIX says do nothing
+            linked = {_file_id(n) for n in (node, target) if n is not None and n.link_key is not None}
             if isinstance(node, Entry) and node.is_dir:
                 self._rename_dir(node, src, dst, target)
             else:
                 self._rename_file(node, src, dst, target)
         self._touch(src[0], dst[0])
+        for file_id in linked:
+            self._names_changed(file_id)
 
     def _rename_dir(self, entry: Entry, src, dst, target) -> None:
         self.ns.follow(entry)
@@ -574,6 +782,21 @@ class CryptFS:
     def _rename_file(self, node, src, dst, target) -> None:
         if isinstance(target, Entry) and target.is_dir:
             raise FuseError(errno.EISDIR)
+        if target is not None and (target.link_key is not None or node.link_key is not None):
+            self._unlink_held(*dst)  # a hard-linked file gains or loses a name: unlink the target first
+            target = None
+        if node.link_key is not None:  # a link entry moves; the file's object stays
+            with self._linked(node) as live:
+                entry = node if isinstance(node, Entry) else replace(live.basis, attrs=live.attrs)
+                moved = self.store.rename(entry, dst[0], dst[1])
+                if live is not None and self.ns.bound(src[0], src[1], live):
+                    self.ns.rename_state(live, *dst)
+                    self._adopt(live, moved)
+                    return
+                self._adopt(live, moved)
+            self.ns.remove(*src)
+            self.ns.put(dst[0], dst[1], moved)
+            return
         replaced_remote = isinstance(target, Entry)
         if isinstance(target, FileState):
             with target.lock:
@@ -581,7 +804,8 @@ class CryptFS:
                 self._drop(target)
         self.ns.claim(*dst)  # our object takes the key: an unlinked open file there no longer owns it
         if isinstance(node, FileState) and node.modified and node.basis is not None:
-            self.wb.upload_now(node)  # the rename then copies what was written
+            with self._space(node):
+                self.wb.upload_now(node)  # the rename then copies what was written
             if not self.ns.bound(src[0], src[1], node):
                 node = self.ns.lookup(*src)  # it settled into its uploaded entry
         if isinstance(node, FileState) and node.basis is None:
@@ -593,11 +817,16 @@ class CryptFS:
             node.touch(ctime_only=True)
             self.wb.rejournal(node)
             return
-        entry = replace(node.basis, attrs=node.attrs) if isinstance(node, FileState) else node
+        if isinstance(node, FileState):
+            if node.basis is None:
+                raise CryptfsError("an uploaded file without its stored version")
+            entry = replace(node.basis, attrs=node.attrs)
+        else:
+            entry = node
         moved = rename_journaled(self.store, self.journal, _ctime_now(entry), dst[0], dst[1],
                                  target if isinstance(target, Entry) else None)
         if isinstance(node, FileState):
-            node.basis, node.attrs = moved, moved.attrs
+            node.basis, node.attrs = moved, entry_attrs(moved)
             self.ns.rename_state(node, *dst)
             self.ns.record(moved)
         else:
@@ -613,11 +842,35 @@ class CryptFS:
 
     @op
     def link(self, target, source):
-        raise FuseError(errno.EPERM)
+        """A new name (`target`) for the file at `source`: see store.link."""
+        self._check_writable()
+        src, dst = self._where(source), self._where(target)
+        with self.ns.names.hold(src, dst):
+            self._take_name(*dst)
+            with self._bound(*src) as node:
+                if isinstance(node, Entry) and node.is_dir:
+                    raise FuseError(errno.EPERM)
+                with self._linked(node) as live:  # an open file is uploaded first
+                    old, new = self.store.link(node if live is None else replace(live.basis, attrs=live.attrs),
+                                               *dst)
+                    if live is not None:
+                        live.inode_key = old.key
+                    self._adopt(live, old)
+                    if live is None or not self.ns.bound(src[0], src[1], live):
+                        self.ns.put(src[0], src[1], replace(old, parent_id=src[0], name=src[1],
+                                                            link_key=self.store.entry_key(*src)))
+                self.ns.put(dst[0], dst[1], new)
+        self._touch(dst[0])
+        self._names_changed(new.obj_id)
 
     @op
     def mknod(self, path, mode, dev):
-        raise FuseError(errno.EPERM)
+        """FIFOs, sockets and device nodes: an empty file object whose sealed attributes carry
+        the type, mode and rdev (nothing is served through them)."""
+        if stat.S_IFMT(mode) not in SPECIAL_TYPES:
+            raise FuseError(errno.EPERM if stat.S_IFMT(mode) else errno.EINVAL)
+        rdev = dev if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else 0
+        self._make(path, b"", mode, rdev)
 
     @op
     def setxattr(self, path, name, value, options, position=0):
@@ -651,7 +904,8 @@ class CryptFS:
         if states:
             log.info("unmount: uploading %d pending file(s)", len(states))
         failed = self.wb.drain(states)
-        self.unmount_failed = len(failed)
+        left = [r for r in self.journal.records() if "staging" in r or "inline" in r]
+        self.unmount_failed = max(len(failed), len(left))  # the journal is the truth: what it still holds
         self.wb.stop()
         self._stop.set()
         dirs_failed = self.ns.flush_dirs()
@@ -664,6 +918,15 @@ class CryptFS:
             log.info("unmount: everything uploaded")
 
 
+def _file_id(node) -> bytes:
+    return node.fk.file_id if isinstance(node, FileState) else node.obj_id
+
+
+def _same_file(a, b) -> bool:
+    """Whether two names stand for one hard-linked file."""
+    return a is not None and a.link_key is not None and b.link_key is not None and _file_id(a) == _file_id(b)
+
+
 def _ctime_now(entry: Entry) -> Entry:
     """A renamed entry's ctime changes, as on a local filesystem."""
-    return replace(entry, attrs=replace(entry.attrs, ctime_ns=time.time_ns()))
+    return replace(entry, attrs=replace(entry_attrs(entry), ctime_ns=time.time_ns()))

@@ -46,8 +46,8 @@ def check(store: Store, repair: bool = False, abort_uploads: bool = False, on_fi
     """Walk and verify the volume; `repair` fixes what is provably ours (see above);
     `abort_uploads` aborts every unfinished upload under the volume's prefix, ours or not."""
     report = Report()
-    reached: set[str] = {store.abs_key(n) for n in VOLUME_OBJECTS}
-    ours: dict[str, bytes] = {}  # absolute directory prefix -> its id, for every directory proved ours
+    reached: set[str] = set(VOLUME_OBJECTS)  # volume-relative keys, as everywhere here
+    ours: dict[str, bytes] = {}  # directory prefix -> its id, for every directory proved ours
     try:
         root = store.root()
     except (CryptfsError, KeyError) as exc:
@@ -64,9 +64,9 @@ def check(store: Store, repair: bool = False, abort_uploads: bool = False, on_fi
     walk()
     orphans = _orphaned_dirs(store, reached)
     for prefix, (child, rel) in sorted(orphans.items()):
-        ours[store.abs_key(prefix)] = child
-        members = [k for k in _keys_under(store, prefix) if k not in reached]
-        if members == [store.abs_key(rel)]:
+        ours[prefix] = child
+        members = [info.key for info in store.list_objects(prefix) if info.key not in reached]
+        if members == [rel]:
             report.add("orphan-directory", rel, "empty directory no entry names (an interrupted mkdir)"
                        + ("; removed" if repair else ""))
             if repair:
@@ -83,26 +83,27 @@ def check(store: Store, repair: bool = False, abort_uploads: bool = False, on_fi
             todo.append((entry, "/lost+found/" + entry.name.decode()))
             walk()
         reached.update(members)
-    for info in store.backend.list(store.vol.prefix):
+    for info in store.list_objects():
         if info.key not in reached:
-            report.add("foreign", info.key, "object is not part of this volume's tree "
+            report.add("foreign", store.abs_key(info.key), "object is not part of this volume's tree "
                        "(foreign, orphaned, or left by an interrupted operation)")
-    for upload in store.backend.pending_uploads(store.vol.prefix):
+    for upload in store.pending_uploads():
         abort = abort_uploads or (repair and _is_ours(store, ours, upload.key))
-        report.add("abandoned-upload", upload.key, f"unfinished multipart upload {upload.upload_id}"
+        where = store.abs_key(upload.key)
+        report.add("abandoned-upload", where, f"unfinished multipart upload {upload.upload_id}"
                    + (" (aborted)" if abort else ""))
         if abort:
-            store.abort_upload(upload.key[len(store.vol.prefix):], upload.upload_id)
-            report.repaired.append(f"aborted multipart upload {upload.upload_id} to {upload.key}")
+            store.abort_upload(upload.key, upload.upload_id)
+            report.repaired.append(f"aborted multipart upload {upload.upload_id} to {where}")
     return report
 
 
 def _walk_dir(store: Store, directory: Entry, path: str, report: Report, reached: set, ours: dict,
               todo: list, repair: bool, on_file) -> None:
-    reached.add(store.abs_key(store.backptr_key(directory.obj_id)))
-    prefix = store.abs_key(fmt.dir_prefix(store.vk, directory.obj_id))
+    reached.add(store.backptr_key(directory.obj_id))
+    prefix = fmt.dir_prefix(store.vk, directory.obj_id)
     ours[prefix] = directory.obj_id
-    for info in store.backend.list(prefix):
+    for info in store.list_objects(prefix):
         suffix = info.key[len(prefix):]
         if suffix == fmt.BACKPTR_NAME:
             continue
@@ -113,16 +114,22 @@ def _walk_dir(store: Store, directory: Entry, path: str, report: Report, reached
         reached.add(info.key)
         where = f"{path}/{name.decode(errors='replace')}"
         try:
-            entry = store.stat_listed(directory.obj_id, name, info.key[len(store.vol.prefix):], info.size)
+            entry = store.stat_listed(directory.obj_id, name, info.key, info.size)
         except NotFound:
             continue
         except CryptfsError as exc:
-            report.add("metadata", where, f"{exc} (object {info.key})")
+            report.add("metadata", where, f"{exc} (object {store.abs_key(info.key)})")
             continue
+        if entry.link_key is not None:
+            reached.add(entry.key)  # a hard-linked file's object, reached through its names
         if entry.is_dir:
-            if not store.check_backptr(entry):
-                if _stale(store, entry, where, report, repair):
-                    continue
+            try:
+                canonical = store.check_backptr(entry)
+            except CryptfsError as exc:
+                report.add("metadata", where, f"directory record unreadable: {exc}")
+                continue
+            if not canonical and _stale(store, entry, where, report, repair):
+                continue
             todo.append((entry, where))
         else:
             _check_file(store, entry, where, report)
@@ -161,22 +168,18 @@ def _stale(store: Store, entry: Entry, where: str, report: Report, repair: bool)
 def _orphaned_dirs(store: Store, reached: set) -> dict[str, tuple[bytes, str]]:
     """Unreached back-pointers that prove themselves this volume's: prefix -> (id, key)."""
     found = {}
-    for info in store.backend.list(store.abs_key("t/")):
-        rel = info.key[len(store.vol.prefix):]
-        if info.key in reached or not rel.endswith("/" + fmt.BACKPTR_NAME):
+    for info in store.list_objects("t/"):
+        rel = info.key
+        if rel in reached or not rel.endswith("/" + fmt.BACKPTR_NAME):
             continue
         try:
-            info = store.backend.head(info.key)
+            info = store.head(rel)
         except NotFound:
             continue
         child = store.backptr_id(rel, info)
         if child is not None:
             found[fmt.dir_prefix(store.vk, child)] = (child, rel)
     return found
-
-
-def _keys_under(store: Store, prefix: str) -> list[str]:
-    return [info.key for info in store.backend.list(store.abs_key(prefix))]
 
 
 def _is_ours(store: Store, ours: dict[str, bytes], key: str) -> bool:
@@ -193,7 +196,7 @@ def _is_ours(store: Store, ours: dict[str, bytes], key: str) -> bool:
 
 def _link_lost(store: Store, child: bytes, rel: str) -> Entry:
     """Give an orphaned directory an entry in /lost+found (created if need be)."""
-    info = store.backend.head(store.abs_key(rel))
+    info = store.head(rel)
     attrs = fmt.decrypt_attrs(store.vk, rel, child, fmt.parse_metadata(info.metadata or {}).attr_blob)
     return store.link_dir(store.lost_and_found().obj_id, f"dir-{child.hex()[:16]}".encode(), child, attrs)
 

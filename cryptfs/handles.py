@@ -22,14 +22,14 @@ from dataclasses import replace
 from . import format as fmt
 from .errors import NoSpace
 from .reader import BlockReader, SequentialDetector
-from .store import Entry, Store
+from .store import Entry, Store, entry_attrs
 
 MAX_DIRTY_BLOCKS = 64  # per file: 4 MiB of plaintext with 64 KiB blocks
 
 
 class FileState:
     def __init__(self, store: Store, reader: BlockReader, staging_dir: str, parent_id: bytes, name: bytes,
-                 attrs: fmt.Attrs, basis: Entry | None, fk: fmt.FileKey, wrapped: bytes):
+                 attrs: fmt.Attrs, basis: Entry | None, fk: fmt.FileKey, wrapped: bytes | None):
         self.store, self.reader, self.staging_dir = store, reader, staging_dir
         self.bs = store.block_size
         self.layout = store.layout
@@ -53,14 +53,16 @@ class FileState:
         self.handles = 0
         self.unlinked = False
         self.error: Exception | None = None  # a failed upload, reported on the next fsync/close
+        self.failed = False          # a write met a full cache disk: ENOSPC until the last close drops it
         self.seq = SequentialDetector()
         self.remote_at_key = basis is not None  # an object (ours or an older one) sits under our key
+        self.inode_key = basis.key if basis is not None and basis.link_key else None  # hard-linked
 
     # ------------------------------------------------------------ identity
 
     @classmethod
     def open_existing(cls, store, reader, staging_dir, entry: Entry) -> "FileState":
-        return cls(store, reader, staging_dir, entry.parent_id, entry.name, entry.attrs, entry,
+        return cls(store, reader, staging_dir, entry.parent_id, entry.name, entry_attrs(entry), entry,
                    store.file_key(entry), entry.wrapped_key)
 
     @classmethod
@@ -72,7 +74,13 @@ class FileState:
 
     @property
     def key(self) -> str:
-        return self.store.entry_key(self.parent_id, self.name)
+        """Where the file's object goes: its name's key, or a hard-linked file's own key."""
+        return self.inode_key or self.store.entry_key(self.parent_id, self.name)
+
+    @property
+    def link_key(self) -> str | None:
+        """A hard-linked file: the key of the link entry of the name it is bound to."""
+        return None if self.inode_key is None else self.store.entry_key(self.parent_id, self.name)
 
     @property
     def staging_path(self) -> str:
@@ -88,7 +96,8 @@ class FileState:
         """relatime: a read moves atime when it is not newer than mtime/ctime, or a day old.
         Kept here, and carried into the bucket by the file's next upload or attribute change."""
         a, now = self.attrs, time.time_ns()
-        if a.atime_ns <= max(a.mtime_ns, a.ctime_ns) or now - a.atime_ns > 86_400 * 10 ** 9:
+        atime = a.mtime_ns if a.atime_ns is None else a.atime_ns
+        if atime <= max(a.mtime_ns, a.ctime_ns) or now - atime > 86_400 * 10 ** 9:
             self.attrs = replace(a, atime_ns=now)
 
     # ------------------------------------------------------------ block sources
@@ -105,7 +114,7 @@ class FileState:
             return bytes(self.dirty[i])
         if i in self.staged:
             last, length = self.staged[i]
-            ct = os.pread(self.fd, length + fmt.BLOCK_OVERHEAD, self.layout.block_offset(i))
+            ct = os.pread(self._open_staging(), length + fmt.BLOCK_OVERHEAD, self.layout.block_offset(i))
             return fmt.decrypt_block(self.fk, self.header, i, ct, last)
         if self.basis is not None and i < self.basis_blocks:
             return self.reader.block(self.basis, self.fk, self.header, i)
@@ -125,9 +134,8 @@ class FileState:
             size = min(size, self.size - offset)
             self.accessed()
             window = self.seq.observe(offset, size)
-            clean = not self.dirty and not self.staged and self.basis is not None
             span = fmt.block_span(offset, size, self.bs)
-            if clean and window:
+            if window and self.basis is not None and not self.dirty and not self.staged:
                 self.reader.prefetch(self.basis, self.fk, self.header, span.start, window)
             out = b"".join(self._plain(i) for i in span)
             skip = offset - span.start * self.bs
@@ -219,7 +227,8 @@ class FileState:
         """
         with self.lock:
             n = fmt.block_count(self.size, self.bs)
-            basis_n = fmt.block_count(self.basis.size, self.bs) if self.basis else 0
+            basis_size = self.basis.size if self.basis else 0
+            basis_n = fmt.block_count(basis_size, self.bs)
             runs: list[list] = []
             for i in range(n):
                 last, length = i == n - 1, fmt.block_plain_len(i, self.size, self.bs)
@@ -232,7 +241,7 @@ class FileState:
                     kind = "s"
                 elif i < self.basis_blocks:
                     basis_last = i == basis_n - 1
-                    basis_len = fmt.block_plain_len(i, self.basis.size, self.bs)
+                    basis_len = fmt.block_plain_len(i, basis_size, self.bs)
                     if (basis_last, basis_len) == (last, length):
                         kind = "b"
                     else:
@@ -246,9 +255,13 @@ class FileState:
                 else:
                     runs.append([kind, i, i + 1])
             if sync and self.unsynced:
-                os.fsync(self.fd)
+                os.fsync(self._open_staging())
                 self.unsynced = False
             return runs
+
+    def read_staged(self, lo: int, hi: int) -> bytes:
+        """Bytes [lo, hi) of the staging file (an upload's source)."""
+        return os.pread(self._open_staging(), hi - lo, lo)
 
     def staged_bytes(self) -> bytes:
         """The staging file as it stands (for small files, journaled inline)."""

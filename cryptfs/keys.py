@@ -9,7 +9,7 @@ import os
 import threading
 
 from cachetools import LRUCache
-from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.exceptions import InvalidSignature, InvalidTag, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -19,6 +19,7 @@ from .errors import FormatError, IntegrityError, WrongPassphrase
 
 DEFAULT_RSA_BITS = 3072
 MIN_RSA_BITS = 2048
+MAX_RSA_BITS = 16384
 SCRYPT_MIN_N = 2 ** 17
 SCRYPT_MIN_R = 8
 DATA_KEY_LABEL = b"cryptfs v1 data key"
@@ -33,13 +34,13 @@ def _oaep(label: bytes) -> padding.OAEP:
 
 
 def generate_rsa(bits: int = DEFAULT_RSA_BITS) -> rsa.RSAPrivateKey:
-    if bits < MIN_RSA_BITS:
-        raise ValueError(f"RSA keys below {MIN_RSA_BITS} bits are refused")
+    if not MIN_RSA_BITS <= bits <= MAX_RSA_BITS:
+        raise ValueError(f"RSA keys of {bits} bits are refused ({MIN_RSA_BITS} to {MAX_RSA_BITS})")
     return rsa.generate_private_key(public_exponent=65537, key_size=bits)
 
 
-def public_pem(key) -> str:
-    pub = key.public_key() if hasattr(key, "public_key") else key
+def public_pem(key: rsa.RSAPublicKey | rsa.RSAPrivateKey) -> str:
+    pub = key.public_key() if isinstance(key, rsa.RSAPrivateKey) else key
     return pub.public_bytes(serialization.Encoding.PEM,
                             serialization.PublicFormat.SubjectPublicKeyInfo).decode("ascii")
 
@@ -47,16 +48,16 @@ def public_pem(key) -> str:
 def load_public_pem(pem: str) -> rsa.RSAPublicKey:
     try:
         key = serialization.load_pem_public_key(pem.encode("ascii"))
-    except Exception:
+    except (ValueError, TypeError, UnicodeError, UnsupportedAlgorithm):
         raise FormatError("bad public key in volume config") from None
     if not isinstance(key, rsa.RSAPublicKey) or key.key_size < MIN_RSA_BITS:
         raise FormatError("volume config public key is not RSA of at least 2048 bits")
     return key
 
 
-def fingerprint(key) -> str:
+def fingerprint(key: rsa.RSAPublicKey | rsa.RSAPrivateKey) -> str:
     """SHA-256 of the DER SubjectPublicKeyInfo, as 'sha256:<hex>'."""
-    pub = key.public_key() if hasattr(key, "public_key") else key
+    pub = key.public_key() if isinstance(key, rsa.RSAPrivateKey) else key
     der = pub.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     return "sha256:" + hashlib.sha256(der).hexdigest()
 
@@ -69,7 +70,10 @@ def private_der(key: rsa.RSAPrivateKey) -> bytes:
 def load_private_der(der: bytes) -> rsa.RSAPrivateKey:
     # Only ever called on authenticated plaintext (AES-GCM under the passphrase or a wrapped
     # key), so the slow consistency check of the key's numbers is skipped.
-    return serialization.load_der_private_key(der, password=None, unsafe_skip_rsa_key_validation=True)
+    key = serialization.load_der_private_key(der, password=None, unsafe_skip_rsa_key_validation=True)
+    if not isinstance(key, rsa.RSAPrivateKey):
+        raise FormatError("private key is not RSA")
+    return key
 
 
 def wrap(pub: rsa.RSAPublicKey, secret: bytes, label: bytes) -> bytes:

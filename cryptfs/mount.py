@@ -12,12 +12,16 @@ import resource
 import subprocess
 import sys
 import time
+from typing import Any, cast
 
+from . import localstate
+from .backend.base import Backend
 from .cache import BlockCache, DiskCache
 from .config import VolumeSettings
 from .errors import CryptfsError, UsageError
 from .fs import CryptFS
-from .namespace import AttrDB, Namespace, cache_root
+from .lease import CacheLock, FencedBackend, Lease, cache_id, take_journal
+from .namespace import AttrDB, Namespace
 from .reader import BlockReader
 from .store import Store
 from .volume import state_dir
@@ -26,7 +30,7 @@ from .writeback import Journal, recover
 log = logging.getLogger(__name__)
 
 
-def load_fuse():
+def load_fuse() -> Any:
     """Import mfusepy bound to libfuse 3."""
     if "FUSE_LIBRARY_PATH" not in os.environ:
         lib = ctypes.util.find_library("fuse3")
@@ -69,9 +73,7 @@ class Mount:
 
     def __init__(self, store: Store, settings: VolumeSettings, read_only: bool = False):
         self.store = store
-        root = cache_root(store.vol.volume_id, settings.cache_dir)
-        os.makedirs(root, mode=0o700, exist_ok=True)
-        self.root = root
+        self.root = root = localstate.cache_dir(store.vol.volume_id, settings.cache_dir)
         self.journal = Journal(os.path.join(root, "journal"))
         self.staging = os.path.join(root, "staging")
         os.makedirs(self.staging, mode=0o700, exist_ok=True)
@@ -94,14 +96,57 @@ class Mount:
                 os.unlink(os.path.join(self.staging, name))
 
 
-def run(store: Store, settings: VolumeSettings, mountpoint: str, options: dict, foreground: bool) -> None:
-    mfusepy = load_fuse()
+def hold(store: Store, settings: VolumeSettings, read_only: bool, break_lease: bool = False):
+    """Before the mount forks: lock the cache directory; for a read-write mount take the lease
+    and decide whether the journal found there may be replayed (lease.py). -> (lock, lease)."""
+    root = localstate.cache_dir(store.vol.volume_id, settings.cache_dir)
+    lock = CacheLock(root, store.vol.url)
+    if read_only:
+        return lock, None
+    try:
+        lease = Lease(store, cache_id(root), settings.lease_duration)
+        prev, existed = lease.acquire(break_lease)
+        try:
+            journal = Journal(os.path.join(root, "journal"))
+            pending = len(journal.records())
+            journal.close()
+            take_journal(root, os.path.join(root, "journal"), os.path.join(root, "staging"), prev, existed,
+                         lease.epoch, pending)
+        except BaseException:
+            lease.release()
+            raise
+    except BaseException:
+        lock.close()
+        raise
+    return lock, lease
+
+
+def run(store: Store, settings: VolumeSettings, mountpoint: str, options: dict, held=None) -> None:
     read_only = bool(options.pop("ro", False))
+    lock, lease = held if held is not None else hold(store, settings, read_only)
+    lock.note_pid()
+    try:
+        if lease is not None:
+            lease.start()
+            store.backend = cast(Backend, FencedBackend(store.backend, lease))  # delegates all but writes
+        _run(store, settings, mountpoint, options, read_only, lease)
+    finally:
+        if lease is not None:
+            lease.release()
+        lock.close()
+
+
+def _run(store: Store, settings: VolumeSettings, mountpoint: str, options: dict, read_only: bool,
+         lease: Lease | None) -> None:
+    mfusepy = load_fuse()
+    fuse_base: Any = mfusepy.FUSE  # loaded at run time, bound to libfuse 3
     mount = Mount(store, settings, read_only)
-    mount.recover()
+    mount.fs.lease = lease
+    if not read_only:  # a read-only mount writes nothing, not even what an earlier mount left
+        mount.recover()
     fs = mount.fs
 
-    class FUSE(mfusepy.FUSE):
+    class FUSE(fuse_base):
         """mfusepy drops what libfuse 3 passes beyond fusepy's API: rename's flags
         (RENAME_NOREPLACE/EXCHANGE) and the open file of truncate/chmod/chown/utimens."""
 
@@ -140,7 +185,7 @@ def run(store: Store, settings: VolumeSettings, mountpoint: str, options: dict, 
             config.negative_timeout = 1.0
         if conn is not None:
             conn.max_readahead = 1024 * 1024
-    fs.init_with_config = init_with_config
+    fs.init_with_config = init_with_config  # type: ignore[attr-defined]  # mfusepy looks for it
 
     kwargs = dict(options)
     kwargs.setdefault("fsname", "cryptfs")
@@ -170,12 +215,21 @@ def _timespec_ns(ts) -> int | None:
 
 
 def daemonize_and_run(store: Store, settings: VolumeSettings, mountpoint: str, options: dict,
-                      foreground: bool, log_path: str) -> int:
+                      foreground: bool, log_path: str, break_lease: bool = False) -> int:
     """Mount; in the background unless foreground. Returns once mounted (or failed)."""
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core dump ever holds unwrapped keys
-    if foreground:
+    os.umask(0o077)  # every file of the mount's local state is the user's alone
+    # the log is checked before anything else is made in the cache directory
+    logfd = None if foreground else localstate.private_file(log_path, os.O_WRONLY | os.O_APPEND)
+    try:
+        held = hold(store, settings, bool(options.get("ro")), break_lease)  # refusals reach the caller
+    except BaseException:
+        if logfd is not None:
+            os.close(logfd)
+        raise
+    if logfd is None:
         _write_pid(mountpoint)
-        run(store, settings, mountpoint, options, True)
+        run(store, settings, mountpoint, options, held)
         return 0
     read_fd, write_fd = os.pipe()
     pid = os.fork()
@@ -183,7 +237,6 @@ def daemonize_and_run(store: Store, settings: VolumeSettings, mountpoint: str, o
         os.close(read_fd)
         os.setsid()
         devnull = os.open(os.devnull, os.O_RDWR)
-        logfd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         os.dup2(devnull, 0)
         os.dup2(logfd, 1)
         os.dup2(logfd, 2)
@@ -192,7 +245,7 @@ def daemonize_and_run(store: Store, settings: VolumeSettings, mountpoint: str, o
             _write_pid(mountpoint)
             os.write(write_fd, b"S")
             os.close(write_fd)
-            run(store, settings, mountpoint, options, False)
+            run(store, settings, mountpoint, options, held)
         except BaseException as exc:  # noqa: BLE001 - the process must end with a code
             log.error("mount failed: %s", exc)
             code = 1
@@ -204,6 +257,7 @@ def daemonize_and_run(store: Store, settings: VolumeSettings, mountpoint: str, o
             logging.shutdown()
             os._exit(code)
     os.close(write_fd)
+    os.close(logfd)
     os.read(read_fd, 1)
     os.close(read_fd)
     deadline = time.monotonic() + 60
@@ -247,7 +301,8 @@ def _read_status(mountpoint: str) -> str | None:
 
 def _write_pid(mountpoint: str) -> None:
     path = pidfile(mountpoint)
-    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    localstate.private_dir(state_dir())
+    localstate.private_dir(os.path.dirname(path))
     with open(path, "w") as f:
         f.write(str(os.getpid()))
 

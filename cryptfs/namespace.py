@@ -33,7 +33,6 @@ import concurrent.futures as cf
 import contextlib
 import json
 import logging
-import os
 import sqlite3
 import threading
 import time
@@ -43,16 +42,20 @@ from . import format as fmt
 from .backend.base import ObjectInfo
 from .errors import CryptfsError, FormatError, IntegrityError, NotADirectory, NotFound
 from .handles import FileState
-from .store import Entry, Store
+from .store import Entry, Store, entry_attrs
 
 log = logging.getLogger(__name__)
 
 
 class AttrDB:
-    """Encrypted metadata of objects seen, persisted in sqlite under the cache directory."""
+    """Encrypted metadata of objects seen, persisted in sqlite under the cache directory.
+
+    Only a cache: a write it cannot make (a full cache disk) is skipped, logged once, and
+    costs a HEAD later; lookups, listings and unlinks never fail for it."""
 
     def __init__(self, path: str | None):
         self._lock = threading.Lock()
+        self._failing = False  # the last write failed (logged once per run of failures)
         self._db = sqlite3.connect(path or ":memory:", check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
@@ -71,13 +74,20 @@ class AttrDB:
         return json.loads(row[3])
 
     def put(self, key: str, etag: str, lm: float | None, size: int, meta: dict) -> None:
-        with self._lock:
-            self._db.execute("INSERT OR REPLACE INTO attrs VALUES (?,?,?,?,?)",
-                             (key, etag, lm, size, json.dumps(meta)))
+        self._write("INSERT OR REPLACE INTO attrs VALUES (?,?,?,?,?)", (key, etag, lm, size, json.dumps(meta)))
 
     def forget(self, key: str) -> None:
+        self._write("DELETE FROM attrs WHERE key=?", (key,))
+
+    def _write(self, sql: str, args: tuple) -> None:
         with self._lock:
-            self._db.execute("DELETE FROM attrs WHERE key=?", (key,))
+            try:
+                self._db.execute(sql, args)
+                self._failing = False
+            except sqlite3.Error as exc:
+                if not self._failing:
+                    log.warning("attribute cache not updated (%s); entries are read from the bucket", exc)
+                self._failing = True
 
     def close(self) -> None:
         with self._lock:
@@ -217,7 +227,7 @@ class Namespace:
                 if d.fresh_until > time.monotonic():
                     return
                 event, mine = d.listing, d.listing is None
-                if mine:
+                if event is None:
                     event = d.listing = threading.Event()
                     seq0 = self._seq
             if not mine:
@@ -251,7 +261,7 @@ class Namespace:
             if name in local or d.changed.get(name, -1) > seq0 or (dir_id, name) in self._doomed:
                 continue  # changed here after the LIST began (ours is newer), or unlinked while open
             old = d.children.get(name)
-            if isinstance(old, Entry) and old.etag == info.etag and old.key == info.key[prefix_len:]:
+            if isinstance(old, Entry) and old.etag == info.etag and old.name_key == info.key[prefix_len:]:
                 merged[name] = old
             else:
                 merged[name] = info
@@ -277,7 +287,7 @@ class Namespace:
                     if d.children.get(name) is info:
                         del d.children[name]  # removed behind our back since the LIST
                 raise
-            if entry.etag == info.etag:
+            if entry.etag == info.etag and entry.raw_meta is not None:
                 self.db.put(info.key, entry.etag, info.last_modified, info.size, entry.raw_meta)
         with self._lock:
             d = self._dir(dir_id)
@@ -345,10 +355,53 @@ class Namespace:
             self._where.pop(dir_id, None)
 
     def record(self, entry: Entry) -> None:
-        """Persist an entry's encrypted metadata (as the bucket holds it) for later listings."""
+        """Persist an entry's encrypted metadata (as the bucket holds it) for later listings; a
+        hard-linked file's other names known here see its new size, version and attributes."""
+        if entry.link_key is not None:
+            self._refresh_links(entry)
         if entry.raw_meta is not None and entry.obj_id != fmt.ROOT_DIR_ID:
             size = fmt.DIRENT_SIZE if entry.is_dir else self.store.layout.object_size(entry.size)
             self.db.put(self.store.abs_key(entry.key), entry.etag, None, size, entry.raw_meta)
+
+    # ------------------------------------------------------------ hard-linked files
+    # A hard-linked file open under one name is one FileState, bound to that name; its other
+    # names stay bound to Entries, and the mount acts on the FileState through them. These
+    # scan the tables: hard links are few.
+
+    def _refresh_links(self, inode: Entry) -> None:
+        with self._lock:
+            for d in self._dirs.values():
+                for name, child in d.children.items():
+                    if isinstance(child, Entry) and child.link_key and child.obj_id == inode.obj_id \
+                            and child.link_key != inode.link_key:
+                        d.children[name] = replace(inode, parent_id=child.parent_id, name=child.name,
+                                                   link_key=child.link_key)
+
+    def open_link(self, file_id: bytes) -> FileState | None:
+        """The FileState of a hard-linked file, under whichever of its names it is bound to."""
+        with self._lock:
+            for d in self._dirs.values():
+                for child in d.children.values():
+                    if isinstance(child, FileState) and child.inode_key and child.fk.file_id == file_id:
+                        return child
+        return None
+
+    def link_names(self, file_id: bytes) -> list[tuple[bytes, bytes]]:
+        """Every name of a hard-linked file known here, as (directory id, name)."""
+        with self._lock:
+            return [(dir_id, name) for dir_id, d in self._dirs.items() for name, child in d.children.items()
+                    if (child.link_key is not None and child.obj_id == file_id if isinstance(child, Entry) else
+                        isinstance(child, FileState) and child.inode_key and child.fk.file_id == file_id)]
+
+    def other_name(self, file_id: bytes, but: tuple[bytes, bytes]) -> Entry | None:
+        """Another name of a hard-linked file bound to an Entry here, if any is known."""
+        with self._lock:
+            for d in self._dirs.values():
+                for child in d.children.values():
+                    if isinstance(child, Entry) and child.link_key and child.obj_id == file_id \
+                            and (child.parent_id, child.name) != but:
+                        return child
+        return None
 
     # ------------------------------------------------------------ open and pending files
 
@@ -404,6 +457,13 @@ class Namespace:
             del d.children[state.name]
         self._seq += 1
         d.changed[state.name] = self._seq
+
+    def abandon(self, state: FileState) -> None:
+        """Unbind a file whose local changes are given up: the directory is listed again at its
+        next lookup, so the name shows what the bucket holds under it, if anything."""
+        with self._lock:
+            self._unbind(state)
+            self._dir(state.parent_id).fresh_until = 0.0
 
     def rename_state(self, state: FileState, new_parent: bytes, new_name: bytes) -> None:
         """Move a FileState to another name (with its lock held): both names change at once."""
@@ -471,9 +531,9 @@ class Namespace:
         with self._lock:
             loc = self._where.get(dir_id)
             entry = self._dir_entry(loc)
-            if entry is None:
+            if loc is None or entry is None:
                 return None
-            new = replace(entry, attrs=change(entry.attrs))
+            new = replace(entry, attrs=change(entry_attrs(entry)))
             self._put_dir_entry(loc, new)
             if persist:
                 self._dirty.add(loc)
@@ -510,7 +570,7 @@ class Namespace:
                         self._dirty.discard(loc)
                         continue
                 try:
-                    new = self.store.set_attrs(entry, entry.attrs)
+                    new = self.store.set_attrs(entry, entry_attrs(entry))
                 except CryptfsError as exc:
                     failed += 1
                     log.warning("directory times of %s not stored yet: %s", entry.key, exc)
@@ -525,8 +585,3 @@ class Namespace:
     def close(self) -> None:
         self._pool.shutdown(wait=False)
         self.db.close()
-
-
-def cache_root(volume_id: str, base: str | None) -> str:
-    base = base or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "cryptfs")
-    return os.path.join(base, volume_id)

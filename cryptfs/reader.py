@@ -8,6 +8,7 @@ doubles up to MAX_WINDOW chunks, fetched as several runs in parallel.
 """
 
 import concurrent.futures as cf
+import functools
 import logging
 import threading
 
@@ -47,7 +48,7 @@ class BlockReader:
         brings the tag table."""
         spans = [self._span(entry, c) for c in chunks]
         raws = [self.disk.get(self._chunk_key(entry, c), s[3] - s[2]) if self.disk else None
-                for c, s in zip(chunks, spans)]
+                for c, s in zip(chunks, spans, strict=True)]
         if any(r is None for r in raws):
             start, end = spans[0][2], spans[-1][3]
             with_header = chunks[0] == 0
@@ -60,12 +61,13 @@ class BlockReader:
                 self.store.check_header(entry, fk, data[:fmt.HEADER_SIZE])
             if with_table:
                 self.store.tag_table(entry, fk, header, data[end - lo:])
-            for i, (c, s) in enumerate(zip(chunks, spans)):
+            for i, (c, s) in enumerate(zip(chunks, spans, strict=True)):
                 if raws[i] is None:
-                    raws[i] = data[s[2] - lo:s[3] - lo]
+                    got = raws[i] = data[s[2] - lo:s[3] - lo]
                     if self.disk:
-                        self.disk.put(self._chunk_key(entry, c), raws[i])
-        for c, s, raw in zip(chunks, spans, raws):
+                        self.disk.put(self._chunk_key(entry, c), got)
+        for c, s, raw in zip(chunks, spans, raws, strict=True):
+            assert raw is not None  # every chunk came from the disk cache or the GET above
             try:
                 plains = self.store.decrypt_range(entry, fk, header, s[0], raw)
             except Exception:
@@ -85,7 +87,8 @@ class BlockReader:
                     futures[c] = self._inflight[key]
                 else:
                     todo.append(c)
-            runs, run = [], []
+            runs: list[list[int]] = []
+            run: list[int] = []
             for c in todo:
                 if run and (c != run[-1] + 1 or c % MAX_RUN == 0):
                     runs.append(run)
@@ -97,15 +100,15 @@ class BlockReader:
             for run in runs:
                 fut = self._pool.submit(self._fetch_run, entry, fk, header, run)
                 keys = [self._chunk_key(entry, c) for c in run]
-                for c, key in zip(run, keys):
+                for c, key in zip(run, keys, strict=True):
                     self._inflight[key] = fut
                     futures[c] = fut
                 started.append((fut, keys))
         for fut, keys in started:  # outside the lock: a finished future calls back at once
-            fut.add_done_callback(lambda _f, keys=keys: self._done(keys))
+            fut.add_done_callback(functools.partial(self._done, keys))
         return [futures[c] for c in chunks]
 
-    def _done(self, keys) -> None:
+    def _done(self, keys: list, _fut: cf.Future | None = None) -> None:
         with self._lock:
             for key in keys:
                 self._inflight.pop(key, None)

@@ -12,12 +12,12 @@ import stat
 import threading
 import time
 from dataclasses import dataclass, field, replace
-from typing import BinaryIO, Callable, Iterator
+from typing import Callable, Iterator
 
 from . import format as fmt
 from . import keys
 from cachetools import LRUCache
-from .backend.base import ObjectInfo, PendingUpload, read_exact
+from .backend.base import ObjectInfo, PendingUpload, Readable, read_exact
 from .errors import (AlreadyExists, DirectoryNotEmpty, FormatError, IntegrityError, IsADirectory,
                      NotADirectory, NotFound, PreconditionFailed)
 from .volume import Volume
@@ -25,6 +25,7 @@ from .volume import Volume
 log = logging.getLogger(__name__)
 
 LOST_FOUND = b"lost+found"
+SPECIAL_TYPES = (stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK)  # what mknod makes
 
 
 @dataclass(frozen=True)
@@ -41,10 +42,28 @@ class Entry:
     attrs: fmt.Attrs | None  # None until metadata was read
     wrapped_key: bytes | None = None
     raw_meta: dict | None = field(default=None, compare=False, repr=False)  # as the bucket holds it
+    link_key: str | None = None  # a hard-linked name: its link entry's key (`key` is the file's object)
+
+    @property
+    def name_key(self) -> str:
+        """The key of this name's own object."""
+        return self.link_key or self.key
 
     @property
     def is_symlink(self) -> bool:
         return self.attrs is not None and stat.S_ISLNK(self.attrs.mode)
+
+    @property
+    def is_special(self) -> bool:
+        """A FIFO, socket or device node: an empty object whose attributes are all it holds."""
+        return self.attrs is not None and stat.S_IFMT(self.attrs.mode) in SPECIAL_TYPES
+
+
+def entry_attrs(entry: Entry) -> fmt.Attrs:
+    """An entry's attributes (only entries taken from a bare listing have none yet)."""
+    if entry.attrs is None:
+        raise FormatError(f"object {entry.key}: attributes not read")
+    return entry.attrs
 
 
 def now_ns() -> int:
@@ -85,6 +104,25 @@ class Store:
     def backptr_key(self, dir_id: bytes) -> str:
         return fmt.dir_prefix(self.vk, dir_id) + fmt.BACKPTR_NAME
 
+    # ------------------------------------------------------------ objects by volume-relative key
+
+    def head(self, rel: str) -> ObjectInfo:
+        return self.backend.head(self.abs_key(rel))
+
+    def get_object(self, rel: str) -> tuple[bytes, ObjectInfo]:
+        return self.backend.get(self.abs_key(rel))
+
+    def list_objects(self, rel_prefix: str = "") -> Iterator[ObjectInfo]:
+        """Every object under a volume-relative prefix, keys relative to the volume."""
+        cut = len(self.vol.prefix)
+        for info in self.backend.list(self.abs_key(rel_prefix)):
+            yield replace(info, key=info.key[cut:])
+
+    def pending_uploads(self) -> list[PendingUpload]:
+        """Unfinished multipart uploads under the volume, keys relative to the volume."""
+        cut = len(self.vol.prefix)
+        return [replace(u, key=u.key[cut:]) for u in self.backend.pending_uploads(self.vol.prefix)]
+
     def warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
@@ -95,15 +133,17 @@ class Store:
     def entry_from(self, parent_id: bytes, name: bytes, rel: str, info: ObjectInfo,
                    body: bytes | None) -> Entry:
         """An Entry from an object's info (with metadata) and, for directories, its body."""
+        if info.size == fmt.LINK_SIZE:
+            return self._linked(parent_id, name, rel, body)
         meta = fmt.parse_metadata(info.metadata or {})
         attrs = fmt.decrypt_attrs(self.vk, rel, meta.obj_id, meta.attr_blob)
         if info.size == fmt.DIRENT_SIZE:
             # the child id is authenticated by the attribute blob; the body repeats it
             if body is not None and fmt.decrypt_dirent(self.vk, parent_id, name, body[:fmt.DIRENT_SIZE]) \
                     != meta.obj_id:
-                raise IntegrityError(f"directory entry {name!r} does not match its metadata")
+                raise IntegrityError(f"directory entry {rel} does not match its metadata")
             if not stat.S_ISDIR(attrs.mode):
-                raise IntegrityError(f"directory entry {name!r} has non-directory attributes")
+                raise IntegrityError(f"directory entry {rel} has non-directory attributes")
             return Entry(parent_id, name, rel, True, meta.obj_id, 0, info.etag, info.last_modified, attrs,
                          raw_meta=info.metadata)
         if meta.wrapped_key is None:
@@ -115,6 +155,22 @@ class Store:
         return Entry(parent_id, name, rel, False, meta.obj_id, size, info.etag, info.last_modified,
                      attrs, meta.wrapped_key, raw_meta=info.metadata)
 
+    def _linked(self, parent_id: bytes, name: bytes, rel: str, body: bytes | None) -> Entry:
+        """A hard-linked name: its link entry names the file, whose object holds the rest."""
+        if body is None or len(body) < fmt.LINK_SIZE:
+            body, _ = self.backend.get(self.abs_key(rel))
+        file_id = fmt.decrypt_link(self.vk, parent_id, name, body[:fmt.LINK_SIZE])
+        entry = self.inode(file_id, parent_id, name)
+        return replace(entry, link_key=rel)
+
+    def inode(self, file_id: bytes, parent_id: bytes = b"", name: bytes = b"") -> Entry:
+        """A hard-linked file as the bucket holds it now (NotFound: its last name went meanwhile)."""
+        rel = fmt.inode_key(self.vk, file_id)
+        entry = self.entry_from(parent_id, name, rel, self.backend.head(self.abs_key(rel)), None)
+        if entry.is_dir or entry.obj_id != file_id:
+            raise IntegrityError(f"hard-linked file {rel} is not the file its name points to")
+        return entry
+
     def lookup(self, dir_id: bytes, name: bytes, first: int | None = None) -> tuple[Entry, bytes]:
         """One request: the entry and the first bytes of its object (by default header and first
         block, and the tag table of a one-block file)."""
@@ -122,14 +178,15 @@ class Store:
         first = first or self.layout.object_size(self.block_size)
         body, info = self.backend.get(self.abs_key(rel), 0, first)
         try:
-            return self.entry_from(dir_id, name, rel, info, body), body
+            entry = self.entry_from(dir_id, name, rel, info, body)
+            return entry, body if entry.link_key is None else b""
         except (FormatError, IntegrityError) as exc:
             raise type(exc)(f"{name.decode(errors='replace')}: {exc}") from None
 
     def stat_listed(self, dir_id: bytes, name: bytes, rel: str, size: int | None = None) -> Entry:
         """An entry found by a listing: one request. A directory entry (listed `size` 56) is
         read whole, so its body is checked too; a file is a HEAD."""
-        if size == fmt.DIRENT_SIZE:
+        if size in (fmt.DIRENT_SIZE, fmt.LINK_SIZE):
             body, info = self.backend.get(self.abs_key(rel))
         else:
             body, info = None, self.backend.head(self.abs_key(rel))
@@ -170,8 +227,9 @@ class Store:
                 continue
             yield name, info, info.size == fmt.DIRENT_SIZE
 
-    def list_entries(self, dir_id: bytes) -> list[Entry]:
-        """Every entry with its attributes: one LIST, then HEADs in parallel."""
+    def list_entries(self, dir_id: bytes, skipped: list | None = None) -> list[Entry]:
+        """Every entry with its attributes: one LIST, then HEADs in parallel. An entry whose
+        metadata fails its checks is left out: logged, or added to `skipped` as (name, error)."""
         listed = list(self.list_dir(dir_id))
 
         def one(item):
@@ -182,7 +240,10 @@ class Store:
                     self.follow(entry)
                 return entry
             except (FormatError, IntegrityError) as exc:
-                self.warn_once(info.key, f"skipped: {exc}")
+                if skipped is None:
+                    self.warn_once(info.key, f"skipped: {exc}")
+                else:
+                    skipped.append((name, type(exc)(f"{exc} (object {info.key})")))
             except NotFound:
                 pass  # removed since the listing
             return None
@@ -192,6 +253,8 @@ class Store:
     # ------------------------------------------------------------ file contents
 
     def file_key(self, entry: Entry) -> fmt.FileKey:
+        if entry.wrapped_key is None:
+            raise FormatError(f"object {entry.key} has no data key")
         return fmt.FileKey.derive(self.vol.data_keys.unwrap(entry.wrapped_key), entry.obj_id)
 
     def tag_table(self, entry: Entry, fk: fmt.FileKey, header: bytes, raw: bytes | None = None) -> bytes | None:
@@ -230,10 +293,8 @@ class Store:
                     fmt.check_tag(tags, index, block)
                 out.append(fmt.decrypt_block(fk, header, index, block, index == nblocks - 1))
             except IntegrityError as exc:
-                log.error("%s: block %d of %s failed authentication: %s", entry.key, index,
-                          entry.name.decode(errors="replace"), exc)
-                raise IntegrityError(f"{entry.name.decode(errors='replace')}: {exc} (object {entry.key})") \
-                    from None
+                log.error("%s: %s", entry.key, exc)   # the error names the block
+                raise IntegrityError(f"{exc} (object {entry.key})") from None
         return out
 
     def check_header(self, entry: Entry, fk: fmt.FileKey, raw: bytes) -> bytes:
@@ -309,10 +370,14 @@ class Store:
 
     # ------------------------------------------------------------ writing files
 
-    def metadata_for(self, rel: str, obj_id: bytes, attrs: fmt.Attrs, wrapped: bytes | None,
+    def metadata_for(self, rel: str, obj_id: bytes, attrs: fmt.Attrs | None, wrapped: bytes | None,
                      is_dir: bool) -> dict[str, str]:
+        if attrs is None:
+            raise FormatError(f"object {rel}: attributes not read")
         if is_dir:
             return fmt.dirent_metadata(self.vk, rel, obj_id, attrs)
+        if wrapped is None:
+            raise FormatError(f"object {rel} has no data key")
         return fmt.file_metadata(self.vk, rel, obj_id, wrapped, attrs)
 
     def new_file_key(self, file_id: bytes | None = None) -> tuple[fmt.FileKey, bytes]:
@@ -322,7 +387,7 @@ class Store:
         self.vol.data_keys.remember(wrapped, fk.data_key)
         return fk, wrapped
 
-    def write_stream(self, dir_id: bytes, name: bytes, stream: BinaryIO, size: int, attrs: fmt.Attrs,
+    def write_stream(self, dir_id: bytes, name: bytes, stream: Readable, size: int, attrs: fmt.Attrs,
                      existing: Entry | None = None, create_only: bool = False,
                      progress: Callable[[int], None] | None = None) -> Entry:
         """Encrypt `size` bytes from `stream` into the entry (dir_id, name), streaming."""
@@ -421,7 +486,9 @@ class Store:
             self.backend.delete(self.abs_key(entry.key))
             self.backend.delete(self.abs_key(self.backptr_key(entry.obj_id)))
         else:
-            self.backend.delete(self.abs_key(entry.key))
+            self.backend.delete(self.abs_key(entry.name_key))
+            if entry.link_key is not None:
+                self.unlinked(entry)
 
     def delete_key(self, rel: str) -> None:
         """Delete the object under a volume-relative key (absent is not an error)."""
@@ -450,9 +517,80 @@ class Store:
 
     # ------------------------------------------------------------ renames and attributes
 
+    # ------------------------------------------------------------ hard links
+    #
+    # A file's first link moves its object to its inode key (format.md §7.5) and turns each
+    # name into a link entry. The stored link count is raised before a name is added and
+    # lowered after one is removed, so an interrupted operation leaves it too high (the file
+    # outlives its last name: fsck reports it), never too low. Each change of the count reads
+    # the file's object first, so names known to be stale elsewhere cannot undo one another.
+
+    def bump_links(self, entry: Entry, delta: int) -> Entry:
+        """Change a hard-linked file's stored link count, from what the bucket holds now."""
+        current = self.inode(entry.obj_id, entry.parent_id, entry.name)
+        have = entry_attrs(current)
+        attrs = replace(have, nlink=have.nlink + delta, ctime_ns=now_ns())
+        return replace(self.set_attrs(current, attrs), link_key=entry.link_key)
+
+    def put_link(self, parent_id: bytes, name: bytes, file_id: bytes, create_only: bool) -> str:
+        rel = self.entry_key(parent_id, name)
+        try:
+            self.backend.put(self.abs_key(rel), fmt.encrypt_link(self.vk, parent_id, name, file_id), None,
+                             if_none_match=create_only)
+        except PreconditionFailed:
+            raise AlreadyExists(f"{name.decode(errors='replace')} already exists") from None
+        return rel
+
+    def link(self, entry: Entry, new_parent: bytes, new_name: bytes) -> tuple[Entry, Entry]:
+        """Give a file a new name: (the file under its old name, under the new one)."""
+        if entry.link_key is None:
+            rel = fmt.inode_key(self.vk, entry.obj_id)
+            attrs = replace(entry_attrs(entry), nlink=entry_attrs(entry).nlink + 1, ctime_ns=now_ns())
+            meta = self.metadata_for(rel, entry.obj_id, attrs, entry.wrapped_key, False)
+            etag = self.backend.copy(self.abs_key(entry.key), self.abs_key(rel), meta, if_match=entry.etag)
+            if self.backend.head(self.abs_key(rel)).size != self.layout.object_size(entry.size):
+                raise IntegrityError(f"copy of {entry.name!r} has the wrong size; not linked")
+            self.put_link(entry.parent_id, entry.name, entry.obj_id, create_only=False)  # replaces the object
+            old = replace(entry, key=rel, etag=etag, last_modified=time.time(), attrs=attrs, raw_meta=meta,
+                          link_key=entry.key)
+        else:
+            old = self.bump_links(entry, 1)
+        try:
+            new_rel = self.put_link(new_parent, new_name, entry.obj_id, create_only=True)
+        except AlreadyExists:
+            self.bump_links(old, -1)
+            raise
+        return old, replace(old, parent_id=new_parent, name=new_name, link_key=new_rel)
+
+    def unlinked(self, entry: Entry) -> Entry | None:
+        """A hard-linked name is gone (its object deleted or replaced): one link fewer, and the
+        file itself goes with its last name. Returns the file as its other names see it."""
+        try:
+            current = self.inode(entry.obj_id, entry.parent_id, entry.name)
+        except NotFound:
+            return None
+        if entry_attrs(current).nlink > 1:
+            return self.bump_links(entry, -1)
+        self.backend.delete(self.abs_key(entry.key))
+        return None
+
+    def _rename_link(self, entry: Entry, new_parent: bytes, new_name: bytes, target: Entry | None) -> Entry:
+        if entry.link_key is None:
+            raise FormatError(f"object {entry.key} is not a linked name")
+        self.bump_links(entry, 1)
+        new_rel = self.put_link(new_parent, new_name, entry.obj_id, create_only=target is None)
+        if target is not None and target.link_key is not None:
+            self.unlinked(target)
+        self.backend.delete(self.abs_key(entry.link_key))
+        return replace(self.bump_links(entry, -1), parent_id=new_parent, name=new_name, link_key=new_rel)
+
     def rename(self, entry: Entry, new_parent: bytes, new_name: bytes, target: Entry | None = None) -> Entry:
         """Move an entry; `target` is what (new_parent, new_name) holds now, replaced if allowed."""
         new_rel = self.entry_key(new_parent, new_name)
+        if target is not None and target.is_dir and not entry.is_dir:
+            raise IsADirectory(f"{new_name.decode(errors='replace')} is a directory")
+        if entry.link_key is not None:
+            return self._rename_link(entry, new_parent, new_name, target)
         if target is not None:
             if target.is_dir and not entry.is_dir:
                 raise IsADirectory(f"{new_name.decode(errors='replace')} is a directory")
@@ -470,7 +608,9 @@ class Store:
             etag = self.backend.copy(self.abs_key(entry.key), self.abs_key(new_rel), meta, if_match=entry.etag)
             copied = self.backend.head(self.abs_key(new_rel))
             if copied.size != self.layout.object_size(entry.size):
-                raise IntegrityError(f"copy of {entry.name!r} has the wrong size; source kept")
+                raise IntegrityError(f"copy of {entry.key} has the wrong size; source kept")
+        if target is not None and target.link_key is not None:
+            self.unlinked(target)  # its link entry was replaced by the copy
         if new_rel != entry.key:
             self.backend.delete(self.abs_key(entry.key))
         return replace(entry, parent_id=new_parent, name=new_name, key=new_rel, etag=etag,
@@ -534,7 +674,7 @@ class EncryptingReader(ProducedStream):
     short object.
     """
 
-    def __init__(self, source: BinaryIO, fk: fmt.FileKey, size: int, layout: fmt.Layout):
+    def __init__(self, source: Readable, fk: fmt.FileKey, size: int, layout: fmt.Layout):
         self.source, self.fk, self.size, self.layout = source, fk, size, layout
         self.bs = layout.block_size
         self.header = fmt.make_header(fk, layout)

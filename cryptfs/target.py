@@ -48,10 +48,16 @@ def make_backend(url: str, settings: VolumeSettings, root: str | None = None) ->
                             max_attempts=settings.max_attempts, workers=settings.workers)
         return backend, path.lstrip("/")
     if scheme == "file":
-        if netloc not in ("", "localhost"):
-            raise UsageError(f"{url}: file URLs name a local path (file:///dir)")
-        return LocalBackend(root or os.path.abspath(path)), ""
+        return LocalBackend(root or local_path(url)), ""
     raise UsageError(f"{url}: unsupported URL scheme (use s3://bucket/prefix or file:///dir)")
+
+
+def local_path(url: str) -> str:
+    """The absolute local path of a file:// URL."""
+    _, netloc, path = split_url(url)
+    if netloc not in ("", "localhost"):
+        raise UsageError(f"{url}: file URLs name a local path (file:///dir)")
+    return os.path.abspath(path)
 
 
 def _split(path: str) -> list[bytes]:
@@ -62,8 +68,7 @@ def locate(url: str, settings: VolumeSettings) -> Target:
     """The volume a URL points into, and the path inside it (fails if there is no volume)."""
     scheme, _, path = split_url(url)
     if scheme == "file":
-        path = os.path.abspath(path)
-        root = path
+        path = root = local_path(url)
         while not (os.path.exists(os.path.join(root, volume.CONFIG_NAME))
                    or os.path.exists(os.path.join(root, volume.BACKUP_NAME))):
             if root == os.path.dirname(root):

@@ -10,10 +10,11 @@ import os
 import stat
 import sys
 import time
+from dataclasses import dataclass, field
 
 from . import format as fmt
-from .errors import IsADirectory, NoSpace, NotADirectory, NotFound
-from .store import Entry, Store, now_ns
+from .errors import EXIT_INTEGRITY, CryptfsError, IsADirectory, NoSpace, NotADirectory, NotFound
+from .store import Entry, Store, entry_attrs, now_ns
 
 PARTIAL_SUFFIX = ".cryptfs-partial"
 NAME_MAX = 255
@@ -94,27 +95,73 @@ def _lookup(store: Store, parent: Entry, name: bytes) -> Entry | None:
         return None
 
 
-# ---------------------------------------------------------------- get
+# ---------------------------------------------------------------- get and decrypt
 
-def get_entry(store: Store, entry: Entry, dest: str, quiet: bool = False, resume: bool = False) -> int:
-    """Download an entry (recursively for directories) to local path `dest`; returns files written."""
+@dataclass
+class Restored:
+    """What a decrypt did: files written, and files it could not restore with the reason."""
+    written: int = 0
+    failed: list[tuple[str, CryptfsError]] = field(default_factory=list)   # (volume path, error)
+
+
+def get_entry(store: Store, entry: Entry, dest: str, where: str, quiet: bool = False,
+              restored: Restored | None = None) -> int:
+    """Download an entry (recursively for directories) to local path `dest`; returns files
+    written. `where` is the entry's path in the volume, for messages.
+
+    With `restored` (decrypt) files that already hold what the volume says (same size and
+    mtime) are skipped, and a file or entry whose data fails its checks is recorded there
+    and skipped, so the rest is restored and a rerun retries just those; otherwise the
+    first error ends the download.
+    """
     if entry.is_dir:
         os.makedirs(dest, exist_ok=True)
         written = 0
-        children = store.list_entries(entry.obj_id)
+        skipped: list[tuple[bytes, CryptfsError]] | None = [] if restored is not None else None
+        children = store.list_entries(entry.obj_id, skipped)
+        for name, exc in skipped or ():
+            if restored is not None:
+                restored.failed.append((_join(where, name), exc))
         for child in sorted(children, key=lambda e: e.name):
-            written += get_entry(store, child, os.path.join(dest, os.fsdecode(child.name)), quiet, resume)
+            written += get_entry(store, child, os.path.join(dest, os.fsdecode(child.name)),
+                                 _join(where, child.name), quiet, restored)
         _apply_attrs(dest, entry.attrs, follow=True)
         return written
-    if resume and _unchanged(dest, entry):
+    if restored is not None and _unchanged(dest, entry):
         return 0
-    if entry.is_symlink:
-        target = store.read_all(entry)
+    try:
+        _get_file(store, entry, dest, quiet)
+    except CryptfsError as exc:
+        if restored is None or exc.exit_code != EXIT_INTEGRITY:
+            raise exc.about(where) from None
+        restored.failed.append((where, exc))
+        return 0
+    if restored is not None:
+        restored.written += 1
+    return 1
+
+
+def _join(where: str, name: bytes) -> str:
+    return where.rstrip("/") + "/" + name.decode(errors="replace")
+
+
+def _get_file(store: Store, entry: Entry, dest: str, quiet: bool) -> None:
+    """One file or symlink to `dest`, written under a temporary name and renamed into place
+    when complete, so a partly written file never stands under the real name."""
+    if entry.is_symlink or entry.is_special:
         if os.path.lexists(dest):
             os.unlink(dest)
-        os.symlink(target, dest)
-        _apply_attrs(dest, entry.attrs, follow=False)
-        return 1
+        attrs = entry_attrs(entry)
+        if entry.is_symlink:
+            os.symlink(store.read_all(entry), dest)
+        else:
+            try:
+                os.mknod(dest, attrs.mode, attrs.rdev)
+            except PermissionError:  # device nodes need root
+                print(f"cryptfs: skipping {dest}: making a device node needs root", file=sys.stderr)
+                return
+        _apply_attrs(dest, attrs, follow=not entry.is_symlink)
+        return
     partial = partial_path(dest)
     progress = Progress(entry.size, os.fsdecode(entry.name), enabled=None if not quiet else False)
     try:
@@ -135,7 +182,6 @@ def get_entry(store: Store, entry: Entry, dest: str, quiet: bool = False, resume
     except BaseException:
         _discard(partial)
         raise
-    return 1
 
 
 def _unchanged(dest: str, entry: Entry) -> bool:
@@ -144,7 +190,7 @@ def _unchanged(dest: str, entry: Entry) -> bool:
         st = os.lstat(dest)
     except FileNotFoundError:
         return False
-    return st.st_mtime_ns == entry.attrs.mtime_ns and (entry.is_symlink or st.st_size == entry.size)
+    return st.st_mtime_ns == entry_attrs(entry).mtime_ns and (entry.is_symlink or st.st_size == entry.size)
 
 
 def _apply_attrs(path: str, attrs: fmt.Attrs | None, follow: bool) -> None:

@@ -13,8 +13,10 @@ import os
 import threading
 from dataclasses import dataclass, field
 
+from cryptography.hazmat.primitives.asymmetric import rsa
+
 from . import format as fmt
-from . import keys
+from . import keys, localstate
 from .backend.base import Backend
 from .errors import (AlreadyExists, FormatError, IntegrityError, KeyMismatch, NotFound,
                      PreconditionFailed, VolumeNotFound)
@@ -64,9 +66,9 @@ class KnownVolumes:
                 if generation == seen["generation"] and seen.get("url") == url:
                     return
             known[volume_id] = {"fingerprint": fp, "generation": generation, "url": url}
-            os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+            localstate.private_dir(os.path.dirname(self.path))
             tmp = f"{self.path}.{os.getpid()}.tmp"
-            with open(tmp, "w") as f:
+            with open(localstate.private_file(tmp, os.O_WRONLY | os.O_TRUNC), "w") as f:
                 json.dump(known, f, indent=1)
             os.replace(tmp, self.path)
 
@@ -79,9 +81,9 @@ class Volume:
     body: dict
     etag: str
     volume_keys: fmt.VolumeKeys
-    content_public: object           # RSAPublicKey
+    content_public: rsa.RSAPublicKey
     data_keys: keys.DataKeyCache
-    owner_private: object | None = field(default=None, repr=False)
+    owner_private: rsa.RSAPrivateKey | None = field(default=None, repr=False)
 
     @property
     def block_size(self) -> int:
@@ -106,6 +108,8 @@ class Volume:
     # ------------------------------------------------------------ updates
 
     def change_passphrase(self, new_passphrase: bytes) -> None:
+        if self.owner_private is None:
+            raise FormatError("volume opened without its owner key")
         body = dict(self.body)
         body["owner_private_key"] = keys.protect_private_key(self.owner_private, new_passphrase)
         body["generation"] = self.body["generation"] + 1
@@ -164,24 +168,26 @@ def create(backend: Backend, prefix: str, passphrase: bytes, block_size: int = f
         raise AlreadyExists(f"a cryptfs volume already exists at {backend.url}/{prefix}") from None
     vk = fmt.VolumeKeys.derive(secret)
     vol = Volume(backend, prefix, body, etag, vk, content.public_key(), keys.DataKeyCache(content), owner)
-    KnownVolumes().check_and_record(body["volume_id"], owner_fp, 1, vol.url)
+    KnownVolumes().check_and_record(str(body["volume_id"]), owner_fp, 1, vol.url)
     return vol
 
 
 def read_config(backend: Backend, prefix: str) -> tuple[dict, str]:
     """(envelope, etag) of the volume config, falling back to the backup copy."""
-    last_error: Exception | None = None
+    problems: list[Exception] = []
     for name in (CONFIG_NAME, BACKUP_NAME):
         try:
             raw, info = backend.get(prefix + name)
             return json.loads(raw), info.etag
-        except NotFound as exc:
-            last_error = exc
+        except NotFound:
+            pass
+        except FormatError as exc:   # foreign: the other copy may do
+            problems.append(exc)
         except ValueError as exc:
-            last_error = FormatError(f"volume config {prefix + name} is not valid JSON ({exc})")
-    if isinstance(last_error, NotFound):
+            problems.append(FormatError(f"volume config {prefix + name} is not valid JSON ({exc})"))
+    if not problems:
         raise VolumeNotFound(f"no cryptfs volume at {backend.url}/{prefix}")
-    raise last_error
+    raise problems[0]
 
 
 def find_prefix(backend: Backend, path: str) -> str:

@@ -10,6 +10,7 @@ mount uploads it (into /lost+found if its directory is gone).
 """
 
 import concurrent.futures as cf
+import errno
 import heapq
 import json
 import logging
@@ -20,17 +21,23 @@ import time
 
 from . import format as fmt
 from .errors import AlreadyExists, CryptfsError, NoSpace, NotFound
+from .logs import shown
 from .handles import FileState
 from .store import Entry, ProducedStream, Store, TagCollector
 
 log = logging.getLogger(__name__)
 
 INLINE_MAX = 1024 * 1024  # objects up to this size are journaled inline
+RESERVE = 1024 * 1024     # bytes set aside on the cache disk for removing journal records
 
 
 class Journal:
     """Pending uploads in a small sqlite database (WAL): one fsync per durable write, and
-    replacing a record is atomic. `_lock` serialises use of the connection."""
+    replacing a record is atomic. `_lock` serialises use of the connection.
+
+    A little space is set aside next to it (`RESERVE`) and given up when the cache disk is
+    full, so that a record can always be removed: an upload that landed, or an unlink, never
+    fails for a full disk. It is set aside again at the next write that finds room."""
 
     def __init__(self, directory: str):
         os.makedirs(directory, mode=0o700, exist_ok=True)
@@ -39,6 +46,21 @@ class Journal:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("CREATE TABLE IF NOT EXISTS pending (uid TEXT PRIMARY KEY, record TEXT)")
         self._lock = threading.Lock()
+        self._reserve = os.path.join(directory, "reserve")
+        self._spent = True  # the reserve is to be set aside (again)
+        self._warned_full = False
+        self._set_aside()
+
+    def _set_aside(self) -> None:
+        try:
+            fd = os.open(self._reserve, os.O_WRONLY | os.O_CREAT, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, RESERVE)
+                self._spent = False
+            finally:
+                os.close(fd)
+        except OSError:
+            pass  # no room yet
 
     def write(self, uid: str, record: dict, durable: bool = True) -> None:
         """Replace a record atomically; durable means on disk when this returns."""
@@ -46,10 +68,23 @@ class Journal:
             with self._lock:
                 self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'OFF'}")
                 self._db.execute("INSERT OR REPLACE INTO pending VALUES (?, ?)", (uid, json.dumps(record)))
+                if self._spent:
+                    self._set_aside()
         except sqlite3.OperationalError as exc:
-            if "full" in str(exc):
+            if _disk_full(exc):
                 raise NoSpace("no space left on the cache disk for the journal") from None
             raise
+
+    def intend(self, uid: str, record: dict) -> None:
+        """Record what a directory operation is about to do, so a crash half-way is settled
+        at the next mount. Not fsynced (a killed process loses nothing of it). On a full disk
+        the operation goes on without it: what a crash would then leave, fsck --repair settles."""
+        try:
+            self.write(uid, record, durable=False)
+        except NoSpace:
+            if not self._warned_full:
+                log.warning("cache disk full: directory operations go on without their journal intent")
+                self._warned_full = True
 
     def get(self, uid: str) -> dict | None:
         with self._lock:
@@ -61,8 +96,18 @@ class Journal:
 
     def remove(self, uid: str) -> None:
         with self._lock:
+            if self._db.execute("SELECT 1 FROM pending WHERE uid=?", (uid,)).fetchone() is None:
+                return  # nothing to write
             self._db.execute("PRAGMA synchronous=OFF")
-            self._db.execute("DELETE FROM pending WHERE uid=?", (uid,))
+            try:
+                self._db.execute("DELETE FROM pending WHERE uid=?", (uid,))
+            except sqlite3.OperationalError as exc:
+                if not _disk_full(exc) or self._spent:
+                    raise
+                log.warning("cache disk full: giving up the journal's reserve to remove a record")
+                os.unlink(self._reserve)
+                self._spent = True
+                self._db.execute("DELETE FROM pending WHERE uid=?", (uid,))
 
     def records(self) -> list[dict]:
         with self._lock:
@@ -80,6 +125,10 @@ class Journal:
             self._db.close()
 
 
+def _disk_full(exc: sqlite3.Error) -> bool:
+    return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+
+
 class ComposedReader(ProducedStream):
     """The object's bytes in order: header, then staged, basis and hole blocks per the plan,
     then the tag table. Basis blocks are checked against the basis's own tag table, so a
@@ -94,7 +143,8 @@ class ComposedReader(ProducedStream):
         self.runs = [list(r) for r in runs]
         self.read_staged = read_staged  # (start, end) -> bytes of the staging file
         self.basis = basis
-        self.basis_tags = store.tag_table(basis, fk, header) if any(r[0] == "b" for r in runs) else None
+        self.basis_tags = store.tag_table(basis, fk, header) \
+            if basis is not None and any(r[0] == "b" for r in runs) else None
         self.tags = TagCollector(fk, header, store.layout)
         self.finished = False
         self.buf = bytearray(header)
@@ -111,6 +161,8 @@ class ComposedReader(ProducedStream):
         if kind == "s":
             data = self.read_staged(lo, hi)
         elif kind == "b":
+            if self.basis is None:
+                raise CryptfsError("upload plan names basis blocks but has no basis")
             data = self.store.get_range(self.basis.key, lo, hi, self.basis.etag)
         else:
             data = b"".join(fmt.encrypt_block(self.fk, self.header, i,
@@ -205,6 +257,35 @@ class WriteBack:
             runs = state.prepare(sync=not self._inline(state))
             self.journal.write(state.uid, self.record(state, runs))
             state.journaled, state.journaled_at = True, state.changes
+            _unlink(kept_path(state))
+
+    def keep_closed_version(self, state: FileState) -> None:
+        """Before the first change after a close (or flush): that close's journal record names
+        the staging file, which the change would overwrite in place. Copy it aside and point
+        the record there, so a crash before the next close recovers the closed version, never
+        a mix of it and unclosed writes. Small files are journaled inline: nothing to do."""
+        with state.lock:
+            if not (state.journaled and state.journaled_at == state.changes) or state.fd is None:
+                return
+            record = self.journal.get(state.uid)
+            if record is None or record.get("staging") != state.staging_path:
+                return
+            kept = kept_path(state)
+            try:
+                fd = os.open(kept, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                try:
+                    size, pos = os.fstat(state.fd).st_size, 0
+                    while pos < size:
+                        pos += os.write(fd, os.pread(state.fd, min(8 << 20, size - pos), pos))
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            except OSError as exc:
+                _unlink(kept)
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise NoSpace("no space left on the cache disk to keep the closed version") from None
+                raise
+            self.journal.write(state.uid, {**record, "staging": kept})
 
     def rejournal(self, state: FileState) -> None:
         """After a rename or attribute change of a journaled file: atomic, durable with the next flush."""
@@ -229,14 +310,15 @@ class WriteBack:
                 state.journaled, state.journaled_at = True, state.changes
             entry = self._send(state, record)
             self.journal.remove(state.uid)
+            _unlink(kept_path(state))
             state.uploaded(entry)
             self.on_uploaded(state, entry)  # still under the lock: no rename or unlink in between
 
     def _send(self, state: FileState, record: dict) -> Entry:
         etag = upload_record(self.store, self.journal, record, state.fk, state.header,
-                             lambda lo, hi: os.pread(state.fd, hi - lo, lo))
+                             state.read_staged)
         return Entry(state.parent_id, state.name, record["key"], False, state.fk.file_id, state.size, etag,
-                     time.time(), state.attrs, state.wrapped, raw_meta=record["metadata"])
+                     time.time(), state.attrs, state.wrapped, raw_meta=record["metadata"], link_key=state.link_key)
 
     def schedule(self, state: FileState, delay: float | None = None) -> None:
         with self._cond:
@@ -259,19 +341,18 @@ class WriteBack:
             try:
                 if (state.handles == 0 or self._stop) and not state.unlinked:
                     self.upload_now(state)
-            except Exception as exc:
+            except Exception as exc:  # a worker never dies: the file stays journaled and is retried
                 state.error = exc
-                log.error("upload of %s failed (kept in the journal, retried): %s", state.key, exc)
+                if isinstance(exc, (CryptfsError, OSError)):
+                    log.error("upload of %s failed (kept in the journal, retried): %s", state.key, exc)
+                else:
+                    log.exception("upload of %s failed (kept in the journal, retried)", state.key)
                 if not self._stop:
                     self.schedule(state, delay=min(60.0, max(5.0, self.delay * 4)))
             finally:
                 with self._cond:
                     self._busy.discard(state.uid)
                     self._cond.notify_all()
-
-    def pending(self) -> int:
-        with self._cond:
-            return len(self._due) + len(self._busy)
 
     def drain(self, states: list[FileState], timeout: float | None = None) -> list[FileState]:
         """Upload everything now (unmount); returns what could not be uploaded."""
@@ -284,9 +365,13 @@ class WriteBack:
                     self._cond.wait(1.0)
             try:
                 self.upload_now(state)
-            except Exception as exc:  # reported and kept: the next mount uploads it from the journal
+            except (CryptfsError, OSError) as exc:  # reported and kept: the next mount uploads it
                 log.error("could not upload %s at unmount: %s (kept in the journal for the next mount)",
                           state.key, exc)
+                return state
+            except Exception:
+                log.exception("could not upload %s at unmount (kept in the journal for the next mount)",
+                              state.key)
                 return state
             return None
 
@@ -304,9 +389,12 @@ class WriteBack:
 
 def rename_journaled(store: Store, journal: Journal, entry: Entry, new_parent: bytes, new_name: bytes,
                      target: Entry | None) -> Entry:
-    """store.rename with an intent recorded first, so a crash half-way is finished at the next mount."""
+    """store.rename with an intent recorded first, so a crash half-way is finished at the next mount
+    (a hard-linked name needs none: its stored link count covers a crash, see store.py)."""
+    if entry.link_key is not None:
+        return store.rename(entry, new_parent, new_name, target)
     uid = "rename-" + os.urandom(8).hex()
-    journal.write(uid, {"uid": uid, "intent": {
+    journal.intend(uid, {"uid": uid, "intent": {
         "src": entry.key, "dst": store.entry_key(new_parent, new_name), "is_dir": entry.is_dir,
         "obj_id": entry.obj_id.hex(), "parent": new_parent.hex(), "name": new_name.hex(),
         "size": store.layout.object_size(entry.size) if not entry.is_dir else fmt.DIRENT_SIZE}})
@@ -321,8 +409,7 @@ def mkdir_journaled(store: Store, journal: Journal, parent_id: bytes, name: byte
     against a killed mount; after a power cut `fsck --repair` finds the orphan."""
     child = fmt.new_dir_id()
     uid = "mkdir-" + child.hex()
-    journal.write(uid, {"uid": uid, "mkdir": {"child": child.hex(), "key": store.entry_key(parent_id, name)}},
-                  durable=False)
+    journal.intend(uid, {"uid": uid, "mkdir": {"child": child.hex(), "key": store.entry_key(parent_id, name)}})
     try:
         entry = store.mkdir(parent_id, name, attrs, child)
     except AlreadyExists:
@@ -332,11 +419,35 @@ def mkdir_journaled(store: Store, journal: Journal, parent_id: bytes, name: byte
     return entry
 
 
+def rmdir_journaled(store: Store, journal: Journal, entry: Entry) -> None:
+    """store.remove of a directory with an intent recorded first: a crash between its two
+    deletes (entry, then back-pointer) leaves a back-pointer the next mount removes."""
+    uid = "rmdir-" + entry.obj_id.hex()
+    journal.intend(uid, {"uid": uid, "rmdir": {"child": entry.obj_id.hex(), "key": entry.key}})
+    store.remove(entry)
+    journal.remove(uid)  # a failure leaves the record: the next mount settles it
+
+
+def _finish_rmdir(store: Store, intent: dict) -> str:
+    """An interrupted rmdir: once its entry is gone, its back-pointer goes too, if it named
+    that entry (a stale entry is removed alone; the directory belongs to another)."""
+    try:
+        store.head(intent["key"])
+        return f"rmdir of {intent['key']} had not started"
+    except NotFound:
+        pass
+    child = bytes.fromhex(intent["child"])
+    loc = store.read_backptr(child)
+    if loc is not None and store.entry_key(*loc) == intent["key"]:
+        store.delete_key(store.backptr_key(child))
+    return f"finished rmdir of {intent['key']}"
+
+
 def _finish_mkdir(store: Store, intent: dict) -> str:
     """An interrupted mkdir: keep the directory if its entry was stored, else remove its back-pointer."""
     child = bytes.fromhex(intent["child"])
     try:
-        info = store.backend.head(store.abs_key(intent["key"]))
+        info = store.head(intent["key"])
         if fmt.parse_metadata(info.metadata or {}).obj_id == child:
             return f"mkdir of {intent['key']} had completed"
     except NotFound:
@@ -348,7 +459,7 @@ def _finish_mkdir(store: Store, intent: dict) -> str:
 def _finish_rename(store: Store, intent: dict) -> str:
     """Roll an interrupted rename forward when its new entry was written, else drop it."""
     try:
-        copied = store.backend.head(store.abs_key(intent["dst"]))
+        copied = store.head(intent["dst"])
     except NotFound:
         return f"rename to {intent['dst']} had not started; source kept"
     try:
@@ -362,7 +473,7 @@ def _finish_rename(store: Store, intent: dict) -> str:
         meta = fmt.parse_metadata(copied.metadata or {})
         store.write_backptr(child, bytes.fromhex(intent["parent"]), bytes.fromhex(intent["name"]),
                             fmt.decrypt_attrs(store.vk, intent["dst"], child, meta.attr_blob))
-    store.backend.delete(store.abs_key(intent["src"]))
+    store.delete_key(intent["src"])
     return f"finished rename to {intent['dst']}"
 
 
@@ -381,26 +492,47 @@ def recover(store: Store, journal: Journal) -> list[str]:
                 done.append(_finish_mkdir(store, record["mkdir"]))
                 journal.remove(record["uid"])
                 continue
-            done.append(_recover_one(store, journal, record))
-        except Exception as exc:
+            if "rmdir" in record:
+                done.append(_finish_rmdir(store, record["rmdir"]))
+                journal.remove(record["uid"])
+                continue
+            done.append(recover_record(store, journal, record))
+        except (CryptfsError, OSError) as exc:
             log.error("journal record %s not recovered yet: %s", record.get("uid"), exc)
+        except Exception:
+            log.exception("journal record %s not recovered yet", record.get("uid"))
     return done
 
 
-def _recover_one(store: Store, journal: Journal, record: dict) -> str:
+def kept_path(state: FileState) -> str:
+    """Where keep_closed_version copies a staging file (its name starts with the uid, so
+    the mount's cleanup of unjournaled staging files keeps it while its record lives)."""
+    return state.staging_path[:-len(".obj")] + ".closed.obj"
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def recover_record(store: Store, journal: Journal, record: dict) -> str:
     if record.get("staging") and not os.path.exists(record["staging"]):
         if record.get("upload"):
             store.abort_upload(*record["upload"])
         journal.remove(record["uid"])  # uploaded before the removal of its record was lost
         raise CryptfsError(f"staging file of {record['key']} is gone; record dropped")
     meta = fmt.parse_metadata(record["metadata"])
+    if meta.wrapped_key is None:
+        raise CryptfsError(f"journal record of {record['key']} has no data key")
     fk = fmt.FileKey.derive(store.vol.data_keys.unwrap(meta.wrapped_key), meta.obj_id)
     header = fmt.make_header(fk, store.layout)
     parent = bytes.fromhex(record["parent"])
     key, metadata = record["key"], record["metadata"]
     if parent != fmt.ROOT_DIR_ID:
         try:
-            store.backend.head(store.abs_key(store.backptr_key(parent)))
+            store.head(store.backptr_key(parent))
         except NotFound:
             key, metadata = _lost_and_found(store, record, fk, meta)
     fd = os.open(record["staging"], os.O_RDONLY) if record.get("staging") else None
@@ -414,13 +546,10 @@ def _recover_one(store: Store, journal: Journal, record: dict) -> str:
             os.close(fd)
     for old in record.get("obsolete", []):
         if old != key:
-            store.backend.delete(store.abs_key(old))
+            store.delete_key(old)
     journal.remove(record["uid"])
     if record.get("staging"):
-        try:
-            os.unlink(record["staging"])
-        except FileNotFoundError:
-            pass
+        _unlink(record["staging"])
     return key
 
 
@@ -436,5 +565,5 @@ def _lost_and_found(store: Store, record: dict, fk, meta) -> tuple[str, dict]:
     name = name + b"." + record["file_id"][:8].encode()
     key = store.entry_key(lf.obj_id, name[-255:])
     attrs = fmt.decrypt_attrs(store.vk, record["key"], meta.obj_id, meta.attr_blob)
-    log.warning("recovered file's directory is gone; stored as /lost+found/%s", name.decode(errors="replace"))
+    log.warning("recovered file's directory is gone; stored in /lost+found as %s", shown(name))
     return key, store.metadata_for(key, fk.file_id, attrs, meta.wrapped_key, False)

@@ -367,8 +367,12 @@ class RawObjects:
         self.client.put_object(Bucket=self.bucket, Key=self.prefix + key, Body=body, Metadata=metadata or {})
 
     def delete(self, key: str) -> None:
-        if self.kind == "local":
+        if self.kind == "local":  # emptied directories go too: as on S3, and as the backend does
             os.unlink(self._path(key))
+            parent = os.path.dirname(self._path(key))
+            while parent != self.root and not os.listdir(parent):
+                os.rmdir(parent)
+                parent = os.path.dirname(parent)
         else:
             self.client.delete_object(Bucket=self.bucket, Key=self.prefix + key)
 
@@ -540,7 +544,7 @@ def tmpfs(tmp_path):
             pytest.skip("mounting a tmpfs needs root")
         path = tmp_path / f"tmpfs-{len(mounted)}"
         path.mkdir()
-        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)],
                               capture_output=True, text=True)
         if proc.returncode != 0:
             pytest.skip(f"cannot mount a tmpfs: {proc.stderr.strip()}")

@@ -3,6 +3,7 @@ S3 server over HTTP. Round trips first, then every documented failure: exit code
 `cryptfs: error:` line, no traceback, and nothing stored damaged.
 """
 
+import base64
 import datetime
 import os
 import random
@@ -271,6 +272,53 @@ def test_decrypt_resumable(populated, src_tree, tmp_path):
     again = assert_cli_ok(populated.cli("decrypt", populated.url, str(dest)))
     assert "0 file(s) written" in again.stderr
     assert_same_tree(src_tree, str(dest / "src"))
+
+
+def test_decrypt_continues_past_bad_files(scratch, tmp_path):
+    """A tampered block in one file and tampered attributes of another: every other file is
+    restored, each bad one is named with its reason, exit 5; once the objects are put back a
+    rerun restores just those two and exits 0."""
+    vol = scratch
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    rng = random.Random(7)
+    files = {"a.txt": b"first\n", "m-block.bin": rng.randbytes(2 * BS + 10), "n-attrs.txt": b"attrs\n",
+             "sub/z.txt": b"last\n"}
+    for rel, body in files.items():
+        write(src / rel, body)
+    assert_cli_ok(vol.cli("mkdir", "-p", vol.path("t_decrypt", "sub")))
+    keys = {rel: _file_object(vol, lambda: assert_cli_ok(vol.cli("put", str(src / rel), vol.path("t_decrypt", rel))))
+            for rel in files}
+    originals = {rel: vol.raw.read(keys[rel]) for rel in ("m-block.bin", "n-attrs.txt")}
+    vol.raw.flip(keys["m-block.bin"], fmt.HEADER_SIZE + fmt.block_ct_size(BS) + 100)   # block 1
+    body, meta = originals["n-attrs.txt"]
+    blob = bytearray(base64.b64decode(meta[fmt.META_ATTR]))
+    blob[-1] ^= 1
+    vol.raw.write(keys["n-attrs.txt"], body, {**meta, fmt.META_ATTR: base64.b64encode(bytes(blob)).decode()})
+    dest = tmp_path / "restore"
+    try:
+        first = vol.cli("decrypt", vol.path("t_decrypt"), str(dest))
+        assert_cli_error(first, errors.EXIT_INTEGRITY, "2 file(s) could not be restored")
+        failed = [line for line in first.stderr.splitlines() if line.startswith("cryptfs: not restored: ")]
+        assert len(failed) == 2, first
+        assert failed[0].startswith("cryptfs: not restored: /t_decrypt/m-block.bin: block 1 failed"), first
+        assert failed[1].startswith("cryptfs: not restored: /t_decrypt/n-attrs.txt: attribute blob"), first
+        assert "2 file(s) written" in first.stderr
+        assert sorted(os.listdir(dest)) == ["a.txt", "sub"] and os.listdir(dest / "sub") == ["z.txt"]
+        assert_same_file(str(src / "a.txt"), str(dest / "a.txt"))
+        assert_same_file(str(src / "sub/z.txt"), str(dest / "sub/z.txt"))
+        again = vol.cli("decrypt", vol.path("t_decrypt"), str(dest))
+        assert_cli_error(again, errors.EXIT_INTEGRITY, "2 file(s) could not be restored")
+        assert "0 file(s) written" in again.stderr
+    finally:
+        for rel, (body, meta) in originals.items():
+            vol.raw.write(keys[rel], body, meta)
+    resumed = assert_cli_ok(vol.cli("decrypt", vol.path("t_decrypt"), str(dest)))
+    assert "2 file(s) written" in resumed.stderr and "not restored" not in resumed.stderr
+    assert partials(str(dest)) == []
+    for rel in files:
+        assert_same_file(str(src / rel), str(dest / rel))
+    vol.assert_clean()
 
 
 def test_fsck_clean(populated, src_tree):
@@ -616,3 +664,91 @@ def test_abandoned_multipart_upload(s3_volume, s3_client):
     assert f"abandoned-upload: {key}: unfinished multipart upload {upload} (aborted)" in aborted.stdout
     assert s3_client.list_multipart_uploads(Bucket=vol.bucket).get("Uploads", []) == []
     assert_cli_ok(vol.cli("fsck", vol.url))
+
+
+# ---------------------------------------------------------------- bad input
+
+# Every command with values it must refuse: (arguments, exit code, fragment of the error).
+# In the arguments, {vol} is a volume's URL, {new} a place with no volume, {tmp} a scratch
+# directory holding `file` and the configs below, {missing} a path that does not exist.
+BAD_CONFIGS = {
+    "lots.yaml": "volumes:\n  v:\n    url: {vol}\n    cache_size_mb: lots\n",
+    "workers.yaml": "volumes:\n  v:\n    url: {vol}\n    workers: 0\n",
+    "delay.yaml": "volumes:\n  v:\n    url: {vol}\n    writeback_delay: -1\n",
+    "tls.yaml": "volumes:\n  v:\n    url: {vol}\n    verify_tls: 'yes'\n",
+    "fsync.yaml": "volumes:\n  v:\n    url: {vol}\n    fsync: sometimes\n",
+    "url.yaml": "volumes:\n  v:\n    url: 5\n",
+    "list.yaml": "volumes:\n  - url: {vol}\n",
+    "broken.yaml": "volumes: {{v: [\n",
+}
+BAD_INPUT = [
+    ((), errors.EXIT_USAGE, "command"),
+    (("bogus",), errors.EXIT_USAGE, "invalid choice"),
+    (("init", "{new}", "--rsa-bits", "1024"), errors.EXIT_USAGE, "--rsa-bits must be a whole number from 2048"),
+    (("init", "{new}", "--rsa-bits", "99999999"), errors.EXIT_USAGE, "--rsa-bits"),
+    (("init", "{new}", "--rsa-bits", "lots"), errors.EXIT_USAGE, "--rsa-bits"),
+    (("init", "{new}", "--block-size", "1000"), errors.EXIT_USAGE, "--block-size"),
+    (("init", "{new}", "--block-size", "5000"), errors.EXIT_USAGE, "power of two"),
+    (("init", "{new}", "--passphrase-file", "{missing}"), errors.EXIT_USAGE, "--passphrase-file"),
+    (("init", "{new}", "--passphrase-file", "{tmp}"), errors.EXIT_USAGE, "--passphrase-file"),
+    (("init", "ftp://host/x"), errors.EXIT_USAGE, "unsupported url scheme"),
+    (("info", "{vol}", "--passphrase-file", "{missing}"), errors.EXIT_USAGE, "no such file"),
+    (("info", "v", "--config", "{missing}"), errors.EXIT_USAGE, "not found"),
+    (("info", "v", "--config", "{tmp}"), errors.EXIT_USAGE, "cannot be read"),
+    (("info", "v", "--config", "{tmp}/lots.yaml"), errors.EXIT_USAGE, "cache_size_mb must be a whole number"),
+    (("info", "v", "--config", "{tmp}/workers.yaml"), errors.EXIT_USAGE, "workers must be"),
+    (("info", "v", "--config", "{tmp}/delay.yaml"), errors.EXIT_USAGE, "writeback_delay must be"),
+    (("info", "v", "--config", "{tmp}/tls.yaml"), errors.EXIT_USAGE, "verify_tls must be true or false"),
+    (("info", "v", "--config", "{tmp}/fsync.yaml"), errors.EXIT_USAGE, "fsync must be upload or journal"),
+    (("info", "v", "--config", "{tmp}/url.yaml"), errors.EXIT_USAGE, "url must be"),
+    (("info", "v", "--config", "{tmp}/list.yaml"), errors.EXIT_USAGE, "mapping"),
+    (("info", "v", "--config", "{tmp}/broken.yaml"), errors.EXIT_USAGE, "not valid yaml"),
+    (("ls", "{vol}", "--retry-mode", "eager"), errors.EXIT_USAGE, "invalid choice"),
+    (("ls", "{vol}", "--no-such-flag"), errors.EXIT_USAGE, "unrecognized arguments"),
+    (("ls", "no-such-volume-name"), errors.EXIT_USAGE, "neither a url"),
+    (("put", "{missing}", "{vol}"), errors.EXIT_USAGE, "no such file"),
+    (("put", "{tmp}/file"), errors.EXIT_USAGE, "arguments"),
+    (("get", "{vol}/f", "{missing}/out"), errors.EXIT_USAGE, "destination directory"),
+    (("cat", "s3:///no-bucket"), errors.EXIT_USAGE, "no bucket name"),
+    (("mkdir", "file://elsewhere/x"), errors.EXIT_USAGE, "local path"),
+    (("rm", "{vol}"), errors.EXIT_USAGE, "volume root"),
+    (("rmdir", "{vol}"), errors.EXIT_USAGE, "volume root"),
+    (("mv", "{vol}/f", "elsewhere"), errors.EXIT_USAGE, "within one volume"),
+    (("decrypt", "{vol}", "{missing}/out"), errors.EXIT_USAGE, "destination directory"),
+    (("fsck", "{vol}", "--abort-uploads=yes"), errors.EXIT_USAGE, "ignored explicit argument"),
+    (("passwd", "{vol}", "--new-passphrase-file", "{missing}"), errors.EXIT_USAGE, "--new-passphrase-file"),
+    (("mount", "{vol}", "{tmp}/mp", "--writeback-delay", "-1"), errors.EXIT_USAGE, "--writeback-delay"),
+    (("mount", "{vol}", "{tmp}/mp", "--writeback-delay", "soon"), errors.EXIT_USAGE, "--writeback-delay"),
+    (("mount", "{vol}", "{tmp}/mp", "--attr-ttl", "nan"), errors.EXIT_USAGE, "--attr-ttl"),
+    (("mount", "{vol}", "{tmp}/mp", "--fsync", "never"), errors.EXIT_USAGE, "invalid choice"),
+    (("mount", "{vol}", "{missing}"), errors.EXIT_USAGE, "does not exist"),
+    (("mount", "{vol}", "{tmp}/mp", "--lease-duration", "1"), errors.EXIT_USAGE, "--lease-duration"),
+    (("umount", "{tmp}", "--timeout", "-1"), errors.EXIT_USAGE, "--timeout"),
+    (("umount", "{tmp}"), errors.EXIT_USAGE, "not mounted"),
+]
+
+
+@pytest.fixture(scope="module")
+def bad_input(volume_factory, tmp_path_factory):
+    """(volume, scratch directory) for the bad-input table: a local volume holding /f."""
+    vol = volume_factory("local", extra_init_args=SHARED_INIT)
+    tmp = tmp_path_factory.mktemp("bad-input")
+    write(tmp / "file", b"a file\n")
+    (tmp / "mp").mkdir()
+    for name, text in BAD_CONFIGS.items():
+        (tmp / name).write_text(text.format(vol=vol.url))
+    assert_cli_ok(vol.cli("put", str(tmp / "file"), vol.path("f")))
+    return vol, tmp
+
+
+@pytest.mark.parametrize("argv, code, fragment", BAD_INPUT, ids=[" ".join(a[:1] + a[2:3]) or "none"
+                                                                  for a, _, _ in BAD_INPUT])
+def test_bad_input(bad_input, argv, code, fragment):
+    """No traceback for any input: one `cryptfs: error:` line and the documented exit code."""
+    vol, tmp = bad_input
+    names = {"vol": vol.url, "new": "file://" + str(tmp / "new-volume"), "tmp": str(tmp),
+             "missing": str(tmp / "missing")}
+    with vol.intact():
+        result = run_cli(*[a.format(**names) for a in argv])
+        assert_cli_error(result, code, fragment)
+    assert not os.path.exists(tmp / "new-volume") and not os.path.exists(tmp / "missing")

@@ -154,3 +154,41 @@ def test_fsck_repair_aborts_only_our_uploads(volume_factory, s3_client):
     s3_client.abort_multipart_upload(Bucket=bucket, Key=theirs,
                                      UploadId=s3_client.list_multipart_uploads(Bucket=bucket)["Uploads"][0]["UploadId"])
     assert _fsck(ref).returncode == 0
+
+
+def test_fsck_repair_refused_while_mounted(volume_factory, own_mounts):
+    ref = volume_factory("local")
+    m = own_mounts(ref)
+    refused = _fsck(ref, "--repair")
+    assert refused.returncode == 10 and "mounted read-write" in refused.stderr, refused
+    m.umount()
+    assert _fsck(ref, "--repair").returncode == 0
+
+
+@pytest.mark.parametrize("kind", ["local", "s3"])
+def test_kill_between_the_deletes_of_an_rmdir(volume_factory, own_mounts, tmp_path, kind):
+    """Killed after the entry was deleted, before the back-pointer: the remount removes it."""
+    ref = volume_factory(kind)
+    m = own_mounts(ref)
+    os.mkdir(m.path("gone"))
+    os.mkdir(m.path("kept"))
+    m.umount()
+    store = ref.store()
+    child = ref.entry("gone").obj_id
+    env, arrived = _pause_rule(tmp_path, ops=["delete"], key_contains=store.backptr_key(child))
+    m.env = env
+    m.mount()
+    remover = threading.Thread(target=lambda: _catch([], os.rmdir, m.path("gone")), daemon=True)
+    remover.start()
+    _wait_for(arrived)
+    _kill(m)
+    remover.join(10)
+    found = _fsck(ref)
+    assert found.returncode == 5 and "orphan-directory" in found.stdout, found
+
+    m.env = None
+    m.mount()
+    assert sorted(os.listdir(m.mountpoint)) == ["kept"]
+    m.umount()
+    result = _fsck(ref)
+    assert result.returncode == 0, result

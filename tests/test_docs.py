@@ -4,6 +4,7 @@ import dataclasses
 import os
 import re
 
+import pytest
 import yaml
 
 from cryptfs import cli, config, errors
@@ -15,7 +16,7 @@ EXAMPLE = os.path.join(REPO, "config", "cryptfs.example.yaml")
 
 
 def test_exit_code_table_matches_errors_module():
-    table = dict(re.findall(r"^\| (\d) \| (.+?) \|$", README, re.M))
+    table = dict(re.findall(r"^\| (\d+) \| (.+?) \|$", README, re.M))
     codes = {value for name, value in vars(errors).items() if name.startswith("EXIT_")}
     assert {int(c) for c in table} == codes
     assert "wrong passphrase" in table[str(errors.EXIT_AUTH)]
@@ -25,6 +26,7 @@ def test_exit_code_table_matches_errors_module():
     assert "no credentials" in table[str(errors.EXIT_ACCESS)]
     assert "already exists" in table[str(errors.EXIT_EXISTS)]
     assert "disk full" in table[str(errors.EXIT_NO_SPACE)]
+    assert "lease" in table[str(errors.EXIT_IN_USE)]
 
 
 def test_every_cli_command_is_documented():
@@ -44,3 +46,29 @@ def test_example_config_loads_and_shows_every_setting():
     assert any(set(entry) == every for entry in doc["volumes"].values())
     documented = set(re.findall(r"^\| `(\w+)` \|", README, re.M))
     assert every <= documented
+
+
+def test_development_guide_names_only_what_exists():
+    """Every module, script and test file DEVELOPMENT.md names is in the tree."""
+    page = open(os.path.join(REPO, "DEVELOPMENT.md"), encoding="utf-8").read()
+    named = set(re.findall(r"\b((?:tests/|scripts/|backend/|docs/)?[\w-]+\.(?:py|sh|md))\b", page))
+    assert len(named) > 20
+    missing = []
+    for name in named:
+        candidates = [name, os.path.join("cryptfs", name), os.path.join("cryptfs", "backend", name),
+                      os.path.join("docs", name)]
+        if not any(os.path.exists(os.path.join(REPO, c)) for c in candidates):
+            missing.append(name)
+    assert not missing, missing
+
+
+@pytest.mark.parametrize("doc", ["security.md", "reliability.md"])
+def test_pages_cite_tests_that_exist(doc):
+    """Every test file and test name the security and reliability tables cite is in the suite."""
+    page = open(os.path.join(REPO, "docs", doc), encoding="utf-8").read()
+    sources = {name: open(os.path.join(REPO, "tests", name), encoding="utf-8").read()
+               for name in os.listdir(os.path.join(REPO, "tests")) if name.endswith(".py")}
+    cited_files = set(re.findall(r"\b(test_\w+\.py)\b", page))
+    assert cited_files and cited_files <= set(sources), cited_files - set(sources)
+    for name in re.findall(r"`(test_\w+?)\*?`", page):
+        assert any(f"def {name}" in text for text in sources.values()), name

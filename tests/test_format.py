@@ -9,6 +9,7 @@ import os
 import re
 import stat
 import struct
+from dataclasses import replace
 
 import pytest
 from cryptography.hazmat.primitives import hashes
@@ -495,6 +496,45 @@ def test_attrs_version_1_still_read(vk):
     assert len(blob) == 61
     assert fmt.decrypt_attrs(vk, "t/k", b"\x01" * 16, blob) == fmt.Attrs(stat.S_IFREG | 0o644, 7, 8, 1000, 2000,
                                                                           atime_ns=1000, rdev=0)
+
+
+def test_attrs_version_3_carries_the_link_count(vk):
+    """Written only for a hard-linked file whose count is not 1; versions 1 and 2 mean 1."""
+    linked = fmt.Attrs(stat.S_IFREG | 0o644, 7, 8, 1000, 2000, 3000, 0, nlink=3)
+    blob = fmt.encrypt_attrs(vk, "i/abc", b"\x02" * 16, linked)
+    assert len(blob) == 81
+    assert fmt.decrypt_attrs(vk, "i/abc", b"\x02" * 16, blob) == linked
+    assert len(fmt.encrypt_attrs(vk, "i/abc", b"\x02" * 16, replace(linked, nlink=1))) == 77
+    from cryptography.hazmat.primitives.ciphers.aead import AESSIV
+    nonce = bytes(16)
+    wrong = struct.pack(">BIIIqqqQI", 2, stat.S_IFREG, 0, 0, 1, 2, 3, 0, 2)  # version byte of another length
+    blob = nonce + AESSIV(vk.attr_key).encrypt(wrong, [b"cryptfs v1 attrs", b"i/k", b"\x01" * 16, nonce])
+    with pytest.raises(FormatError):
+        fmt.decrypt_attrs(vk, "i/k", b"\x01" * 16, blob)
+
+
+def test_link_entry_round_trip_and_binding(vk):
+    parent, fid = os.urandom(16), os.urandom(16)
+    body = fmt.encrypt_link(vk, parent, b"name", fid)
+    assert len(body) == fmt.LINK_SIZE == 64 and body[:8] == b"CRYK\x01\0\0\0"
+    assert fmt.decrypt_link(vk, parent, b"name", body) == fid
+    with pytest.raises(IntegrityError):
+        fmt.decrypt_link(vk, parent, b"other", body)       # moved to another name
+    with pytest.raises(IntegrityError):
+        fmt.decrypt_link(vk, os.urandom(16), b"name", body)  # or directory
+    for i in range(24, 64):
+        flipped = bytearray(body)
+        flipped[i] ^= 1
+        with pytest.raises(IntegrityError):
+            fmt.decrypt_link(vk, parent, b"name", bytes(flipped))
+    for bad in (body[:-1], b"CRYD" + body[4:], body[:4] + b"\x02" + body[5:], body[:5] + b"\1" + body[6:]):
+        with pytest.raises(FormatError):
+            fmt.decrypt_link(vk, parent, b"name", bad)
+    key = fmt.inode_key(vk, fid)
+    assert key.startswith("i/") and len(key) == 34 and key == fmt.inode_key(vk, fid) != fmt.inode_key(vk, parent)
+    layout = fmt.Layout(fmt.DEFAULT_BLOCK_SIZE)
+    with pytest.raises(FormatError):  # a listing never mistakes a link entry for a file object
+        layout.plain_size(fmt.LINK_SIZE)
 
 
 def test_attrs_binding(vk):

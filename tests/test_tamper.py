@@ -15,7 +15,7 @@ import pytest
 from cryptfs import format as fmt
 from cryptfs import fsck, keys, volume
 from cryptfs.backend.local import META_BLOCK, LocalBackend
-from cryptfs.errors import FormatError, IntegrityError, KeyMismatch, WrongPassphrase
+from cryptfs.errors import BackendError, FormatError, IntegrityError, KeyMismatch, NotFound, WrongPassphrase
 from cryptfs.store import Store
 
 REFUSED = (IntegrityError, FormatError)
@@ -609,6 +609,133 @@ def test_volume_fsck_names_tampered_objects(env):
     where = {w for _, w, _ in report.problems}
     assert "/" + name.decode() in where
     assert "/" + name2.decode() in where
+
+
+# ================================================================ local backend object files
+
+def _local_dir(env, n=3):
+    """A directory holding n small files and one subdirectory; returns (dir entry, names, subdir)."""
+    attrs = fmt.Attrs(stat.S_IFDIR | 0o755, 0, 0, 1, 1)
+    d = env.writer.mkdir(fmt.ROOT_DIR_ID, b"local-" + uuid.uuid4().hex.encode(), attrs)
+    names = [env.write(10 + i, parent=d.obj_id, name=f"f{i}".encode())[0] for i in range(n)]
+    sub = env.writer.mkdir(d.obj_id, b"sub", attrs)
+    return d, names, sub
+
+
+def _findings(env) -> dict[str, str]:
+    return {where: kind for kind, where, _ in fsck.check(env.reader).problems}
+
+
+def _listed(env, d) -> list[bytes]:
+    """Names `cryptfs ls -l` and the mount show (both skip what they cannot authenticate)."""
+    from cryptfs.namespace import AttrDB, Namespace
+    ns = Namespace(env.reader, AttrDB(None), ttl=0)
+    try:
+        mounted = sorted(name for name, _ in ns.listdir(d.obj_id))
+    finally:
+        ns.close()
+    assert mounted == sorted(e.name for e in env.reader.list_entries(d.obj_id))
+    return mounted
+
+
+@pytest.mark.parametrize("which", ["file", "directory"])
+@pytest.mark.parametrize("damage", ["garbage", "not-json-object", "zeros"])
+def test_local_corrupt_entry_skipped_not_fatal(env, which, damage):
+    d, names, sub = _local_dir(env)
+    bad = env.path(env.writer.entry_key(d.obj_id, b"f1" if which == "file" else b"sub"))
+    with open(bad, "r+b") as f:
+        f.write({"garbage": b"\x00{not json", "not-json-object": b"[1, 2]".ljust(16),
+                 "zeros": bytes(META_BLOCK)}[damage])
+    rest = sorted({*names, b"sub"} - {b"f1" if which == "file" else b"sub"})
+    assert _listed(env, d) == rest
+    with pytest.raises(FormatError, match="metadata block"):
+        env.reader.lookup(d.obj_id, b"f1" if which == "file" else b"sub")
+    assert env.read(b"f0", d.obj_id)[:1]                  # the others still read
+    where = f"/{d.name.decode()}/{'f1' if which == 'file' else 'sub'}"
+    assert _findings(env).get(where) == "metadata"
+
+
+@pytest.mark.parametrize("size", [0, 1, 100, META_BLOCK - 1])
+def test_local_object_truncated_below_metadata_block(env, size):
+    d, names, _ = _local_dir(env, 2)
+    path = env.path(env.writer.entry_key(d.obj_id, b"f0"))
+    os.truncate(path, size)
+    assert [i.size for i in env.reader.backend.list(path[len(env.root) + 1:])] == [0]
+    assert _listed(env, d) == [b"f1", b"sub"]
+    with pytest.raises(FormatError):
+        env.reader.lookup(d.obj_id, b"f0")
+    assert _findings(env).get(f"/{d.name.decode()}/f0") == "metadata"
+
+
+@pytest.mark.parametrize("what", ["empty-directory", "directory", "symlink-to-object", "symlink-outside",
+                                  "dangling-symlink", "fifo"])
+def test_local_object_replaced_is_found_not_followed(env, tmp_path, what):
+    d, names, _ = _local_dir(env, 2)
+    path = env.path(env.writer.entry_key(d.obj_id, b"f0"))
+    other = env.path(env.writer.entry_key(d.obj_id, b"f1"))
+    outside = tmp_path / "outside"
+    outside.write_bytes(open(other, "rb").read())            # a valid object file, out of reach
+    os.unlink(path)
+    if what == "empty-directory":
+        os.mkdir(path)
+    elif what == "directory":
+        os.mkdir(path)
+        save_obj(os.path.join(path, "x"), *load_obj(other))
+    elif what == "fifo":
+        os.mkfifo(path)
+    else:
+        os.symlink({"symlink-to-object": other, "symlink-outside": str(outside),
+                    "dangling-symlink": str(tmp_path / "nothing")}[what], path)
+    with pytest.raises(NotFound if what in ("empty-directory", "directory") else FormatError):
+        env.reader.lookup(d.obj_id, b"f0")
+    assert _listed(env, d) == [b"f1", b"sub"]
+    findings = _findings(env)
+    if what == "empty-directory":  # what a delete killed half-way leaves: no object, as on S3
+        assert f"/{d.name.decode()}/f0" not in findings
+    elif what == "directory":   # a prefix with objects below it: those are named, as on S3
+        assert findings.get(env.writer.abs_key(env.writer.entry_key(d.obj_id, b"f0")) + "/x") == "foreign"
+    else:
+        assert findings.get(f"/{d.name.decode()}/f0") == "metadata"
+    env.writer.backend.delete(env.writer.abs_key(env.writer.entry_key(d.obj_id, b"f0")))
+    assert outside.read_bytes() == open(other, "rb").read()  # a delete never reaches through
+
+
+def test_local_directory_replaced_by_symlink_is_never_followed(env, tmp_path):
+    """A directory's prefix turned into a symlink to somewhere else: nothing is read, listed,
+    written or deleted through it, and fsck names it."""
+    d, names, _ = _local_dir(env, 2)
+    prefix_dir = env.path(fmt.dir_prefix(env.writer.vk, d.obj_id).rstrip("/"))
+    elsewhere = tmp_path / "elsewhere"
+    os.rename(prefix_dir, elsewhere)
+    os.symlink(elsewhere, prefix_dir)
+    before = sorted(os.listdir(elsewhere))
+    assert _listed(env, d) == []
+    with pytest.raises(NotFound):
+        env.reader.lookup(d.obj_id, b"f0")
+    with pytest.raises(BackendError, match="symlinks are never followed"):
+        env.write(5, parent=d.obj_id, name=b"new")
+    env.writer.backend.delete(env.writer.abs_key(env.writer.entry_key(d.obj_id, b"f1")))
+    assert sorted(os.listdir(elsewhere)) == before           # nothing written or deleted there
+    findings = _findings(env)
+    assert findings.get(f"/{d.name.decode()}") == "stale-directory"
+    assert findings.get(env.writer.abs_key(fmt.dir_prefix(env.writer.vk, d.obj_id).rstrip("/"))) == "foreign"
+
+
+def test_local_corrupt_entry_cli(env):
+    """`cryptfs ls -l` shows the rest and warns about the bad one; `cryptfs fsck` exits 5 naming it."""
+    from conftest import run_cli
+    d, names, _ = _local_dir(env, 2)
+    with open(env.path(env.writer.entry_key(d.obj_id, b"f0")), "r+b") as f:
+        f.write(b"\xff\xfe")
+    cli_env = {"CRYPTFS_PASSPHRASE": PASSPHRASE.decode(), "CRYPTFS_STATE_DIR": os.environ["CRYPTFS_STATE_DIR"]}
+    url = "file://" + env.root
+    code, out, err = run_cli("ls", "-l", f"{url}/{d.name.decode()}", env=cli_env)
+    assert code == 0, err
+    assert [line.split()[-1] for line in out.splitlines()] == ["f1", "sub"]
+    assert "metadata block" in err and "Traceback" not in err
+    code, out, err = run_cli("fsck", url, env=cli_env)
+    assert code == 5, (out, err)
+    assert f"/{d.name.decode()}/f0" in out + err
 
 
 # ================================================================ the volume config

@@ -6,11 +6,11 @@ Every method is safe to call from several threads at once.
 
 from __future__ import annotations
 
+import builtins
 from dataclasses import dataclass, field
-from typing import BinaryIO, Iterator
+from typing import Iterator, Protocol
 
-# Parts are at least this big (S3's minimum except for the last part).
-MIN_PART_SIZE = 5 * 1024 * 1024
+MAX_OBJECT_SIZE = 5 * 1024 ** 4  # S3's limit for one object; every backend keeps to it
 
 
 @dataclass
@@ -20,6 +20,7 @@ class ObjectInfo:
     etag: str
     last_modified: float  # seconds since the epoch
     metadata: dict[str, str] | None = field(default=None)  # None when a listing did not carry it
+    server_time: float | None = None  # the server's clock when it answered (HTTP Date), if it said
 
 
 @dataclass
@@ -27,6 +28,12 @@ class PendingUpload:
     key: str
     upload_id: str
     initiated: float
+
+
+class Readable(Protocol):
+    """What uploads read from: a file, or a stream that produces bytes on demand."""
+
+    def read(self, n: int = -1, /) -> bytes: ...
 
 
 class Backend:
@@ -62,7 +69,7 @@ class Backend:
             if_none_match: bool = False, if_match: str | None = None) -> str:
         raise NotImplementedError
 
-    def upload(self, key: str, stream: BinaryIO, size: int, metadata: dict[str, str] | None = None,
+    def upload(self, key: str, stream: Readable, size: int, metadata: dict[str, str] | None = None,
                if_none_match: bool = False, if_match: str | None = None, progress=None, started=None) -> str:
         raise NotImplementedError
 
@@ -75,7 +82,7 @@ class Backend:
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
         raise NotImplementedError
 
-    def pending_uploads(self, prefix: str) -> list[PendingUpload]:
+    def pending_uploads(self, prefix: str) -> builtins.list[PendingUpload]:
         return []
 
     def abort_upload(self, upload: PendingUpload) -> None:
@@ -88,7 +95,7 @@ class Backend:
         pass
 
 
-def read_exact(stream: BinaryIO, n: int) -> bytes:
+def read_exact(stream: Readable, n: int) -> bytes:
     """Read n bytes (fewer only at end of stream) from a stream that may return short reads."""
     chunks, got = [], 0
     while got < n:

@@ -81,6 +81,8 @@ class FaultPlan:
             self._rules.clear()
 
     def _load_file(self) -> list[Rule]:
+        if self._path is None:
+            return []
         try:
             st = os.stat(self._path)
         except OSError:

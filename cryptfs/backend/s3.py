@@ -7,6 +7,8 @@ mode, with backoff on throttling and 5xx). Errors become cryptfs errors in `_tra
 from __future__ import annotations
 
 import concurrent.futures as cf
+import email.utils
+import logging
 import threading
 from typing import Iterator
 
@@ -18,11 +20,20 @@ from ..errors import (AccessDenied, BackendError, BucketNotFound, NoCredentials,
                       PreconditionFailed, Unreachable)
 from .base import Backend, ObjectInfo, PendingUpload, read_exact
 
+log = logging.getLogger(__name__)
+
 PART_SIZE = 8 * 1024 * 1024
 PARTS_IN_FLIGHT = 4
 MAX_PARTS = 10000
 COPY_LIMIT = 5 * 1024 ** 3  # larger objects are copied in parts
 COPY_PART = 1024 ** 3
+
+
+BOTO_ERRORS = (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError)
+
+
+class RangeNotSatisfiable(BackendError):
+    """A ranged GET that starts at or past the end of the object (S3's InvalidRange)."""
 
 
 def _translate(exc: Exception, what: str) -> Exception:
@@ -44,12 +55,22 @@ def _translate(exc: Exception, what: str) -> Exception:
             return NotFound(f"{what}: not found")
         if code in ("PreconditionFailed", "ConditionalRequestConflict", "412") or status in (409, 412):
             return PreconditionFailed(f"{what}: changed meanwhile")
+        if code == "InvalidRange" or status == 416:
+            return RangeNotSatisfiable(f"{what}: range past the end")
         if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403") or status == 403:
             return AccessDenied(f"{what}: access denied ({code})")
         return BackendError(f"{what}: {code or status} {err.get('Message', '')}".strip())
     if isinstance(exc, botocore.exceptions.BotoCoreError):
         return BackendError(f"{what}: {exc}")
     return exc
+
+
+def _server_time(resp: dict) -> float | None:
+    date = resp.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+    try:
+        return email.utils.parsedate_to_datetime(date).timestamp() if date else None
+    except (TypeError, ValueError):
+        return None
 
 
 class S3Backend(Backend):
@@ -80,7 +101,7 @@ class S3Backend(Backend):
     def _call(self, what: str, fn, **kwargs):
         try:
             return fn(Bucket=self.bucket, **kwargs)
-        except Exception as exc:
+        except BOTO_ERRORS as exc:
             raise _translate(exc, what) from None
 
     def check(self) -> None:
@@ -93,7 +114,7 @@ class S3Backend(Backend):
     def _info(key: str, resp: dict, size: int) -> ObjectInfo:
         lm = resp.get("LastModified")
         return ObjectInfo(key, size, resp.get("ETag", ""), lm.timestamp() if lm else 0.0,
-                          resp.get("Metadata"))
+                          resp.get("Metadata"), _server_time(resp))
 
     def head(self, key):
         resp = self._call(key, self.client.head_object, Key=key)
@@ -112,14 +133,11 @@ class S3Backend(Backend):
             kwargs["IfMatch"] = if_match
         try:
             resp = self._call(key, self.client.get_object, **kwargs)
-        except BackendError as exc:
-            if "InvalidRange" in str(exc):  # range starting at or past the end
-                info = self.head(key)
-                return b"", info
-            raise
+        except RangeNotSatisfiable:  # a range starting at or past the end
+            return b"", self.head(key)
         try:
             data = resp["Body"].read()
-        except Exception as exc:
+        except BOTO_ERRORS as exc:
             raise _translate(exc, key) from None
         size = resp["ContentLength"]
         if "ContentRange" in resp:
@@ -156,10 +174,7 @@ class S3Backend(Backend):
                 kwargs["IfMatch"] = if_match
             return self._call(key, self.client.complete_multipart_upload, **kwargs)["ETag"]
         except BaseException:
-            try:
-                self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
-            except Exception:
-                pass
+            self._abort_quietly(key, upload_id)
             raise
 
     def _upload_parts(self, key, upload_id, stream, size, part, progress) -> list[dict]:
@@ -214,10 +229,7 @@ class S3Backend(Backend):
             return self._call(dst, self.client.complete_multipart_upload, Key=dst, UploadId=upload_id,
                               MultipartUpload={"Parts": parts})["ETag"]
         except BaseException:
-            try:
-                self.client.abort_multipart_upload(Bucket=self.bucket, Key=dst, UploadId=upload_id)
-            except Exception:
-                pass
+            self._abort_quietly(dst, upload_id)
             raise
 
     def delete(self, key):
@@ -233,13 +245,21 @@ class S3Backend(Backend):
                 for obj in page.get("Contents", []):
                     yield ObjectInfo(obj["Key"], obj["Size"], obj["ETag"],
                                      obj["LastModified"].timestamp(), None)
-        except Exception as exc:
+        except BOTO_ERRORS as exc:
             raise _translate(exc, f"list {prefix or '/'}") from None
 
     def pending_uploads(self, prefix):
         resp = self._call("list uploads", self.client.list_multipart_uploads, Prefix=prefix)
         return [PendingUpload(u["Key"], u["UploadId"], u["Initiated"].timestamp())
                 for u in resp.get("Uploads", [])]
+
+    def _abort_quietly(self, key: str, upload_id: str) -> None:
+        """After a failed multipart upload: abort it, or say that it stays behind."""
+        try:
+            self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+        except BOTO_ERRORS as exc:
+            log.warning("%s: multipart upload %s not aborted (%s); the next attempt or fsck --repair "
+                        "aborts it", key, upload_id, exc)
 
     def abort_upload(self, upload):
         self._call(upload.key, self.client.abort_multipart_upload, Key=upload.key, UploadId=upload.upload_id)
