@@ -363,6 +363,12 @@ class Store:
         except NotFound:
             pass
 
+    def abort_uploads_to(self, rel: str, upload_id: str | None = None) -> None:
+        """Abort every unfinished multipart upload to one key (and `upload_id`, if known)."""
+        ids = {u.upload_id for u in self.backend.pending_uploads(self.abs_key(rel)) if u.key == self.abs_key(rel)}
+        for upload in ids | ({upload_id} if upload_id else set()):
+            self.abort_upload(rel, upload)
+
     def read_blocks(self, entry: Entry, fk: fmt.FileKey, header: bytes, first: int, count: int) -> list[bytes]:
         """Blocks [first, first+count) of an unchanged object (If-Match on the entry's ETag)."""
         nblocks = fmt.block_count(entry.size, self.block_size)

@@ -201,17 +201,22 @@ def upload_record(
     """Upload the object a journal record describes (normal uploads and recovery alike);
     `key` and `metadata` override the record's (a recovered file moved to /lost+found).
 
-    A multipart upload's id goes into the record as soon as it exists, and the next attempt
-    (or the next mount's recovery) aborts it first, so a crash leaves no upload behind."""
+    Before an object that may go in parts is sent, the record says so; the upload's id
+    follows as soon as it exists. The next attempt (or the next mount's recovery) aborts
+    every unfinished upload to that key first: a kill between the upload's creation and its
+    id reaching the journal leaves nothing behind either. (Only this mount writes the
+    volume while it holds the lease, so every upload to the key is ours.)"""
     uid = record["uid"]
     left = (journal.get(uid) or {}).get("upload")
     if left:
-        store.abort_upload(*left)
+        store.abort_uploads_to(*left)
     key = key or record["key"]
+    size = store.layout.object_size(record["size"])
+    if size > INLINE_MAX:  # not fsynced: enough against a killed process (the page cache survives
+        # it); after a power cut `fsck --repair` finds the upload
+        journal.write(uid, {**record, "upload": [key, None]}, durable=False)
 
     def started(upload_id: str) -> None:
-        # not fsynced: enough against a killed process (the page cache survives it); after a
-        # power cut `fsck --repair` finds the upload
         journal.write(uid, {**record, "upload": [key, upload_id]}, durable=False)
 
     basis = record.get("basis")
@@ -231,9 +236,7 @@ def upload_record(
         )
     )
     reader = ComposedReader(store, fk, header, record["size"], record["runs"], read_staged, basis_entry)
-    return store.upload(
-        key, reader, store.layout.object_size(record["size"]), metadata or record["metadata"], started=started
-    )
+    return store.upload(key, reader, size, metadata or record["metadata"], started=started)
 
 
 class WriteBack:
@@ -583,7 +586,7 @@ def _unlink(path: str) -> None:
 def recover_record(store: Store, journal: Journal, record: dict) -> str:
     if record.get("staging") and not os.path.exists(record["staging"]):
         if record.get("upload"):
-            store.abort_upload(*record["upload"])
+            store.abort_uploads_to(*record["upload"])
         journal.remove(record["uid"])  # uploaded before the removal of its record was lost
         raise CryptfsError(f"staging file of {record['key']} is gone; record dropped")
     meta = fmt.parse_metadata(record["metadata"])

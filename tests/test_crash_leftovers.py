@@ -53,7 +53,7 @@ def test_kill_during_multipart_upload_leaves_no_upload(volume_factory, own_mount
     body = data(20 * 1024 * 1024, "multipart")
     with open(m.path("big.bin"), "wb") as f:
         f.write(body)
-    _wait_for(arrived)  # the upload exists and its id is journaled; no part sent
+    _wait_for(arrived)  # the upload exists, its id not journaled yet (only that one is coming)
     uploads = s3_client.list_multipart_uploads(Bucket=ref.raw.bucket).get("Uploads", [])
     assert len(uploads) == 1, uploads
     _kill(m)

@@ -28,7 +28,7 @@ from .base import Backend
 
 log = logging.getLogger(__name__)
 
-# "multipart": a multipart upload was created and its id handed to the caller, no part sent yet
+# "multipart": a multipart upload was created, before its id reaches the caller and any part is sent
 OPS = ("get", "head", "put", "upload", "multipart", "copy", "delete", "list")
 
 
@@ -162,9 +162,9 @@ class FaultyBackend(Backend):
         self.plan.before("upload", key)
 
         def begun(upload_id):
+            self.plan.before("multipart", key)  # the upload exists; the caller does not know its id yet
             if started:
                 started(upload_id)
-            self.plan.before("multipart", key)
 
         return self.inner.upload(key, stream, size, metadata, if_none_match, if_match, progress, begun)
 
