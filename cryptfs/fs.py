@@ -221,7 +221,7 @@ class CryptFS:
             state.attrs = entry_attrs(inode)
         self.ns.record(inode)
 
-    def _names_changed(self, file_id: bytes | None) -> None:
+    def _names_changed(self, file_id: bytes | None, besides: tuple[bytes, bytes] | None = None) -> None:
         """libfuse gives each name of a hard-linked file an inode of its own in the kernel,
         whose cached attributes and pages would lag a change made through another name for up
         to the attribute timeout: after such a change (outside every lock), drop them."""
@@ -238,6 +238,8 @@ class CryptFS:
         invalidate = _libfuse.fuse_invalidate_path
         invalidate.argtypes, invalidate.restype = [ctypes.c_void_p, ctypes.c_char_p], ctypes.c_int
         for parent_id, name in self.ns.link_names(file_id):
+            if (parent_id, name) == besides:
+                continue  # the name the change came through: its kernel inode is current
             parts = [name]
             while parent_id != fmt.ROOT_DIR_ID:
                 loc = self.ns.location(parent_id)
@@ -564,6 +566,10 @@ class CryptFS:
         state = self.fhs[fh]
         with self._space(state):
             self.wb.journal_state(state)
+        if state.inode_key and state.modified:
+            # close() waits for flush, not for release: the other names must not show the old
+            # contents to a read that follows the close
+            self._names_changed(state.fk.file_id, besides=(state.parent_id, state.name))
         return self._report(state)
 
     def _report(self, state: FileState) -> int:
