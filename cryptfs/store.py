@@ -484,20 +484,21 @@ class Store:
 
     def mkdir(self, parent_id: bytes, name: bytes, attrs: fmt.Attrs, child: bytes | None = None) -> Entry:
         child = child or fmt.new_dir_id()
-        rel = self.entry_key(parent_id, name)
         self.write_backptr(child, parent_id, name, attrs)
-        meta = self.metadata_for(rel, child, attrs, None, True)
         try:
-            etag = self.backend.put(
-                self.abs_key(rel), fmt.encrypt_dirent(self.vk, parent_id, name, child), meta, if_none_match=True
-            )
-        except PreconditionFailed:
+            return self._new_dirent(parent_id, name, child, attrs)
+        except AlreadyExists:
             self.backend.delete(self.abs_key(self.backptr_key(child)))
-            raise AlreadyExists(f"{name.decode(errors='replace')} already exists") from None
-        return Entry(parent_id, name, rel, True, child, 0, etag, time.time(), attrs, raw_meta=meta)
+            raise
 
     def link_dir(self, parent_id: bytes, name: bytes, child: bytes, attrs: fmt.Attrs) -> Entry:
         """Give an existing directory a (new) entry, and point it back there."""
+        entry = self._new_dirent(parent_id, name, child, attrs)
+        self.write_backptr(child, parent_id, name, attrs)
+        return entry
+
+    def _new_dirent(self, parent_id: bytes, name: bytes, child: bytes, attrs: fmt.Attrs) -> Entry:
+        """Store the entry (parent_id, name) for directory `child`, refusing an existing name."""
         rel = self.entry_key(parent_id, name)
         meta = self.metadata_for(rel, child, attrs, None, True)
         try:
@@ -506,7 +507,6 @@ class Store:
             )
         except PreconditionFailed:
             raise AlreadyExists(f"{name.decode(errors='replace')} already exists") from None
-        self.write_backptr(child, parent_id, name, attrs)
         return Entry(parent_id, name, rel, True, child, 0, etag, time.time(), attrs, raw_meta=meta)
 
     def lost_and_found(self) -> Entry:
