@@ -484,6 +484,7 @@ class Store:
 
     def mkdir(self, parent_id: bytes, name: bytes, attrs: fmt.Attrs, child: bytes | None = None) -> Entry:
         child = child or fmt.new_dir_id()
+        self.entry_key(parent_id, name)  # a name the format refuses is refused before anything is stored
         self.write_backptr(child, parent_id, name, attrs)
         try:
             return self._new_dirent(parent_id, name, child, attrs)
