@@ -1,4 +1,8 @@
-"""Exception hierarchy, with the errno (FUSE boundary) and exit code (CLI boundary) of each."""
+"""Exception hierarchy, with the errno (FUSE boundary) and exit code (CLI boundary) of each.
+
+This is the one mapping: the mount returns an error's `errno` (fs.op turns it into the
+OSError FUSE expects) and the CLI exits with its `exit_code`; nothing else picks either.
+"""
 
 import errno
 
@@ -90,6 +94,46 @@ class PreconditionFailed(CryptfsError):
     exit_code = EXIT_ERROR
 
 
+class InvalidArgument(CryptfsError):
+    """A call this filesystem does not accept in that form (RENAME_EXCHANGE, readlink of a file)."""
+
+    errno = errno.EINVAL
+    exit_code = EXIT_USAGE
+
+
+class NotPermitted(CryptfsError):
+    """What POSIX forbids outright (a hard link to a directory, an unknown node type)."""
+
+    errno = errno.EPERM
+    exit_code = EXIT_ACCESS
+
+
+class Unsupported(CryptfsError):
+    """What the volume cannot store (extended attributes)."""
+
+    errno = errno.ENOTSUP
+    exit_code = EXIT_ERROR
+
+
+class BadHandle(CryptfsError):
+    errno = errno.EBADF
+    exit_code = EXIT_ERROR
+
+
+class FileTooLarge(CryptfsError):
+    """Larger than the largest file whose object the bucket can hold."""
+
+    errno = errno.EFBIG
+    exit_code = EXIT_USAGE
+
+
+class Busy(CryptfsError):
+    """The root cannot be renamed, removed or replaced."""
+
+    errno = errno.EBUSY
+    exit_code = EXIT_USAGE
+
+
 class NotADirectory(CryptfsError):
     errno = errno.ENOTDIR
     exit_code = EXIT_USAGE
@@ -122,6 +166,10 @@ class Unreachable(CryptfsError):
 class BackendError(CryptfsError):
     errno = errno.EIO
     exit_code = EXIT_ERROR
+
+
+class UploadFailed(BackendError):
+    """A file's upload failed; it stays in the journal and is retried."""
 
 
 class NoSpace(CryptfsError):

@@ -20,7 +20,23 @@ from typing import TYPE_CHECKING
 
 from . import format as fmt
 from .backend.base import MAX_OBJECT_SIZE
-from .errors import AlreadyExists, CryptfsError, NoSpace, NotFound
+from .errors import (
+    AlreadyExists,
+    BadHandle,
+    Busy,
+    CryptfsError,
+    DirectoryNotEmpty,
+    FileTooLarge,
+    InvalidArgument,
+    IsADirectory,
+    NoSpace,
+    NotADirectory,
+    NotFound,
+    NotPermitted,
+    ReadOnly,
+    Unsupported,
+    UploadFailed,
+)
 from .handles import FileState
 from .logs import shown
 from .namespace import ROOT_LOC, Namespace
@@ -43,12 +59,15 @@ RENAME_EXCHANGE = 2
 
 
 class FuseError(OSError):
+    """What FUSE returns to the caller; made only by `op`, from an error's errno."""
+
     def __init__(self, code: int):
         super().__init__(code, os.strerror(code))
 
 
 def op(func):
-    """Translate cryptfs errors into errno; log anything unexpected as EIO."""
+    """Translate cryptfs errors into their errno (errors.py is the mapping); log anything
+    unexpected as EIO."""
 
     @functools.wraps(func)
     def wrapper(self, *args):
@@ -145,10 +164,10 @@ class CryptFS:
         """(parent directory id, name) of a path that is not the root."""
         parts = split(path)
         if not parts:
-            raise FuseError(errno.EBUSY)
+            raise Busy()
         parent = self.ns.resolve(parts[:-1])
         if not (isinstance(parent, Entry) and parent.is_dir):
-            raise FuseError(errno.ENOTDIR)
+            raise NotADirectory()
         fmt.check_name(parts[-1])
         return parent.obj_id, parts[-1]
 
@@ -260,7 +279,7 @@ class CryptFS:
 
     def _check_writable(self) -> None:
         if self.read_only or (self.lease is not None and not self.lease.writable):
-            raise FuseError(errno.EROFS)
+            raise ReadOnly()
 
     def _stat(self, node) -> dict:
         node = self._live(node)
@@ -323,7 +342,7 @@ class CryptFS:
     def opendir(self, path):
         entry = self._node(path)
         if not (isinstance(entry, Entry) and entry.is_dir):
-            raise FuseError(errno.ENOTDIR)
+            raise NotADirectory()
         fh = next(self._fh)
         with self._lock:
             self.dirs[fh] = entry.obj_id
@@ -358,7 +377,7 @@ class CryptFS:
         if isinstance(node, FileState):
             return os.fsdecode(node.read(0, node.size))
         if not node.is_symlink:
-            raise FuseError(errno.EINVAL)
+            raise InvalidArgument()
         key = (node.obj_id, node.etag)
         target = self._symlinks.get(key)
         if target is None:
@@ -384,7 +403,7 @@ class CryptFS:
                 self._set_state_attrs(state, change)
             return
         if path is None:  # no path: only ever sent with an open file's handle
-            raise FuseError(errno.EBADF)
+            raise BadHandle()
         parts = split(path)
         if not parts:
             with self.ns.names.hold(ROOT_LOC):
@@ -465,7 +484,7 @@ class CryptFS:
                 state = node
                 break
             if node.is_dir:
-                raise FuseError(errno.EISDIR)
+                raise IsADirectory()
             live = self._live(node)
             if live is not node:  # a hard-linked file already open under another name
                 self.ns.hold(live)
@@ -497,7 +516,7 @@ class CryptFS:
                 existing = None
             if existing is not None:  # made meanwhile: open(2) without O_EXCL opens it
                 if flags & os.O_EXCL:
-                    raise FuseError(errno.EEXIST)
+                    raise AlreadyExists()
                 return self._open_node(parent_id, name, existing, flags)
             state = FileState.create(
                 self.store,
@@ -520,7 +539,7 @@ class CryptFS:
             self._check_writable()
         parts = split(path)
         if not parts:
-            raise FuseError(errno.EISDIR)
+            raise IsADirectory()
         parent_id, name = self._where(path)
         with self.ns.names.hold((parent_id, name)):
             return self._open_node(parent_id, name, self.ns.lookup(parent_id, name), flags)
@@ -539,7 +558,7 @@ class CryptFS:
     def _check_size(self, size: int) -> None:
         """EFBIG beyond the largest file whose object the bucket can hold."""
         if size > self.store.layout.largest_plain(MAX_OBJECT_SIZE):
-            raise FuseError(errno.EFBIG)
+            raise FileTooLarge()
 
     @op
     def truncate(self, path, length, fh=None):
@@ -575,8 +594,7 @@ class CryptFS:
     def _report(self, state: FileState) -> int:
         if state.error is not None:
             exc, state.error = state.error, None
-            log.error("reporting failed upload of %s: %s", state.key, exc)
-            raise FuseError(errno.EIO)
+            raise UploadFailed(f"upload of {state.key} failed: {exc}")
         return 0
 
     @op
@@ -591,8 +609,7 @@ class CryptFS:
                 except NoSpace:
                     raise
                 except CryptfsError as exc:
-                    log.error("fsync upload of %s failed: %s", state.key, exc)
-                    raise FuseError(errno.EIO) from None
+                    raise UploadFailed(f"upload of {state.key} failed: {exc}") from None
         return self._report(state)
 
     @op
@@ -679,7 +696,7 @@ class CryptFS:
         """Unlink a name whose lock the caller holds."""
         with self._bound(parent_id, name) as node:
             if isinstance(node, Entry) and node.is_dir:
-                raise FuseError(errno.EISDIR)
+                raise IsADirectory()
             if node.link_key is not None and self._unlink_link(parent_id, name, node):
                 live = self._live(node)
                 if hide_as is not None and isinstance(live, FileState):  # open: fstat still works
@@ -733,7 +750,7 @@ class CryptFS:
         """Before a create-only write: EEXIST if bound; an unlinked open file's object goes first."""
         try:
             self.ns.lookup(parent_id, name)
-            raise FuseError(errno.EEXIST)
+            raise AlreadyExists()
         except NotFound:
             pass
         doomed = self.ns.claim(parent_id, name)
@@ -761,7 +778,7 @@ class CryptFS:
         with self.ns.names.hold((parent_id, name)):
             entry = self.ns.lookup(parent_id, name)
             if not (isinstance(entry, Entry) and entry.is_dir):
-                raise FuseError(errno.ENOTDIR)
+                raise NotADirectory()
             self.ns.follow(entry)
             self._remove_dir(entry)
             self.ns.remove(parent_id, name)
@@ -771,7 +788,7 @@ class CryptFS:
     def _remove_dir(self, entry: Entry) -> None:
         """Delete an empty directory: empty of pending, uploading and uploaded entries alike."""
         if not self.ns.is_empty(entry.obj_id):
-            raise FuseError(errno.ENOTEMPTY)
+            raise DirectoryNotEmpty()
         for state in self.ns.doomed_in(entry.obj_id):  # unlinked files still open: their objects go now
             if self.ns.release_doomed(state):
                 self.store.delete_key(state.key)
@@ -787,10 +804,7 @@ class CryptFS:
         attrs = replace(self._new_attrs(mode, parent_id), rdev=rdev)
         with self.ns.names.hold((parent_id, name)):
             self._take_name(parent_id, name)
-            try:
-                entry = self.store.write_bytes(parent_id, name, body, attrs, create_only=True)
-            except AlreadyExists:
-                raise FuseError(errno.EEXIST) from None
+            entry = self.store.write_bytes(parent_id, name, body, attrs, create_only=True)
             self.ns.put(parent_id, name, entry)
         self._touch(parent_id)
 
@@ -798,7 +812,7 @@ class CryptFS:
     def rename(self, old, new, flags=0):
         self._check_writable()
         if flags & RENAME_EXCHANGE:
-            raise FuseError(errno.EINVAL)
+            raise InvalidArgument()
         src = self._where(old)
         dst = self._where(new)
         if HIDDEN_NAME.match(dst[1]) and not flags:  # libfuse hiding an open file: an unlink
@@ -811,7 +825,7 @@ class CryptFS:
             except NotFound:
                 target = None
             if target is not None and flags & RENAME_NOREPLACE:
-                raise FuseError(errno.EEXIST)
+                raise AlreadyExists()
             if src == dst or target is node or _same_file(target, node):
                 return  # two names of one hard-linked file: POSIX says do nothing
             linked = {_file_id(n) for n in (node, target) if n is not None and n.link_key is not None}
@@ -827,7 +841,7 @@ class CryptFS:
         self.ns.follow(entry)
         if target is not None:
             if not (isinstance(target, Entry) and target.is_dir):
-                raise FuseError(errno.ENOTDIR)
+                raise NotADirectory()
             self._remove_dir(target)
             self.ns.remove(*dst)
             self.ns.forget_dir(target.obj_id)
@@ -838,7 +852,7 @@ class CryptFS:
 
     def _rename_file(self, node, src, dst, target) -> None:
         if isinstance(target, Entry) and target.is_dir:
-            raise FuseError(errno.EISDIR)
+            raise IsADirectory()
         if target is not None and (target.link_key is not None or node.link_key is not None):
             self._unlink_held(*dst)  # a hard-linked file gains or loses a name: unlink the target first
             target = None
@@ -907,7 +921,7 @@ class CryptFS:
             self._take_name(*dst)
             with self._bound(*src) as node:
                 if isinstance(node, Entry) and node.is_dir:
-                    raise FuseError(errno.EPERM)
+                    raise NotPermitted()
                 with self._linked(node) as live:  # an open file is uploaded first
                     old, new = self.store.link(node if live is None else replace(live.basis, attrs=live.attrs), *dst)
                     if live is not None:
@@ -928,17 +942,17 @@ class CryptFS:
         """FIFOs, sockets and device nodes: an empty file object whose sealed attributes carry
         the type, mode and rdev (nothing is served through them)."""
         if stat.S_IFMT(mode) not in SPECIAL_TYPES:
-            raise FuseError(errno.EPERM if stat.S_IFMT(mode) else errno.EINVAL)
+            raise NotPermitted() if stat.S_IFMT(mode) else InvalidArgument()
         rdev = dev if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else 0
         self._make(path, b"", mode, rdev)
 
     @op
     def setxattr(self, path, name, value, options, position=0):
-        raise FuseError(errno.ENOTSUP)
+        raise Unsupported()
 
     @op
     def getxattr(self, path, name, position=0):
-        raise FuseError(errno.ENOTSUP)
+        raise Unsupported()
 
     @op
     def listxattr(self, path):
@@ -946,7 +960,7 @@ class CryptFS:
 
     @op
     def removexattr(self, path, name):
-        raise FuseError(errno.ENOTSUP)
+        raise Unsupported()
 
     @op
     def statfs(self, path):

@@ -244,8 +244,9 @@ def test_decrypt_resumable(populated, src_tree, tmp_path):
     partial = str(dest / "src" / ("big.bin" + PARTIAL_SUFFIX))
     cmd = cli_command("decrypt", populated.url, str(dest), *populated.args)
 
+    # SIGINT's disposition is set here: a suite started in the background inherits it ignored
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=cli_environ(None))
+                            env=cli_environ(None), preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert _wait_for(partial, proc), "decrypt ended before the big file was being written"
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
