@@ -11,6 +11,7 @@ import sys
 from . import __version__, config, fsck, keys, lease, localstate, logs, transfer, volume
 from . import format as fmt
 from .errors import (
+    EXIT_ERROR,
     EXIT_INTEGRITY,
     EXIT_OK,
     EXIT_USAGE,
@@ -682,7 +683,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
     except OSError as exc:
         print(f"cryptfs: error: {exc.strerror or exc}{': ' + exc.filename if exc.filename else ''}", file=sys.stderr)
-        return 1
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

@@ -28,10 +28,6 @@ def configure(verbose: bool, names: bool = False, level: int | None = None) -> N
         logging.getLogger(__name__).warning("--log-names: file names are written to the log in plaintext")
 
 
-def names_allowed() -> bool:
-    return _names
-
-
 def shown(path) -> str:
     """A plaintext name or path as a log record may show it: only with --log-names."""
     if not _names:
