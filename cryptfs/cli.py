@@ -1,6 +1,7 @@
 """The cryptfs command: subcommands, passphrase input, and the one place errors become exit codes."""
 
 import argparse
+import contextlib
 import datetime
 import getpass
 import logging
@@ -16,7 +17,6 @@ from .errors import (
     EXIT_OK,
     EXIT_USAGE,
     CryptfsError,
-    InUse,
     IntegrityError,
     IsADirectory,
     NotFound,
@@ -85,11 +85,16 @@ def settings_of(args) -> tuple[str, config.VolumeSettings]:
     return url, settings
 
 
-def open_target(args, url: str | None = None) -> tuple[Store, Target]:
+def open_target(args, url: str | None = None, writes: bool = False) -> tuple[Store, Target]:
+    """The volume a command names. A command that `writes` holds the volume's lease until it
+    ends (lease.held_by_command): refused while a read-write mount holds it."""
     base_url, settings = settings_of(args)
     target = locate(url or base_url, settings)
     vol = volume.open_volume(target.backend, target.prefix, read_passphrase(args), settings.owner_fingerprint)
-    return Store(vol, workers=settings.workers), target
+    store = Store(vol, workers=settings.workers)
+    if writes:
+        args.held.enter_context(lease.held_by_command(store, f"cryptfs {args.command}", args.break_lease))
+    return store, target
 
 
 def parent_and_name(store: Store, parts: list[bytes]):
@@ -195,7 +200,7 @@ def cmd_put(args) -> int:
     for src in args.sources:
         if not os.path.lexists(src):
             raise UsageError(f"{src}: no such file or directory")
-    store, target = open_target(args)
+    store, target = open_target(args, writes=True)
     try:
         dest = store.resolve(target.parts)
     except NotFound:
@@ -241,7 +246,7 @@ def cmd_cat(args) -> int:
 
 
 def cmd_mkdir(args) -> int:
-    store, target = open_target(args)
+    store, target = open_target(args, writes=True)
     if args.parents:
         entry = store.root()
         for i, name in enumerate(target.parts):
@@ -265,7 +270,7 @@ def _remove_tree(store: Store, entry) -> None:
 
 
 def cmd_rm(args) -> int:
-    store, target = open_target(args)
+    store, target = open_target(args, writes=True)
     entry = store.resolve(target.parts)
     if not target.parts:
         raise UsageError("refusing to remove the volume root")
@@ -276,7 +281,7 @@ def cmd_rm(args) -> int:
 
 
 def cmd_rmdir(args) -> int:
-    store, target = open_target(args)
+    store, target = open_target(args, writes=True)
     entry = store.resolve(target.parts)
     if not entry.is_dir:
         raise UsageError(f"{show(target.parts)} is not a directory")
@@ -287,7 +292,7 @@ def cmd_rmdir(args) -> int:
 
 
 def cmd_mv(args) -> int:
-    store, src = open_target(args)
+    store, src = open_target(args, writes=True)
     _, dst_settings = settings_of(args)
     dst = locate(config.settings_for(args.dest, {})[0], dst_settings) if "://" in args.dest else None
     if dst is None or dst.backend.url != src.backend.url or dst.prefix != src.prefix:
@@ -359,11 +364,7 @@ def cmd_decrypt(args) -> int:
 
 
 def cmd_fsck(args) -> int:
-    store, _ = open_target(args)
-    if args.repair or args.abort_uploads:
-        held, info = lease.read(store)
-        if held is not None and held.state == "held" and not lease.expired(held, info):
-            raise InUse(f"not repairing while the volume is mounted read-write: lease {lease.describe(held, info)}")
+    store, _ = open_target(args, writes=args.repair or args.abort_uploads)
     report = fsck.check(store, repair=args.repair, abort_uploads=args.abort_uploads)
     for kind, where, detail in report.problems:
         print(f"{kind}: {where}: {detail}")
@@ -488,7 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    def add(name, func, help_text, example):
+    def add(name, func, help_text, example, writes=False):
         p = sub.add_parser(
             name,
             parents=[common],
@@ -498,6 +499,13 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         p.set_defaults(func=func)
+        if writes:
+            p.add_argument(
+                "--break-lease",
+                action="store_true",
+                help="take the volume's lease even if its last read-write mount did not release it "
+                "(that mount's unfinished uploads are then kept aside, never replayed)",
+            )
         return p
 
     url_help = "s3://bucket/prefix[/path], file:///dir[/path], or a configured volume name[/path]"
@@ -534,6 +542,7 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_put,
         "upload files or directory trees (recursive)",
         "cryptfs put ~/Documents s3://my-bucket/vault/docs",
+        writes=True,
     )
     p.add_argument("sources", nargs="+", help="local files or directories")
     p.add_argument("url", help="destination in the volume (a directory, or the new name)")
@@ -545,15 +554,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("cat", cmd_cat, "write a file's contents to stdout", "cryptfs cat s3://my-bucket/vault/docs/notes.txt")
     p.add_argument("url", help=url_help)
 
-    p = add("mkdir", cmd_mkdir, "create a directory", "cryptfs mkdir -p s3://my-bucket/vault/a/b")
+    p = add("mkdir", cmd_mkdir, "create a directory", "cryptfs mkdir -p s3://my-bucket/vault/a/b", True)
     p.add_argument("url", help=url_help)
     p.add_argument("-p", "--parents", action="store_true", help="create missing parents; no error if it exists")
 
-    p = add("rm", cmd_rm, "remove a file (or a tree with -r)", "cryptfs rm -r s3://my-bucket/vault/old")
+    p = add("rm", cmd_rm, "remove a file (or a tree with -r)", "cryptfs rm -r s3://my-bucket/vault/old", True)
     p.add_argument("url", help=url_help)
     p.add_argument("-r", "--recursive", action="store_true", help="remove directories and their contents")
 
-    p = add("rmdir", cmd_rmdir, "remove an empty directory", "cryptfs rmdir s3://my-bucket/vault/empty")
+    p = add("rmdir", cmd_rmdir, "remove an empty directory", "cryptfs rmdir s3://my-bucket/vault/empty", True)
     p.add_argument("url", help=url_help)
 
     p = add(
@@ -561,6 +570,7 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_mv,
         "rename or move within a volume",
         "cryptfs mv s3://my-bucket/vault/a.txt s3://my-bucket/vault/docs/",
+        writes=True,
     )
     p.add_argument("url", help=url_help)
     p.add_argument("dest", help="destination URL in the same volume")
@@ -579,6 +589,7 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_fsck,
         "verify every entry, attribute and block; exit 5 when problems are found",
         "cryptfs fsck s3://my-bucket/vault",
+        writes=True,
     )
     p.add_argument("url", help=url_help)
     p.add_argument(
@@ -672,7 +683,8 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     logs.configure(args.verbose, args.log_names)
     try:
-        return args.func(args)
+        with contextlib.ExitStack() as args.held:  # what the command holds (its lease) until it ends
+            return args.func(args)
     except CryptfsError as exc:
         print(f"cryptfs: error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -991,6 +991,11 @@ class CryptFS:
         self.wb.stop()
         self._stop.set()
         dirs_failed = self.ns.flush_dirs()
+        if self.lease is not None:
+            self.lease.pending = self.unmount_failed
+            if not failed and not dirs_failed and not self.journal.records() and self.lease.writable:
+                saved = self.ns.save(self.lease.epoch)
+                log.info("unmount: %d directory listings saved for the next mount", saved)
         if failed:
             log.error(
                 "unmount: %d file(s) could not be uploaded; they stay in the journal and upload at the next mount",

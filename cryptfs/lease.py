@@ -15,6 +15,7 @@ the writers that ask `writable` are the only users.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import fcntl
@@ -50,6 +51,7 @@ class Record:
     epoch: int  # one more than the record it replaced
     cache: str  # random id of the holder's cache directory (its journal)
     mount: str  # random id of this take
+    pending: int = 0  # released with uploads still in the holder's journal (they upload at its next mount)
 
     def dumps(self) -> bytes:
         return json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
@@ -58,7 +60,8 @@ class Record:
     def loads(cls, raw: bytes) -> "Record":
         try:
             doc = json.loads(raw)
-            return cls(**{f.name: doc[f.name] for f in dataclasses.fields(cls)})
+            fields = dataclasses.fields(cls)  # a field with a default may be absent (older records)
+            return cls(**{f.name: doc[f.name] for f in fields if f.name in doc or f.default is dataclasses.MISSING})
         except (ValueError, KeyError, TypeError):
             raise fmt.FormatError("lease record is not readable") from None
 
@@ -116,6 +119,9 @@ class Lease:
         self.period = self.duration / 3
         self.record: Record | None = None
         self.etag: str | None = None
+        self.prev: Record | None = None  # the record this take replaced
+        self.pending = 0  # uploads left in the journal at unmount, said in the released record
+        self.existed = False  # whether a lease object was there to replace
         self.lost: str | None = None  # why, once someone else holds the lease
         self._renewed_at = 0.0
         self._lock = threading.Lock()
@@ -125,13 +131,17 @@ class Lease:
 
     # ------------------------------------------------------------ taking
 
-    def acquire(self, break_lease: bool = False):
+    def acquire(self, break_lease: bool = False, command: str | None = None):
         """Take the lease; returns (previous record or None, whether a lease object existed).
-        Raises InUse naming the holder when another mount holds it."""
+        Raises InUse naming the holder when another mount holds it. `command`: the mount-free
+        command taking it, which never takes over from a holder that did not release it."""
         for _ in range(3):
             prev, info = read(self.store)
             if info is not None:
-                self._may_take(prev, info, break_lease)
+                if command is None:
+                    self._may_take(prev, info, break_lease)
+                else:
+                    self._command_may_take(prev, info, break_lease, command)
             now = time.time()
             record = Record(
                 "held",
@@ -156,6 +166,7 @@ class Lease:
                 continue  # another mount took or changed it meanwhile: look again
             with self._lock:
                 self.record, self.etag, self._renewed_at = record, etag, started
+                self.prev, self.existed = prev, info is not None
             return prev, info is not None
         prev, info = read(self.store)
         raise InUse(f"{self.store.vol.url}: the lease keeps changing hands ({describe(prev, info)})")
@@ -190,6 +201,36 @@ class Lease:
             "Mount it read-only (-o ro) beside that mount, wait for it to end, or, if that mount is "
             "gone for good, take over at once with --break-lease"
         )
+
+    def _command_may_take(self, prev: Record | None, info, break_lease: bool, command: str) -> None:
+        if prev is not None and prev.state == "released" and not prev.pending:
+            return
+        if break_lease:
+            log.warning("%s: breaking the lease of the volume (%s)", command, describe(prev, info))
+            return
+        if prev is not None and prev.state == "released":
+            raise InUse(
+                f"{self.store.vol.url}: its last read-write mount (host {prev.host}) left {prev.pending} "
+                "upload(s) in its cache directory. Mount the volume there once (it uploads them), or run "
+                f"{command} with --break-lease: those uploads are then kept aside, never replayed over "
+                "what this command writes"
+            )
+        if prev is not None and expired(prev, info, self.duration):
+            raise InUse(
+                f"{self.store.vol.url}: its last read-write mount (host {prev.host}, pid {prev.pid}) ended "
+                "without unmounting, and may have left uploads in its cache directory. Mount the volume "
+                f"there once (it uploads them), or run {command} with --break-lease: those uploads are "
+                "then kept aside, never replayed over what this command writes"
+            )
+        raise InUse(
+            f"{self.store.vol.url} is mounted read-write: lease {describe(prev, info)}. Make the change "
+            "through that mount, or unmount it first"
+        )
+
+    def unchanged_since(self, epoch: int) -> bool:
+        """Whether nobody has held the lease since this cache directory held it under `epoch`:
+        then the volume is as this cache directory last saw it."""
+        return self.existed and self.prev is not None and self.prev.cache == self.cache_id and self.prev.epoch == epoch
 
     # ------------------------------------------------------------ holding
 
@@ -287,7 +328,7 @@ class Lease:
         with self._lock:
             if self.lost is not None or self.record is None:
                 return
-            record = dataclasses.replace(self.record, state="released", renewed=time.time())
+            record = dataclasses.replace(self.record, state="released", renewed=time.time(), pending=self.pending)
             etag = self.etag
         try:
             self.backend.put(self.key, fmt.seal_lease(self.store.vk, record.dumps()), if_match=etag)
@@ -297,6 +338,19 @@ class Lease:
             log.warning(
                 "could not release the lease (%s); it expires %d s after its last renewal", exc, round(self.duration)
             )
+
+
+@contextlib.contextmanager
+def held_by_command(store: Store, command: str, break_lease: bool = False):
+    """A mount-free command that changes the volume holds its lease meanwhile, as a mount
+    would: so no read-write mount runs beside it, and the next mount sees the volume changed."""
+    lease = Lease(store, "command-" + os.urandom(8).hex())
+    lease.acquire(break_lease, command=command)
+    lease.start()
+    try:
+        yield lease
+    finally:
+        lease.release()
 
 
 class FencedBackend:

@@ -72,7 +72,7 @@ def parse_options(opts: list[str]) -> dict:
 class Mount:
     """Everything a mounted volume needs, built from an opened store."""
 
-    def __init__(self, store: Store, settings: VolumeSettings, read_only: bool = False):
+    def __init__(self, store: Store, settings: VolumeSettings, read_only: bool = False, lease: Lease | None = None):
         self.store = store
         self.root = root = localstate.cache_dir(store.vol.volume_id, settings.cache_dir)
         self.journal = Journal(os.path.join(root, "journal"))
@@ -97,6 +97,12 @@ class Mount:
             fsync_mode=settings.fsync,
             read_only=read_only,
         )
+        self.fs.lease = lease
+        if lease is not None:  # under the lease, the mount's own listings are the truth
+            self.ns.authoritative = lambda: lease.writable
+            taken = self.ns.load(lease.unchanged_since)
+            if taken:
+                log.info("the volume is unchanged since the last unmount: %d directory listings reused", taken)
 
     def recover(self) -> None:
         done = recover(self.store, self.journal)
@@ -154,8 +160,7 @@ def _run(
 ) -> None:
     mfusepy = load_fuse()
     fuse_base: Any = mfusepy.FUSE  # loaded at run time, bound to libfuse 3
-    mount = Mount(store, settings, read_only)
-    mount.fs.lease = lease
+    mount = Mount(store, settings, read_only, lease)
     if not read_only:  # a read-only mount writes nothing, not even what an earlier mount left
         mount.recover()
     fs = mount.fs

@@ -7,8 +7,10 @@ A directory's children live in one dict, whatever their state:
     FileState   open, or closed and waiting to upload: its data is local
 
 A name absent from a listed directory's dict does not exist; one present exists, in every
-state, so no lookup can fall between two structures. Listings (one LIST per directory per
-`ttl`, for changes made by other mounts) are merged under local state: a FileState is never
+state, so no lookup can fall between two structures. While the mount holds the volume's
+lease (`authoritative`), nothing else changes the volume, so a directory listed once stays
+listed: lookups, listings and scans send no request. Otherwise (read-only mounts, a lease
+not renewed) a listing is trusted for `ttl`, and listings are merged under local state: a FileState is never
 replaced by a listing, nor an unflushed directory attribute change, nor a name changed
 locally after the listing began. So a LIST that raced an upload, a rename or an unlink can
 neither hide a name nor bring one back. Local changes are recorded after their bucket write
@@ -16,7 +18,9 @@ returned (or, for a FileState, at once: the state is the authority until it is u
 
 Attribute blobs are cached on local disk keyed by (object key, ETag, LastModified, size),
 holding only what the bucket holds (the encrypted blobs), so after a remount a listing
-needs no HEAD per unchanged entry.
+needs no HEAD per unchanged entry. At a clean unmount the listings themselves are saved
+beside them (`save`), stamped with the lease epoch; the next mount uses them instead of
+listing again when the lease shows nobody has written since (`load`).
 
 Locks, always taken in this order (never the other way round):
 
@@ -37,6 +41,7 @@ import logging
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import replace
 
 from . import format as fmt
@@ -63,6 +68,14 @@ class AttrDB:
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS attrs (key TEXT PRIMARY KEY, etag TEXT, lm REAL, size INTEGER, meta TEXT)"
         )
+        # the listings saved at a clean unmount (one epoch at a time), and the back-pointers seen
+        self._db.executescript(
+            "CREATE TABLE IF NOT EXISTS saved (epoch INTEGER);"
+            "CREATE TABLE IF NOT EXISTS saved_dirs (dir BLOB PRIMARY KEY);"
+            "CREATE TABLE IF NOT EXISTS saved_entries"
+            " (dir BLOB, name BLOB, key TEXT, etag TEXT, size INTEGER, lm REAL);"
+            "CREATE TABLE IF NOT EXISTS saved_backptrs (dir BLOB PRIMARY KEY, parent BLOB, name BLOB);"
+        )
 
     def get(self, info: ObjectInfo) -> dict | None:
         with self._lock:
@@ -74,6 +87,43 @@ class AttrDB:
         elif abs(row[1] - info.last_modified) > 0.001:
             return None
         return json.loads(row[3])
+
+    def save_listings(self, epoch: int, dirs: list[bytes], entries: list[tuple], backptrs: list[tuple]) -> bool:
+        """Replace the saved listings in one transaction; False if the disk refused them."""
+        with self._lock:
+            try:
+                self._db.execute("BEGIN")
+                self._clear_saved()
+                self._db.executemany("INSERT INTO saved_dirs VALUES (?)", [(d,) for d in dirs])
+                self._db.executemany("INSERT INTO saved_entries VALUES (?,?,?,?,?,?)", entries)
+                self._db.executemany("INSERT INTO saved_backptrs VALUES (?,?,?)", backptrs)
+                self._db.execute("INSERT INTO saved VALUES (?)", (epoch,))
+                self._db.execute("COMMIT")
+                return True
+            except sqlite3.Error as exc:
+                self._db.execute("ROLLBACK")
+                log.warning("listings not saved for the next mount (%s); it lists the volume again", exc)
+                return False
+
+    def take_listings(self) -> tuple[int | None, list[bytes], list[tuple], list[tuple]]:
+        """The saved listings, removed as they are read: a save serves one mount only."""
+        with self._lock:
+            row = self._db.execute("SELECT epoch FROM saved").fetchone()
+            dirs = [r[0] for r in self._db.execute("SELECT dir FROM saved_dirs")]
+            entries = self._db.execute("SELECT dir, name, key, etag, size, lm FROM saved_entries").fetchall()
+            backptrs = self._db.execute("SELECT dir, parent, name FROM saved_backptrs").fetchall()
+            try:
+                self._db.execute("BEGIN")
+                self._clear_saved()
+                self._db.execute("COMMIT")
+            except sqlite3.Error:
+                self._db.execute("ROLLBACK")
+                return None, [], [], []  # left in place, it could be used twice: use it never
+        return (row[0] if row else None), dirs, entries, backptrs
+
+    def _clear_saved(self) -> None:
+        for table in ("saved", "saved_dirs", "saved_entries", "saved_backptrs"):
+            self._db.execute(f"DELETE FROM {table}")
 
     def put(self, key: str, etag: str, lm: float | None, size: int, meta: dict) -> None:
         self._write("INSERT OR REPLACE INTO attrs VALUES (?,?,?,?,?)", (key, etag, lm, size, json.dumps(meta)))
@@ -116,11 +166,11 @@ class NameLocks:
 
 
 class _Dir:
-    __slots__ = ("children", "fresh_until", "listing", "changed")
+    __slots__ = ("children", "listed_at", "listing", "changed")
 
     def __init__(self):
         self.children: dict[bytes, ObjectInfo | Entry | FileState] = {}
-        self.fresh_until = 0.0  # monotonic time the last listing is trusted until; 0: never listed
+        self.listed_at: float | None = None  # monotonic time of the last listing; None: list it again
         self.listing: threading.Event | None = None  # a LIST in flight
         self.changed: dict[bytes, int] = {}  # name -> sequence number of its last local change
 
@@ -136,6 +186,8 @@ class Namespace:
         self.store = store
         self.db = attr_db
         self.ttl = ttl
+        # whether nothing but this mount can change the volume now (it holds the lease)
+        self.authoritative: Callable[[], bool] = lambda: False
         self.names = NameLocks()
         self._dirs: dict[bytes, _Dir] = {}
         self._seq = 0
@@ -221,12 +273,16 @@ class Namespace:
             d = self._dirs[dir_id] = _Dir()
         return d
 
+    def _is_fresh(self, d: _Dir) -> bool:
+        return d.listed_at is not None and (self.authoritative() or time.monotonic() - d.listed_at < self.ttl)
+
     def _fresh(self, dir_id: bytes) -> None:
-        """Make sure the directory's listing is no older than `ttl` (one LIST, shared by waiters)."""
+        """Make sure the directory's listing is no older than `ttl`, unless the mount is
+        authoritative (one LIST, shared by waiters)."""
         while True:
             with self._lock:
                 d = self._dir(dir_id)
-                if d.fresh_until > time.monotonic():
+                if self._is_fresh(d):
                     return
                 event, mine = d.listing, d.listing is None
                 if event is None:
@@ -235,7 +291,7 @@ class Namespace:
             if not mine:
                 event.wait()
                 with self._lock:
-                    if d.fresh_until:  # listed (perhaps already stale again under a tiny ttl)
+                    if d.listed_at is not None:  # listed (perhaps already stale again under a tiny ttl)
                         return
                 continue  # the LIST failed: try it ourselves
             try:
@@ -248,7 +304,7 @@ class Namespace:
             with self._lock:
                 self._merge(dir_id, d, listing, seq0)
                 d.listing = None
-                d.fresh_until = time.monotonic() + self.ttl
+                d.listed_at = time.monotonic()
             event.set()
             return
 
@@ -351,7 +407,7 @@ class Namespace:
     def created_dir(self, dir_id: bytes) -> None:
         """A directory we just made: known to be empty, no LIST needed for a while."""
         with self._lock:
-            self._dir(dir_id).fresh_until = time.monotonic() + self.ttl
+            self._dir(dir_id).listed_at = time.monotonic()
 
     def forget_dir(self, dir_id: bytes) -> None:
         with self._lock:
@@ -483,7 +539,7 @@ class Namespace:
         next lookup, so the name shows what the bucket holds under it, if anything."""
         with self._lock:
             self._unbind(state)
-            self._dir(state.parent_id).fresh_until = 0.0
+            self._dir(state.parent_id).listed_at = None
 
     def rename_state(self, state: FileState, new_parent: bytes, new_name: bytes) -> None:
         """Move a FileState to another name (with its lock held): both names change at once."""
@@ -603,6 +659,50 @@ class Namespace:
     def location(self, dir_id: bytes) -> tuple[bytes, bytes] | None:
         with self._lock:
             return self._where.get(dir_id)
+
+    # ------------------------------------------------------------ saved listings
+
+    def save(self, epoch: int) -> int:
+        """At a clean unmount, with nothing pending: save every listed directory as a listing
+        would show it (key, ETag, size, LastModified; attributes stay in the attribute cache),
+        for the next mount under the lease epoch after `epoch`. Returns the directories saved."""
+        dirs, entries = [], []
+        with self._lock:
+            if self._dirty:
+                return 0
+            backptrs = [(d, p, n) for d, (p, n) in self._backptrs.items()]
+            for dir_id, d in self._dirs.items():
+                listed = [(n, c) for n, c in d.children.items() if not isinstance(c, FileState)]
+                if d.listed_at is None or len(listed) < len(d.children):
+                    continue  # listed again next time
+                dirs.append(dir_id)
+                entries += [(dir_id, name, *self._as_listed(child)) for name, child in listed]
+        return len(dirs) if self.db.save_listings(epoch, dirs, entries, backptrs) else 0
+
+    def _as_listed(self, child: ObjectInfo | Entry) -> tuple:
+        """(key, etag, size, LastModified) of a child as a LIST shows it."""
+        if isinstance(child, ObjectInfo):
+            return child.key, child.etag, child.size, child.last_modified
+        if child.link_key is not None:  # its link entry's ETag is not kept: read again when used
+            return self.store.abs_key(child.link_key), "", fmt.LINK_SIZE, 0.0
+        size = fmt.DIRENT_SIZE if child.is_dir else self.store.layout.object_size(child.size)
+        return self.store.abs_key(child.key), child.etag, size, child.last_modified
+
+    def load(self, unchanged_since: Callable[[int], bool]) -> int:
+        """At mount: take the listings the last clean unmount saved, if `unchanged_since` their
+        epoch (nobody took the lease since). Returns the directories taken (0: list as needed)."""
+        epoch, dirs, entries, backptrs = self.db.take_listings()
+        if epoch is None or not unchanged_since(epoch):
+            return 0
+        now = time.monotonic()
+        with self._lock:
+            for dir_id in dirs:
+                self._dir(dir_id).listed_at = now
+            for dir_id, name, key, etag, size, lm in entries:
+                self._dir(dir_id).children[name] = ObjectInfo(key, size, etag, lm)
+            for dir_id, parent, name in backptrs:
+                self._backptrs[dir_id] = (parent, name)
+        return len(dirs)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)

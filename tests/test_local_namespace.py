@@ -1,0 +1,207 @@
+"""Metadata from local state: under the lease a mount's listings are the truth, so scans send
+no request, and a clean unmount saves them for the next mount, which reuses them only when
+the lease shows nobody has written since. The mount's layers in-process (no kernel), with a
+counting rule at the one door to storage; mount-free commands run as real subprocesses."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from cryptfs import errors, volume
+from cryptfs.backend.faults import OPS, FaultPlan, FaultyBackend, Rule
+from cryptfs.config import VolumeSettings
+from cryptfs.mount import Mount, hold
+from cryptfs.store import Store
+from cryptfs.target import locate
+from fsapi import Ops
+
+DIRS, FILES = 6, 5
+
+
+class Session:
+    """One in-process read-write mount that holds the lease, as `cryptfs mount` does."""
+
+    def __init__(self, ref, cache_dir: str):
+        self.plan = FaultPlan()
+        target = locate(ref.url, ref.settings())
+        backend = FaultyBackend(target.backend, self.plan)
+        vol = volume.open_volume(backend, target.prefix, ref.passphrase.encode())
+        self.store = Store(vol)
+        settings = VolumeSettings(url=ref.url, endpoint_url=ref.endpoint, cache_dir=cache_dir,
+                                  writeback_delay=0.05, attr_ttl=0.2)
+        self.lock, self.lease = hold(self.store, settings, read_only=False)
+        self.lease.start()
+        self.mount = Mount(self.store, settings, lease=self.lease)
+        self.mount.recover()
+        self.ops = Ops(self.mount.fs)
+
+    def counting(self):
+        """A rule that counts every request for the volume's tree (not the lease's)."""
+        return self.plan.add(Rule(frozenset(OPS), key_contains=self.store.vol.prefix + "t/"))
+
+    def close(self) -> None:
+        self.mount.fs.destroy("/")
+        self.mount.ns.close()
+        self.mount.reader.close()
+        self.lease.release()
+        self.lock.close()
+
+    def crash(self) -> None:
+        """Gone without unmounting: no upload drained, no listing saved, the lease not released."""
+        self.mount.fs.wb.stop()
+        self.mount.ns.close()
+        self.lease._stop.set()
+        self.lock.close()
+
+
+def scan(ops: Ops, path: str = "/") -> dict:
+    """`ls -lR`: every name with its type and size, by path."""
+    seen = {}
+    for name in ops.listdir(path):
+        full = os.path.join(path, name)
+        st = ops.stat(full)
+        seen[full] = (st["st_mode"] >> 12, st["st_size"])
+        if st["st_mode"] >> 12 == 0o04:
+            seen.update(scan(ops, full))
+    return seen
+
+
+def populate(ops: Ops) -> None:
+    for d in range(DIRS):
+        ops.mkdir(f"/d{d}")
+        ops.mkdir(f"/d{d}/sub")
+        for f in range(FILES):
+            ops.write_file(f"/d{d}/f{f}", f"file {d}/{f}\n".encode() * (f + 1))
+
+
+@pytest.fixture
+def ref(volume_factory, volume_kind):
+    return volume_factory(volume_kind)
+
+
+def test_scans_cost_nothing_under_the_lease_and_after_a_clean_remount(ref, tmp_path):
+    cache = str(tmp_path / "cache")
+    s = Session(ref, cache)
+    try:
+        populate(s.ops)
+        first = scan(s.ops)
+        count = s.counting()
+        assert scan(s.ops) == first
+        assert count.seen == 0, "a scan of a mount that holds the lease sent requests"
+    finally:
+        s.close()
+
+    s = Session(ref, cache)
+    try:
+        count = s.counting()
+        assert scan(s.ops) == first
+        assert s.ops.read_file("/d3/f2") == b"file 3/2\n" * 3
+        reads = count.seen
+        assert reads == 1, f"{reads} requests after a remount of an unchanged volume (only the file's GET)"
+        s.ops.write_file("/d0/new", b"made on the second mount")
+        s.ops.rename("/d1", "/d1-renamed")
+        s.ops.unlink("/d2/f0")
+        after = scan(s.ops)
+    finally:
+        s.close()
+    assert set(after) - set(first) >= {"/d0/new", "/d1-renamed", "/d1-renamed/sub"}
+    assert "/d2/f0" not in after and "/d1" not in after
+
+    s = Session(ref, cache)  # the second mount's own changes were saved with its listings
+    try:
+        count = s.counting()
+        assert scan(s.ops) == after
+        assert count.seen == 0
+    finally:
+        s.close()
+    ref.assert_clean()
+
+
+def test_a_change_by_a_command_is_seen_after_remount(ref, tmp_path):
+    cache = str(tmp_path / "cache")
+    s = Session(ref, cache)
+    try:
+        populate(s.ops)
+        before = scan(s.ops)
+    finally:
+        s.close()
+    (tmp_path / "added.txt").write_bytes(b"from the command line")
+    assert ref.cli("put", str(tmp_path / "added.txt"), ref.path("d4")).returncode == 0
+    assert ref.cli("rm", ref.path("d5/f1")).returncode == 0
+
+    s = Session(ref, cache)
+    try:
+        count = s.counting()
+        now = scan(s.ops)
+        assert count.seen > 0, "the saved listings were reused although a command changed the volume"
+        assert now["/d4/added.txt"] == (0o10, len(b"from the command line"))
+        assert "/d5/f1" not in now and set(now) - {"/d4/added.txt"} == set(before) - {"/d5/f1"}
+        assert s.ops.read_file("/d4/added.txt") == b"from the command line"
+    finally:
+        s.close()
+
+
+def test_saved_listings_serve_one_mount_only(ref, tmp_path):
+    """A mount that ends without unmounting saves nothing, and the listings it started from
+    are gone: the next mount lists again and sees what that mount uploaded."""
+    cache = str(tmp_path / "cache")
+    s = Session(ref, cache)
+    try:
+        populate(s.ops)
+    finally:
+        s.close()
+    s = Session(ref, cache)
+    s.ops.write_file("/d0/late", b"uploaded, then the mount died")
+    s.mount.fs.wb.drain(s.mount.ns.pending())
+    s.crash()
+
+    s = Session(ref, cache)
+    try:
+        count = s.counting()
+        assert s.ops.read_file("/d0/late") == b"uploaded, then the mount died"
+        assert "late" in s.ops.listdir("/d0")
+        assert count.seen > 0
+    finally:
+        s.close()
+
+
+def test_commands_refused_while_a_mount_holds_the_lease(ref, tmp_path):
+    (tmp_path / "x.txt").write_bytes(b"x")
+    s = Session(ref, str(tmp_path / "cache"))
+    try:
+        s.ops.write_file("/kept", b"kept")
+        for args in (("put", str(tmp_path / "x.txt"), ref.path("x.txt")), ("mkdir", ref.path("m")),
+                     ("rm", ref.path("kept")), ("mv", ref.path("kept"), ref.path("moved"))):
+            result = ref.cli(*args)
+            assert result.returncode == errors.EXIT_IN_USE, result
+            assert "is mounted read-write" in result.stderr and "pid" in result.stderr, result
+        assert ref.cli("ls", ref.url).returncode == 0  # reading needs no lease
+        assert s.ops.listdir("/") == ["kept"]
+    finally:
+        s.close()
+    assert ref.cli("put", str(tmp_path / "x.txt"), ref.path("x.txt")).returncode == 0
+
+
+@pytest.mark.parametrize("volume_kind", ["local"], indirect=True)
+def test_commands_wait_for_a_mount_that_left_uploads(ref, tmp_path):
+    """A mount whose unmount could not upload everything says so in the released lease; a
+    command then refuses (its write would make those uploads stale) unless --break-lease."""
+    cache = str(tmp_path / "cache")
+    s = Session(ref, cache)
+    s.plan.add(Rule(frozenset({"put", "upload"}), fail_times=10_000, key_contains=s.store.vol.prefix + "t/"))
+    s.ops.write_file("/pending", b"not uploaded yet")
+    s.close()
+    (tmp_path / "x.txt").write_bytes(b"x")
+    refused = ref.cli("put", str(tmp_path / "x.txt"), ref.path("x.txt"))
+    assert refused.returncode == errors.EXIT_IN_USE, refused
+    assert "left 1 upload(s)" in refused.stderr and "--break-lease" in refused.stderr, refused
+
+    s = Session(ref, cache)  # the next mount there uploads it, and releases cleanly
+    try:
+        assert s.ops.read_file("/pending") == b"not uploaded yet"
+    finally:
+        s.close()
+    assert ref.cli("put", str(tmp_path / "x.txt"), ref.path("x.txt")).returncode == 0
+    assert ref.read("pending") == b"not uploaded yet"
