@@ -38,6 +38,8 @@ LEASE_NAME = "cryptfs.lease"
 DEFAULT_DURATION = 60.0
 MIN_DURATION = 3.0
 FENCE_AT = 0.75  # unrenewed for this share of the duration, a holder stops writing by itself
+COMMAND = "command-"  # how a mount-free command's take names its (absent) cache directory
+COMMAND_POLL = 0.25  # seconds between looks at a lease a command holds
 
 
 @dataclass
@@ -77,6 +79,12 @@ def read(store: Store):
         return Record.loads(fmt.open_lease(store.vk, body)), info
     except CryptfsError:
         return None, info
+
+
+def _held_by_command(record: Record | None, info) -> bool:
+    return (
+        record is not None and record.state == "held" and record.cache.startswith(COMMAND) and not expired(record, info)
+    )
 
 
 def expired(record: Record | None, info, duration: float = DEFAULT_DURATION) -> bool:
@@ -134,9 +142,23 @@ class Lease:
     def acquire(self, break_lease: bool = False, command: str | None = None):
         """Take the lease; returns (previous record or None, whether a lease object existed).
         Raises InUse naming the holder when another mount holds it. `command`: the mount-free
-        command taking it, which never takes over from a holder that did not release it."""
-        for _ in range(3):
+        command taking it, which never takes over from a holder that did not release it. A
+        command holding it is waited for: commands are short, and hold it only to keep mounts
+        from starting beside them."""
+        lost_races = 0
+        waiting = False
+        while lost_races < 3:
             prev, info = read(self.store)
+            if _held_by_command(prev, info) and not break_lease:
+                if not waiting:
+                    log.warning(
+                        "waiting for a cryptfs command that holds the volume's lease (host %s, pid %s) to end",
+                        prev.host,
+                        prev.pid,
+                    )
+                    waiting = True
+                time.sleep(COMMAND_POLL)
+                continue
             if info is not None:
                 if command is None:
                     self._may_take(prev, info, break_lease)
@@ -163,6 +185,7 @@ class Lease:
                     if_match=None if info is None else info.etag,
                 )
             except (PreconditionFailed, NotFound):
+                lost_races += 1
                 continue  # another mount took or changed it meanwhile: look again
             with self._lock:
                 self.record, self.etag, self._renewed_at = record, etag, started
@@ -215,6 +238,8 @@ class Lease:
                 f"{command} with --break-lease: those uploads are then kept aside, never replayed over "
                 "what this command writes"
             )
+        if prev is not None and prev.cache.startswith(COMMAND):
+            return  # a command that died: it leaves no journal behind (live ones are waited for)
         if prev is not None and expired(prev, info, self.duration):
             raise InUse(
                 f"{self.store.vol.url}: its last read-write mount (host {prev.host}, pid {prev.pid}) ended "
@@ -344,7 +369,7 @@ class Lease:
 def held_by_command(store: Store, command: str, break_lease: bool = False):
     """A mount-free command that changes the volume holds its lease meanwhile, as a mount
     would: so no read-write mount runs beside it, and the next mount sees the volume changed."""
-    lease = Lease(store, "command-" + os.urandom(8).hex())
+    lease = Lease(store, COMMAND + os.urandom(8).hex())
     lease.acquire(break_lease, command=command)
     lease.start()
     try:
