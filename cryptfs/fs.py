@@ -54,6 +54,9 @@ DIR_SIZE = 4096  # what local filesystems show, so tools comparing trees see no 
 # that name at its last close; to us the rename is the unlink, and the name is only ever
 # known in `CryptFS._hidden` (never listed, never stored)
 HIDDEN_NAME = re.compile(rb"\.fuse_hidden[0-9a-f]{16}\Z")
+# a directory's times go to the bucket once it has been left alone this long (seconds), so
+# filling a directory costs one write of its times, not one per file
+DIR_TIMES_QUIET = 3.0
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 
@@ -315,7 +318,7 @@ class CryptFS:
     def _flush_dirs_loop(self) -> None:
         while not self._stop.wait(self._dir_interval):
             try:
-                self.ns.flush_dirs()
+                self.ns.flush_dirs(quiet=DIR_TIMES_QUIET)
             except Exception:  # the loop must survive; the next round retries
                 log.exception("storing directory times failed")
 

@@ -192,7 +192,8 @@ class Namespace:
         self._dirs: dict[bytes, _Dir] = {}
         self._seq = 0
         self._where: dict[bytes, tuple[bytes, bytes]] = {fmt.ROOT_DIR_ID: ROOT_LOC}  # dir id -> its entry
-        self._dirty: set[tuple[bytes, bytes]] = set()  # directory entries with unflushed attributes
+        # directory entries with unflushed attributes -> (first, last) monotonic time of a change
+        self._dirty: dict[tuple[bytes, bytes], tuple[float, float]] = {}
         self._doomed: dict[tuple[bytes, bytes], FileState] = {}  # unlinked while open: DELETE at last close
         self._backptrs: dict[bytes, tuple[bytes, bytes]] = {}  # dir id -> the entry it was seen to point back to
         self._lock = threading.Lock()
@@ -384,7 +385,7 @@ class Namespace:
             d = self._dir(dir_id)
             self._seq += 1
             d.changed[name] = self._seq
-            self._dirty.discard((dir_id, name))
+            self._dirty.pop((dir_id, name), None)
             return d.children.pop(name, None)
 
     def swap(self, dir_id: bytes, name: bytes, expect, new: Node) -> bool:
@@ -613,7 +614,8 @@ class Namespace:
             new = replace(entry, attrs=change(entry_attrs(entry)))
             self._put_dir_entry(loc, new)
             if persist:
-                self._dirty.add(loc)
+                now = time.monotonic()
+                self._dirty[loc] = (self._dirty.get(loc, (now, now))[0], now)
             return new
 
     def touch_dir(self, dir_id: bytes, now_ns: int) -> None:
@@ -626,7 +628,7 @@ class Namespace:
             current = self._dir_entry(loc)
             if current is old:
                 self._put_dir_entry(loc, new)
-                self._dirty.discard(loc)
+                self._dirty.pop(loc, None)
             elif current is not None and current.obj_id == old.obj_id and current.key == old.key:
                 # changed again meanwhile: keep those attributes (still dirty), take the new ETag
                 self._put_dir_entry(
@@ -635,17 +637,20 @@ class Namespace:
         if new.raw_meta is not None:
             self.record(new)
 
-    def flush_dirs(self) -> int:
-        """Write directory attributes changed here to the bucket; returns how many failed."""
+    def flush_dirs(self, quiet: float = 0.0, oldest: float = 30.0) -> int:
+        """Write directory attributes changed here to the bucket; returns how many failed.
+        `quiet`: only those unchanged for that long, or changed first more than `oldest`
+        seconds ago; so a directory being filled is written once it is done, not per file."""
+        now = time.monotonic()
         with self._lock:
-            todo = list(self._dirty)
+            todo = [loc for loc, (first, last) in self._dirty.items() if now - last >= quiet or now - first >= oldest]
         failed = 0
         for loc in todo:
             with self.names.hold(loc):
                 with self._lock:
                     entry = self._dir_entry(loc)
                     if entry is None or loc not in self._dirty:
-                        self._dirty.discard(loc)
+                        self._dirty.pop(loc, None)
                         continue
                 try:
                     new = self.store.set_attrs(entry, entry_attrs(entry))
