@@ -205,3 +205,27 @@ def test_commands_wait_for_a_mount_that_left_uploads(ref, tmp_path):
         s.close()
     assert ref.cli("put", str(tmp_path / "x.txt"), ref.path("x.txt")).returncode == 0
     assert ref.read("pending") == b"not uploaded yet"
+
+
+@pytest.mark.parametrize("volume_kind", ["local"], indirect=True)
+def test_a_command_that_breaks_the_lease_makes_the_left_uploads_stale(ref, tmp_path):
+    """With --break-lease a command writes anyway; the uploads the last mount left are then
+    never replayed over what it wrote: the next mount there sets them aside."""
+    cache = str(tmp_path / "cache")
+    s = Session(ref, cache)
+    s.plan.add(Rule(frozenset({"put", "upload"}), fail_times=10_000, key_contains=s.store.vol.prefix + "t/"))
+    s.ops.write_file("/f", b"the mount's version, never uploaded")
+    s.close()
+    (tmp_path / "f").write_bytes(b"the command's version")
+    forced = ref.cli("put", "--break-lease", str(tmp_path / "f"), ref.path("f"))
+    assert forced.returncode == 0, forced
+
+    s = Session(ref, cache)
+    try:
+        assert s.ops.read_file("/f") == b"the command's version"
+        assert s.mount.journal.records() == []
+    finally:
+        s.close()
+    aside = [n for n in os.listdir(s.mount.root) if n.startswith("stale-journal")]
+    assert len(aside) == 1, "the left uploads were neither replayed nor set aside"
+    assert ref.read("f") == b"the command's version"
