@@ -98,13 +98,15 @@ class CryptFS:
         writeback_delay: float = 2.0,
         fsync_mode: str = "upload",
         read_only: bool = False,
+        shared: bool = False,
     ):
         self.store, self.ns, self.reader, self.journal = store, ns, reader, journal
+        self.shared = shared  # --shared: other mounts write too; every commit is conditional
         self.staging_dir = staging_dir
         self.fsync_mode = fsync_mode
         self.read_only = read_only
         self.lease: Lease | None = None  # a read-write mount's lease (lease.py): lost or unrenewed, nothing is written
-        self.wb = WriteBack(store, journal, writeback_delay, ns.uploaded)
+        self.wb = WriteBack(store, journal, writeback_delay, ns.uploaded, shared=shared)
         self.fhs: dict[int, FileState] = {}
         self.dirs: dict[int, bytes] = {}  # open directory handles: their directory ids
         self._hidden: dict[tuple[bytes, bytes], FileState] = {}  # libfuse's names for unlinked open files
@@ -472,6 +474,7 @@ class CryptFS:
                 state = live
                 break
             fresh = FileState.open_existing(self.store, self.reader, self.staging_dir, node)
+            fresh.standalone = self.shared
             adopted = self.ns.adopt(parent_id, name, node, fresh)
             if adopted is not None:
                 state = adopted
@@ -507,7 +510,8 @@ class CryptFS:
                 name,
                 self._new_attrs(stat.S_IFREG | stat.S_IMODE(mode), parent_id),
             )
-            state.remote_at_key = self.ns.claim(parent_id, name) is not None
+            claimed = self.ns.claim(parent_id, name)  # an unlinked open file's object is still there
+            state.remote_at_key, state.seen = claimed is not None, claimed.seen if claimed else None
             state.handles = 1
             self.ns.put(parent_id, name, state)
             fh = self._handle(state)
@@ -855,9 +859,11 @@ class CryptFS:
             self.ns.put(dst[0], dst[1], moved)
             return
         replaced_remote = isinstance(target, Entry)
+        replaced_seen = target.etag if isinstance(target, Entry) else None  # what a shared commit replaces
         if isinstance(target, FileState):
             with target.lock:
                 replaced_remote = target.basis is not None or target.remote_at_key
+                replaced_seen = target.seen
                 self._drop(target)
         self.ns.claim(*dst)  # our object takes the key: an unlinked open file there no longer owns it
         if isinstance(node, FileState) and node.modified and node.basis is not None:
@@ -870,7 +876,7 @@ class CryptFS:
             if node.remote_at_key:
                 self.store.delete_key(node.key)  # an older object under the old name
             self.ns.rename_state(node, *dst)
-            node.remote_at_key = replaced_remote
+            node.remote_at_key, node.seen = replaced_remote, replaced_seen
             node.touch(ctime_only=True)
             self.wb.rejournal(node)
             return

@@ -1,0 +1,274 @@
+"""`--shared`: several read-write mounts of one volume (docs/lease.md, "Shared mounts").
+
+Two real mounts with their own cache directories, on moto and on SeaweedFS: every commit is
+conditional, a lost race keeps both versions (a conflict copy), a file created in a
+directory the other mount removed lands in /lost+found, and a dead mount's pending upload
+never replaces a newer version. Every case ends with an fsck that finds nothing.
+"""
+
+import errno
+import os
+import random
+import re
+import signal
+import threading
+import time
+
+import pytest
+
+from conftest import S3_SERVERS, run_cli
+from mountlib import read, wait_gone, write
+
+from cryptfs.errors import EXIT_IN_USE
+
+pytestmark = pytest.mark.usefixtures("hang_guard")
+
+TTL = "0.5"  # --attr-ttl of the test mounts: a change shows in the other mount after this
+SEEN = 1.5  # seconds to wait for the other mount to see a change (TTL, kernel caches of 1 s)
+CONFLICT = re.compile(r" \(conflict \d{4}-\d\d-\d\d \d{6} [^)]+\)")
+
+
+@pytest.fixture(scope="module", params=S3_SERVERS)
+def server(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def pair(volume_factory, server, own_mounts):
+    """(volume, mount a, mount b): two --shared mounts of a fresh volume on `server`."""
+    ref = volume_factory("s3", server=server)
+    a = own_mounts(ref, "--shared", "--attr-ttl", TTL, name="a")
+    b = own_mounts(ref, "--shared", "--attr-ttl", TTL, name="b")
+    return ref, a, b
+
+
+def settle() -> None:
+    """Let pending uploads land (write-back delay 0.2 s) and the other mount see them."""
+    time.sleep(SEEN)
+
+
+def files(mount, path="") -> dict[str, bytes]:
+    """Every regular file under a mount's directory, with its contents."""
+    out = {}
+    top = mount.path(path)
+    for dirpath, _, names in os.walk(top):
+        for name in names:
+            full = os.path.join(dirpath, name)
+            out[os.path.relpath(full, top)] = read(full)
+    return out
+
+
+def conflicts_of(tree: dict[str, bytes], name: str) -> list[str]:
+    return [k for k in tree if k != name and CONFLICT.sub("", k) == name]
+
+
+def test_exclusive_and_shared_mounts_exclude_each_other(volume_factory, server, own_mounts, tmp_path):
+    ref = volume_factory("s3", server=server)
+    a = own_mounts(ref, "--shared", name="a")
+    os.makedirs(tmp_path / "x", exist_ok=True)
+    refused = run_cli("mount", ref.url, str(tmp_path / "x"), *ref.args, "--cache-dir", str(tmp_path / "x-cache"))
+    assert refused.returncode == EXIT_IN_USE, refused
+    assert "--shared mounts" in refused.stderr and "host " in refused.stderr, refused.stderr
+    a.umount()
+
+    # and a shared mount never joins an exclusive one
+    c = own_mounts(ref, "--break-lease", name="c")  # the shared lease is left to expire: taken over
+    os.makedirs(tmp_path / "y", exist_ok=True)
+    refused = run_cli("mount", ref.url, str(tmp_path / "y"), *ref.args, "--cache-dir", str(tmp_path / "y-cache"),
+                      "--shared")
+    assert refused.returncode == EXIT_IN_USE and "host " in refused.stderr, refused
+    c.umount()
+    ref.assert_clean()
+
+
+def test_both_write_one_file_keeps_both_versions(pair):
+    ref, a, b = pair
+    write(a.path("report.txt"), b"first\n")
+    settle()
+    assert read(b.path("report.txt")) == b"first\n"
+    fa = open(a.path("report.txt"), "r+b")
+    fb = open(b.path("report.txt"), "r+b")
+    fa.write(b"from a\n")
+    fb.write(b"from b, longer\n")
+    fa.close()
+    time.sleep(1.0)  # a's version lands first
+    fb.close()
+    settle()
+    for m in (a, b):
+        tree = files(m)
+        assert tree["report.txt"] == b"from a\n", tree
+        copies = conflicts_of(tree, "report.txt")
+        assert len(copies) == 1 and copies[0].endswith(").txt"), tree
+        assert tree[copies[0]] == b"from b, longer\n"
+    # names stay out of the log unless --log-names; both versions' times are in it
+    assert re.search(r"WARNING: conflict: .* replaced by another mount \(its version written \d{4}-.*\) while "
+                     r"this mount's version \(written \d{4}-.*\) waited; ours is kept beside it", b.log()), b.log()
+    ref.assert_clean()
+
+
+def test_append_race_loses_no_append(pair):
+    ref, a, b = pair
+    write(a.path("log.txt"), b"start\n")
+    settle()
+    assert read(b.path("log.txt")) == b"start\n"
+    with open(a.path("log.txt"), "ab") as fa, open(b.path("log.txt"), "ab") as fb:
+        fa.write(b"append a\n")
+        fb.write(b"append b\n")
+    settle()
+    tree = files(a)
+    everything = b"".join(v for k, v in tree.items() if CONFLICT.sub("", k) == "log.txt")
+    assert b"append a\n" in everything and b"append b\n" in everything, tree
+    assert len(conflicts_of(tree, "log.txt")) == 1, tree
+    ref.assert_clean()
+
+
+def test_create_in_a_directory_the_other_removes(pair):
+    ref, a, b = pair
+    os.mkdir(a.path("d"))
+    os.mkdir(a.path("e"))
+    settle()
+    # uploaded before the removal: rmdir fails, nothing is lost
+    with open(b.path("e", "kept"), "wb") as f:
+        f.write(b"kept in e")
+        f.flush()
+        os.fsync(f.fileno())
+    time.sleep(SEEN)
+    with pytest.raises(OSError) as info:
+        os.rmdir(a.path("e"))
+    assert info.value.errno == errno.ENOTEMPTY
+    # created while the other mount removes the directory: lands in /lost+found
+    b.umount()
+    b.mount("--writeback-delay", "3")
+    time.sleep(SEEN)
+    assert os.path.isdir(b.path("d"))
+    write(b.path("d", "late"), b"written late")
+    os.rmdir(a.path("d"))  # b's file is not uploaded yet: the directory looks empty
+    time.sleep(3 + SEEN)
+    found = files(a, "lost+found")
+    assert list(found.values()) == [b"written late"], found
+    assert "its directory was removed by another mount" in b.log()
+    assert read(a.path("e", "kept")) == b"kept in e"
+    ref.assert_clean()
+
+
+def test_rename_while_the_other_writes_keeps_all_data(pair):
+    ref, a, b = pair
+    write(a.path("f"), b"version one")
+    settle()
+    with open(b.path("f"), "r+b") as fb:
+        fb.write(b"VERSION TWO")
+        os.rename(a.path("f"), a.path("g"))
+    settle()
+    tree = files(a)
+    assert tree.get("g") == b"version one", tree
+    assert b"VERSION TWO" in [v for k, v in tree.items() if k != "g"], tree
+    ref.assert_clean()
+
+
+def test_dead_holder_pending_upload_not_replayed_over_newer_data(volume_factory, server, own_mounts):
+    ref = volume_factory("s3", server=server)
+    a = own_mounts(ref, "--shared", "--attr-ttl", TTL, "--lease-duration", "3", "--writeback-delay", "60", name="a")
+    b = own_mounts(ref, "--shared", "--attr-ttl", TTL, "--lease-duration", "3", name="b")
+    with open(a.path("f"), "wb") as f:
+        f.write(b"old")
+        os.fsync(f.fileno())
+    settle()
+    assert read(b.path("f")) == b"old"
+    write(a.path("f"), b"a's pending version")  # journaled, upload due in 60 s
+    pid = a.daemon_pid()
+    os.kill(pid, signal.SIGKILL)
+    assert wait_gone([pid], 10)
+    a.force_unmount()
+    write(b.path("f"), b"b's newer version")
+    time.sleep(SEEN)
+    b.umount()
+    time.sleep(4)  # the shared lease expires: an exclusive mount may take over
+    a.extra = ["--attr-ttl", TTL]
+    a.mount()  # exclusive now: the dead shared mount's conditional record is replayed, and loses
+    tree = files(a)
+    assert tree["f"] == b"b's newer version", tree
+    copies = conflicts_of(tree, "f")
+    assert [tree[c] for c in copies] == [b"a's pending version"], tree
+    a.umount()
+    ref.assert_clean()
+
+
+# ---------------------------------------------------------------- model: both mounts at random
+
+def test_model_two_mounts_lose_no_update(pair):
+    """Both mounts create, append, overwrite (read-modify-write), rename, unlink, mkdir and
+    rmdir at once. Every token a successful write added must be in the final tree: in its
+    file or a conflict copy. Unlinks remove only a mount's own files (their tokens go)."""
+    ref, a, b = pair
+    for name in ("s0", "s1", "s2"):  # files both mounts update
+        write(a.path(name), b"")
+    settle()
+    kept: set[str] = set()
+    lock = threading.Lock()
+    counts = {"ops": 0}
+    errors: list[str] = []
+
+    def worker(m, tag: str, seed: int) -> None:
+        rng = random.Random(seed)
+        own: dict[str, set[str]] = {}  # this mount's own files -> their tokens
+        dirs: list[str] = []
+        for i in range(40):
+            token = f"<{tag}{i}>"
+            op = rng.choice(["create", "append", "overwrite", "rename", "unlink", "mkdir", "rmdir"])
+            try:
+                if op == "create":
+                    name = f"{tag}-{i}"
+                    if dirs and rng.random() < 0.5:
+                        name = f"{rng.choice(dirs)}/{name}"
+                    write(m.path(name), token.encode())
+                    own[name] = {token}
+                    with lock:
+                        kept.add(token)
+                elif op == "append":
+                    with open(m.path(rng.choice(["s0", "s1", "s2"])), "ab") as f:
+                        f.write(token.encode())
+                    with lock:
+                        kept.add(token)
+                elif op == "overwrite":
+                    path = m.path(rng.choice(["s0", "s1", "s2"]))
+                    old = read(path)
+                    write(path, old + token.encode())
+                    with lock:
+                        kept.add(token)
+                elif op == "rename" and own:
+                    name = rng.choice(sorted(own))
+                    new = f"{name}.r{i}"
+                    os.rename(m.path(name), m.path(new))
+                    own[new] = own.pop(name)
+                elif op == "unlink" and own:
+                    name = rng.choice(sorted(own))
+                    os.unlink(m.path(name))
+                    with lock:
+                        kept.difference_update(own.pop(name))
+                elif op == "mkdir":
+                    os.mkdir(m.path(f"{tag}d{i}"))
+                    dirs.append(f"{tag}d{i}")
+                elif op == "rmdir" and dirs:
+                    d = rng.choice(dirs)
+                    if not any(n.startswith(d + "/") for n in own):
+                        os.rmdir(m.path(d))
+                        dirs.remove(d)
+            except OSError as exc:
+                errors.append(f"{tag} {op}: {exc}")
+            with lock:
+                counts["ops"] += 1
+
+    threads = [threading.Thread(target=worker, args=(m, t, s)) for m, t, s in ((a, "a", 1), (b, "b", 2))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    a.umount()
+    b.umount()
+    a.mount()
+    final = b"".join(files(a).values()).decode()
+    lost = sorted(t for t in kept if t not in final)
+    print(f"model: {counts['ops']} operations, {len(kept)} tokens kept, {len(lost)} lost")
+    assert not lost, lost
+    ref.assert_clean()
