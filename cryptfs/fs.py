@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from . import format as fmt
 from .backend.base import MAX_OBJECT_SIZE
-from .errors import AlreadyExists, CryptfsError, NoSpace, NotFound
+from .errors import AlreadyExists, CryptfsError, NoSpace, NotFound, PreconditionFailed
 from .handles import FileState
 from .logs import shown
 from .namespace import ROOT_LOC, Namespace
@@ -460,7 +460,26 @@ class CryptFS:
     # ------------------------------------------------------------ files
 
     def _open_node(self, parent_id: bytes, name: bytes, node, flags: int) -> int:
-        """A handle on the file bound to a name (its lock held by the caller)."""
+        """A handle on the file bound to a name (its lock held by the caller). A shared mount
+        copies a file opened for writing at once (FileState.detach); when another mount
+        replaced the version it knew, it looks the name up again, up to three times."""
+        tries = 0
+        while True:
+            fh = self._open_once(parent_id, name, node, flags)
+            if not self.shared or flags & os.O_ACCMODE == os.O_RDONLY or flags & os.O_TRUNC:
+                return fh
+            try:
+                self.fhs[fh].detach()
+                return fh
+            except PreconditionFailed:
+                self.release(None, fh)
+                tries += 1
+                if tries == 3:
+                    raise
+                self.ns.stale(parent_id)
+                node = self.ns.lookup(parent_id, name)
+
+    def _open_once(self, parent_id: bytes, name: bytes, node, flags: int) -> int:
         while True:
             if isinstance(node, FileState):
                 self.ns.hold(node)

@@ -163,20 +163,22 @@ class FileState:
             skip = offset - span.start * self.bs
             return out[skip : skip + size]
 
-    def _detach(self) -> None:
-        """Before the first change of a standalone file: copy the basis's blocks into staging,
-        so the upload needs nothing of a version another mount may replace meanwhile."""
-        if not self.standalone or not self.basis_blocks:
-            return
-        for i in range(self.basis_blocks):
-            if i not in self.dirty and i not in self.staged:
-                self.dirty[i] = bytearray(self._stored_plain(i))
-                self._evict()
-        self.basis_blocks = 0
+    def detach(self) -> None:
+        """A standalone file opened for writing (and before any change): copy the basis's
+        blocks into staging, so neither reads nor the upload need anything of a version
+        another mount may replace meanwhile. PreconditionFailed: it was replaced already."""
+        with self.lock:
+            if not self.standalone or not self.basis_blocks:
+                return
+            for i in range(self.basis_blocks):
+                if i not in self.dirty and i not in self.staged:
+                    self.dirty[i] = bytearray(self._stored_plain(i))
+                    self._evict()
+            self.basis_blocks = 0
 
     def write(self, offset: int, data: bytes) -> int:
         with self.lock:
-            self._detach()
+            self.detach()
             end = offset + len(data)
             new_size = max(self.size, end)
             if offset > self.size:
@@ -220,7 +222,7 @@ class FileState:
         with self.lock:
             if length == self.size:
                 return
-            self._detach()
+            self.detach()
             self._resize(length)
             self.modified = True
             self.touch()

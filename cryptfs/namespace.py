@@ -490,6 +490,11 @@ class Namespace:
         self._seq += 1
         d.changed[state.name] = self._seq
 
+    def stale(self, dir_id: bytes) -> None:
+        """Another mount changed the directory (a condition failed): list it again at the next lookup."""
+        with self._lock:
+            self._dir(dir_id).fresh_until = 0.0
+
     def abandon(self, state: FileState) -> None:
         """Unbind a file whose local changes are given up: the directory is listed again at its
         next lookup, so the name shows what the bucket holds under it, if anything."""

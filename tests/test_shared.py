@@ -47,6 +47,19 @@ def settle() -> None:
     time.sleep(SEEN)
 
 
+def seen_by(mount, name: str, content: bytes) -> float:
+    """Seconds until `mount` reads `content` under `name` (a change made by the other mount)."""
+    start = time.monotonic()
+    while True:
+        try:
+            if read(mount.path(name)) == content:
+                return time.monotonic() - start
+        except FileNotFoundError:
+            pass
+        assert time.monotonic() - start < 10, f"{name} not seen by the other mount"
+        time.sleep(0.05)
+
+
 def files(mount, path="") -> dict[str, bytes]:
     """Every regular file under a mount's directory, with its contents."""
     out = {}
@@ -84,8 +97,7 @@ def test_exclusive_and_shared_mounts_exclude_each_other(volume_factory, server, 
 def test_both_write_one_file_keeps_both_versions(pair):
     ref, a, b = pair
     write(a.path("report.txt"), b"first\n")
-    settle()
-    assert read(b.path("report.txt")) == b"first\n"
+    seen_by(b, "report.txt", b"first\n")
     fa = open(a.path("report.txt"), "r+b")
     fb = open(b.path("report.txt"), "r+b")
     fa.write(b"from a\n")
@@ -109,8 +121,7 @@ def test_both_write_one_file_keeps_both_versions(pair):
 def test_append_race_loses_no_append(pair):
     ref, a, b = pair
     write(a.path("log.txt"), b"start\n")
-    settle()
-    assert read(b.path("log.txt")) == b"start\n"
+    seen_by(b, "log.txt", b"start\n")
     with open(a.path("log.txt"), "ab") as fa, open(b.path("log.txt"), "ab") as fb:
         fa.write(b"append a\n")
         fb.write(b"append b\n")
@@ -154,7 +165,7 @@ def test_create_in_a_directory_the_other_removes(pair):
 def test_rename_while_the_other_writes_keeps_all_data(pair):
     ref, a, b = pair
     write(a.path("f"), b"version one")
-    settle()
+    seen_by(b, "f", b"version one")
     with open(b.path("f"), "r+b") as fb:
         fb.write(b"VERSION TWO")
         os.rename(a.path("f"), a.path("g"))
@@ -171,9 +182,9 @@ def test_dead_holder_pending_upload_not_replayed_over_newer_data(volume_factory,
     b = own_mounts(ref, "--shared", "--attr-ttl", TTL, "--lease-duration", "3", name="b")
     with open(a.path("f"), "wb") as f:
         f.write(b"old")
+        f.flush()
         os.fsync(f.fileno())
-    settle()
-    assert read(b.path("f")) == b"old"
+    seen_by(b, "f", b"old")
     write(a.path("f"), b"a's pending version")  # journaled, upload due in 60 s
     pid = a.daemon_pid()
     os.kill(pid, signal.SIGKILL)
@@ -196,14 +207,15 @@ def test_dead_holder_pending_upload_not_replayed_over_newer_data(volume_factory,
 # ---------------------------------------------------------------- model: both mounts at random
 
 def test_model_two_mounts_lose_no_update(pair):
-    """Both mounts create, append, overwrite (read-modify-write), rename, unlink, mkdir and
-    rmdir at once. Every token a successful write added must be in the final tree: in its
+    """Both mounts create, append, overwrite (read-modify-write through one open file),
+    rename, unlink, mkdir and rmdir at once. Every token a successful write added must be in the final tree: in its
     file or a conflict copy. Unlinks remove only a mount's own files (their tokens go)."""
     ref, a, b = pair
     for name in ("s0", "s1", "s2"):  # files both mounts update
         write(a.path(name), b"")
     settle()
     kept: set[str] = set()
+    done: list[str] = []  # what each mount did, in order: for the failure message
     lock = threading.Lock()
     counts = {"ops": 0}
     errors: list[str] = []
@@ -229,10 +241,11 @@ def test_model_two_mounts_lose_no_update(pair):
                         f.write(token.encode())
                     with lock:
                         kept.add(token)
-                elif op == "overwrite":
-                    path = m.path(rng.choice(["s0", "s1", "s2"]))
-                    old = read(path)
-                    write(path, old + token.encode())
+                elif op == "overwrite":  # read-modify-write through one open file
+                    with open(m.path(rng.choice(["s0", "s1", "s2"])), "r+b") as f:
+                        old = f.read()
+                        f.seek(0)
+                        f.write(token.encode() + old)
                     with lock:
                         kept.add(token)
                 elif op == "rename" and own:
@@ -257,6 +270,7 @@ def test_model_two_mounts_lose_no_update(pair):
                 errors.append(f"{tag} {op}: {exc}")
             with lock:
                 counts["ops"] += 1
+                done.append(f"{token} {op}")
 
     threads = [threading.Thread(target=worker, args=(m, t, s)) for m, t, s in ((a, "a", 1), (b, "b", 2))]
     for t in threads:
@@ -270,5 +284,5 @@ def test_model_two_mounts_lose_no_update(pair):
     final = b"".join(files(a).values()).decode()
     lost = sorted(t for t in kept if t not in final)
     print(f"model: {counts['ops']} operations, {len(kept)} tokens kept, {len(lost)} lost")
-    assert not lost, lost
+    assert not lost, (lost, done, files(a))
     ref.assert_clean()
