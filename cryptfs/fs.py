@@ -108,6 +108,7 @@ class CryptFS:
         self.lease: Lease | None = None  # a read-write mount's lease (lease.py): lost or unrenewed, nothing is written
         self.wb = WriteBack(store, journal, writeback_delay, ns.uploaded, shared=shared)
         self.fhs: dict[int, FileState] = {}
+        self._appending: set[int] = set()  # (--shared) handles opened with O_APPEND
         self.dirs: dict[int, bytes] = {}  # open directory handles: their directory ids
         self._hidden: dict[tuple[bytes, bytes], FileState] = {}  # libfuse's names for unlinked open files
         self._fh = itertools.count(1)
@@ -546,7 +547,11 @@ class CryptFS:
             raise FuseError(errno.EISDIR)
         parent_id, name = self._where(path)
         with self.ns.names.hold((parent_id, name)):
-            return self._open_node(parent_id, name, self.ns.lookup(parent_id, name), flags)
+            fh = self._open_node(parent_id, name, self.ns.lookup(parent_id, name), flags)
+        if self.shared and flags & os.O_APPEND:
+            with self._lock:
+                self._appending.add(fh)
+        return fh
 
     @op
     def read(self, path, size, offset, fh):
@@ -557,6 +562,8 @@ class CryptFS:
         self._check_writable()
         self._check_size(offset + len(data))
         state = self.fhs[fh]
+        if fh in self._appending:  # the kernel's idea of the size may predate another mount's change
+            return self._change(state, lambda: state.write(state.size, data))
         return self._change(state, lambda: state.write(offset, data))
 
     def _check_size(self, size: int) -> None:
@@ -622,6 +629,7 @@ class CryptFS:
     def release(self, path, fh):
         with self._lock:
             state = self.fhs.pop(fh)
+            self._appending.discard(fh)
         if not self.ns.let_go(state):
             return 0
         if state.unlinked:

@@ -214,9 +214,9 @@ def _run(
             # without a handle); libfuse's .fuse_hidden* rename is an unlink to us (fs.py)
             config.nullpath_ok = 1
             config.auto_cache = 1  # page cache kept while mtime and size are unchanged
-            config.attr_timeout = 1.0
-            config.entry_timeout = 1.0
-            config.negative_timeout = 1.0
+            # a shared mount asks every time: the namespace's --attr-ttl alone bounds how long
+            # another mount's change stays unseen, and auto_cache then drops stale pages at open
+            config.attr_timeout = config.entry_timeout = config.negative_timeout = 0.0 if shared else 1.0
         if conn is not None:
             conn.max_readahead = 1024 * 1024
 
