@@ -18,7 +18,7 @@ import time
 import pytest
 
 from conftest import S3_SERVERS, run_cli
-from mountlib import read, wait_gone, write
+from mountlib import MountedVolume, allowed_log_errors, read, usable, wait_gone, write
 
 from cryptfs.errors import EXIT_IN_USE
 
@@ -34,13 +34,53 @@ def server(request) -> str:
     return request.param
 
 
-@pytest.fixture
-def pair(volume_factory, server, own_mounts):
-    """(volume, mount a, mount b): two --shared mounts of a fresh volume on `server`."""
+@pytest.fixture(scope="module")
+def both(volume_factory, server, tmp_path_factory):
+    """(volume, mount a, mount b): two --shared mounts of one volume on `server`, for the module."""
     ref = volume_factory("s3", server=server)
-    a = own_mounts(ref, "--shared", "--attr-ttl", TTL, name="a")
-    b = own_mounts(ref, "--shared", "--attr-ttl", TTL, name="b")
-    return ref, a, b
+    base = tmp_path_factory.mktemp(f"shared-{server}")
+    made = [MountedVolume(ref, base / n, base / f"{n}-cache", ["--shared", "--attr-ttl", TTL]) for n in "ab"]
+    try:
+        for m in made:
+            m.mount()
+        yield ref, made[0], made[1]
+    finally:
+        for m in made:
+            m.force_unmount()
+
+
+class View:
+    """One test's own directory in a shared mount."""
+
+    def __init__(self, mount: MountedVolume, sub: str):
+        self.mount, self.sub = mount, sub
+
+    def path(self, *parts) -> str:
+        return self.mount.path(self.sub, *parts)
+
+    def log(self) -> str:
+        return self.mount.log()
+
+
+@pytest.fixture
+def pair(both, request):
+    """(volume, a, b): this test's directory, seen through both shared mounts; the test fails
+    on a Traceback or ERROR either mount logs meanwhile."""
+    ref, a, b = both
+    for m in (a, b):
+        if not usable(m.mountpoint):
+            m.force_unmount()
+            m.mount()
+    sub = request.node.originalname
+    os.mkdir(a.path(sub))
+    start = time.monotonic()
+    while not os.path.isdir(b.path(sub)):
+        assert time.monotonic() - start < 10, "the test directory never showed in the other mount"
+        time.sleep(0.05)
+    since = {m: m.log_size() for m in (a, b)}
+    yield ref, View(a, sub), View(b, sub)
+    problems = [p for m in (a, b) for p in m.log_problems(since[m], allowed_log_errors(request))]
+    assert not problems, "mount log:\n" + "\n".join(problems[:20])
 
 
 def settle() -> None:
@@ -149,14 +189,12 @@ def test_create_in_a_directory_the_other_removes(pair):
         os.rmdir(a.path("e"))
     assert info.value.errno == errno.ENOTEMPTY
     # created while the other mount removes the directory: lands in /lost+found
-    b.umount()
-    b.mount("--writeback-delay", "3")
+    with open(b.path("d", "late"), "wb") as f:
+        f.write(b"written late")
+        f.flush()
+        os.rmdir(a.path("d"))  # b's file is uploaded only after its close: the directory looks empty
     time.sleep(SEEN)
-    assert os.path.isdir(b.path("d"))
-    write(b.path("d", "late"), b"written late")
-    os.rmdir(a.path("d"))  # b's file is not uploaded yet: the directory looks empty
-    time.sleep(3 + SEEN)
-    found = files(a, "lost+found")
+    found = {k: v for k, v in files(a.mount, "lost+found").items() if k.startswith("late.")}
     assert list(found.values()) == [b"written late"], found
     assert "its directory was removed by another mount" in b.log()
     assert read(a.path("e", "kept")) == b"kept in e"
@@ -280,9 +318,7 @@ def test_model_two_mounts_lose_no_update(pair):
     for t in threads:
         t.join(120)
     assert not errors, errors
-    a.umount()
-    b.umount()
-    a.mount()
+    settle()
     final = b"".join(files(a).values()).decode()
     lost = sorted(t for t in kept if t not in final)
     print(f"model (seed {seed}): {counts['ops']} operations, {len(kept)} tokens kept, {len(lost)} lost")
