@@ -244,7 +244,8 @@ class Lease:
         try:
             new = self.backend.put(self.key, fmt.seal_lease(self.store.vk, record.dumps()), if_match=etag)
         except (PreconditionFailed, NotFound) as exc:
-            if self._still_ours(record) or self._rejoin(record):
+            current, info = read(self.store)
+            if self._still_ours(record, current, info) or self._shared_with(current, info):
                 return
             self._lose(f"the lease was taken or removed by someone else ({exc})")
             return
@@ -266,9 +267,8 @@ class Lease:
             self._warned = False
             log.warning("the lease is renewed again; writes resume")
 
-    def _still_ours(self, sent: Record) -> bool:
+    def _still_ours(self, sent: Record, current: Record | None, info) -> bool:
         """A retried renewal can fail its condition on our own write: look before giving up."""
-        current, info = read(self.store)
         if (
             current is not None
             and current.mount == sent.mount
@@ -280,19 +280,16 @@ class Lease:
             return True
         return False
 
-    def _rejoin(self, sent: Record) -> bool:
-        """A shared mount whose renewal met another shared mount's: renew over that one."""
-        if not self.shared:
+    def _shared_with(self, current: Record | None, info) -> bool:
+        """A shared mount whose renewal met another shared mount's: that one renewed the shared
+        lease for all, as of its Last-Modified (by the server's clock). No write: the next
+        renewal goes over it."""
+        if not self.shared or current is None or info is None or current.state != "shared":
             return False
-        current, info = read(self.store)
-        if current is None or info is None or current.state != "shared":
-            return False
-        try:
-            new = self.backend.put(self.key, fmt.seal_lease(self.store.vk, sent.dumps()), if_match=info.etag)
-        except (PreconditionFailed, NotFound):
-            return False  # the next renewal looks again; unrenewed long enough, writes pause
+        server_now = info.server_time if info.server_time is not None else time.time()
+        age = max(0.0, server_now - info.last_modified)
         with self._lock:
-            self.record, self.etag, self._renewed_at = sent, new, time.monotonic()
+            self.etag, self._renewed_at = info.etag, time.monotonic() - age
         return True
 
     def _lose(self, why: str) -> None:
