@@ -560,8 +560,8 @@ class CryptFS:
     @op
     def write(self, path, data, offset, fh):
         self._check_writable()
-        self._check_size(offset + len(data))
         state = self.fhs[fh]
+        self._check_size(max(offset + len(data), state.size))
         if fh in self._appending:  # the kernel's idea of the size may predate another mount's change
             return self._change(state, lambda: state.write(state.size, data))
         return self._change(state, lambda: state.write(offset, data))
@@ -570,6 +570,10 @@ class CryptFS:
         """EFBIG beyond the largest file whose object the bucket can hold."""
         if size > self.store.layout.largest_plain(MAX_OBJECT_SIZE):
             raise FuseError(errno.EFBIG)
+        if self.shared and self.lease is not None and not self.lease.multipart_ok:
+            # only a single PUT commits conditionally on this endpoint
+            if size > self.store.layout.largest_plain(self.store.backend.single_put_max):
+                raise FuseError(errno.EFBIG)
 
     @op
     def truncate(self, path, length, fh=None):

@@ -112,6 +112,7 @@ class Lease:
     def __init__(self, store: Store, cache_id: str, duration: float = DEFAULT_DURATION, shared: bool = False):
         self.store = store
         self.shared = shared  # a --shared mount: joins other shared mounts, never an exclusive one
+        self.multipart_ok = True  # (shared) the endpoint's multipart uploads honour conditions
         self.backend = store.backend  # the unfenced one: the lease itself is always written
         self.key = store.abs_key(LEASE_NAME)
         self.cache_id = cache_id
@@ -407,10 +408,11 @@ def journal_epoch(root: str) -> int | None:
         return None
 
 
-def probe_conditions(store: Store) -> None:
+def probe_conditions(store: Store) -> bool:
     """Refuse --shared on an endpoint that does not honour conditional writes: a create with
     If-None-Match over an existing object, and a replace with If-Match on a wrong ETag, must
-    both fail. Costs four requests at mount."""
+    both fail. Returns whether completing a multipart upload honours If-None-Match too (when
+    not, a shared mount keeps its files to what one PUT carries). Costs about eight requests."""
     key = store.abs_key(f"{LEASE_NAME}.probe-{os.urandom(6).hex()}")
     backend = store.backend
     try:
@@ -427,6 +429,14 @@ def probe_conditions(store: Store) -> None:
                 f"{store.vol.url}: the endpoint ignores {what} on PUT, so --shared mounts could overwrite "
                 "each other's changes; mount without --shared (one read-write mount at a time)"
             )
+        multipart = backend.multipart_conditions(key)
+        if not multipart:
+            log.warning(
+                "the endpoint ignores conditions when completing multipart uploads: this shared mount "
+                "keeps files to what one PUT carries (%d MiB; larger writes fail with EFBIG)",
+                backend.single_put_max >> 20,
+            )
+        return multipart
     finally:
         backend.delete(key)
 

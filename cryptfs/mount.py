@@ -118,9 +118,9 @@ def hold(store: Store, settings: VolumeSettings, read_only: bool, break_lease: b
     if read_only:
         return lock, None
     try:
-        if shared:
-            probe_conditions(store)
+        multipart_ok = probe_conditions(store) if shared else True
         lease = Lease(store, cache_id(root), settings.lease_duration, shared=shared)
+        lease.multipart_ok = multipart_ok
         prev, existed = lease.acquire(break_lease)
         try:
             journal = Journal(os.path.join(root, "journal"))
