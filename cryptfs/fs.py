@@ -221,7 +221,7 @@ class CryptFS:
             return
         if state is not None:
             state.basis = replace(inode, parent_id=state.parent_id, name=state.name, link_key=state.link_key)
-            state.attrs = entry_attrs(inode)
+            state.attrs, state.seen = entry_attrs(inode), inode.etag
         self.ns.record(inode)
 
     def _names_changed(self, file_id: bytes | None, besides: tuple[bytes, bytes] | None = None) -> None:
@@ -418,6 +418,7 @@ class CryptFS:
             self.wb.rejournal(state)
             return
         state.basis = self.store.set_attrs(state.basis, state.attrs)
+        state.seen = state.basis.etag  # our own copy: what a shared commit replaces next
         state.journaled_at = state.changes
         self.ns.record(state.basis)
 
@@ -921,7 +922,7 @@ class CryptFS:
             self.store, self.journal, _ctime_now(entry), dst[0], dst[1], target if isinstance(target, Entry) else None
         )
         if isinstance(node, FileState):
-            node.basis, node.attrs = moved, entry_attrs(moved)
+            node.basis, node.attrs, node.seen = moved, entry_attrs(moved), moved.etag
             self.ns.rename_state(node, *dst)
             self.ns.record(moved)
         else:

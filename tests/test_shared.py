@@ -116,6 +116,29 @@ def conflicts_of(tree: dict[str, bytes], name: str) -> list[str]:
     return [k for k in tree if k != name and CONFLICT.sub("", k) == name]
 
 
+def test_own_changes_make_no_conflict(pair):
+    """A mount's own successive changes (rewrite, chmod, rename, append) commit over its own
+    last version: no conflict copy."""
+    ref, a, b = pair
+    since = a.mount.log_size()
+    write(a.path("f"), b"one")
+    time.sleep(0.6)  # uploaded
+    write(a.path("f"), b"two")
+    time.sleep(0.6)
+    os.chmod(a.path("f"), 0o600)
+    os.rename(a.path("f"), a.path("g"))
+    with open(a.path("g"), "ab") as f:
+        f.write(b" three")
+    time.sleep(0.6)
+    write(a.path("g"), b"four")
+    seen_by(b, "g", b"four")
+    assert sorted(files(b)) == ["g"]
+    with open(a.mount.log_path(), errors="replace") as log:
+        log.seek(since)
+        assert "conflict" not in log.read()
+    ref.assert_clean()
+
+
 def test_exclusive_and_shared_mounts_exclude_each_other(volume_factory, server, own_mounts, tmp_path):
     ref = volume_factory("s3", server=server)
     a = own_mounts(ref, "--shared", name="a")
