@@ -459,16 +459,19 @@ class Namespace:
             if d is not None and d.children.get(state.name) is state:
                 d.children[state.name] = replace(state.basis, attrs=state.attrs)
 
-    def uploaded(self, state: FileState, entry: Entry, moved: bool = False) -> None:
+    def uploaded(self, state: FileState, entry: Entry, moved: bool = False, winner: Entry | None = None) -> None:
         """A file's upload landed (called with the state's lock held, after state.uploaded).
         moved: it landed under another name (a shared mount's conflict copy, or /lost+found):
-        the file follows it there, and its old directory is listed again, so the old name
-        shows what the bucket holds (the other mount's version)."""
+        the file follows it there, and its old name shows `winner`, the other mount's version
+        (or, when that is not known, what the next listing finds)."""
         if moved:
             with self._lock:
                 if self._dir(state.parent_id).children.get(state.name) is state:
                     self._unbind(state)
-                    self._dir(state.parent_id).fresh_until = 0.0
+                    if winner is not None:
+                        self._set(state.parent_id, state.name, winner)
+                    else:
+                        self._dir(state.parent_id).fresh_until = 0.0
                     state.parent_id, state.name = entry.parent_id, entry.name
                     self._set(entry.parent_id, entry.name, state)
                 else:

@@ -400,7 +400,7 @@ class WriteBack:
         self, store: Store, journal: Journal, delay: float, on_uploaded, workers: int = 4, shared: bool = False
     ):
         self.store, self.journal, self.delay = store, journal, delay
-        self.on_uploaded = on_uploaded  # callback(state, entry, conflict) after an upload landed, lock held
+        self.on_uploaded = on_uploaded  # callback(state, entry, moved, winner) after an upload landed, lock held
         self.shared = shared  # every commit conditional on the version last seen (--shared)
         self.conflicts = 0  # conflict copies made (under _cond)
         self._due: list[tuple[float, int, FileState]] = []
@@ -520,10 +520,16 @@ class WriteBack:
                 raw_meta=done.metadata,
                 link_key=state.link_key,
             )
+            winner = None
+            if done.conflict:  # what the name holds now: the other mount's version
+                try:
+                    winner = self.store.lookup(state.parent_id, state.name)[0]
+                except (NotFound, CryptfsError):
+                    winner = None  # the listing finds out
             state.uploaded(entry)
             # still under the lock: no rename or unlink in between. Landed under another name
             # (a conflict copy, /lost+found), the file follows it there.
-            self.on_uploaded(state, entry, done.name is not None)
+            self.on_uploaded(state, entry, done.name is not None, winner)
 
     def schedule(self, state: FileState, delay: float | None = None) -> None:
         with self._cond:
