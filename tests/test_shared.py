@@ -116,6 +116,17 @@ def conflicts_of(tree: dict[str, bytes], name: str) -> list[str]:
     return [k for k in tree if k != name and CONFLICT.sub("", k) == name]
 
 
+def test_conflict_names():
+    from cryptfs.writeback import conflict_name
+
+    when = time.mktime((2026, 12, 2, 10, 15, 0, 0, 0, -1))
+    assert conflict_name(b"report.txt", when, "host-b") == b"report (conflict 2026-12-02 101500 host-b).txt"
+    assert conflict_name(b".bashrc", when, "h") == b".bashrc (conflict 2026-12-02 101500 h)"
+    assert conflict_name(b"a.b.tar", when, "h", 1) == b"a.b (conflict 2026-12-02 101500 h 2).tar"
+    long = conflict_name(b"x" * 255, when, "h")
+    assert len(long) == 255 and long.endswith(b" (conflict 2026-12-02 101500 h)")
+
+
 def test_own_changes_make_no_conflict(pair):
     """A mount's own successive changes (rewrite, chmod, rename, append) commit over its own
     last version: no conflict copy."""
