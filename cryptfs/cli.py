@@ -415,6 +415,7 @@ def cmd_mount(args) -> int:
         args.foreground,
         os.path.join(root, "mount.log"),
         break_lease=args.break_lease,
+        shared=args.shared,
     )
     if code == 0 and not args.foreground and not args.quiet:
         print(f"Mounted {store.vol.url} on {mountpoint}", file=sys.stderr)
@@ -649,6 +650,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=setting("lease_duration"),
         metavar="S",
         help="seconds the read-write lease lasts unrenewed (default 60, renewed every third; at least 3)",
+    )
+    p.add_argument(
+        "--shared",
+        action="store_true",
+        help="several read-write mounts (machines) on one volume: every commit is conditional, a lost "
+        "race keeps both versions (a conflict copy); refused on an endpoint without conditional writes",
     )
     p.add_argument(
         "--break-lease",

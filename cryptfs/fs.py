@@ -33,6 +33,7 @@ from .errors import (
     NotADirectory,
     NotFound,
     NotPermitted,
+    PreconditionFailed,
     ReadOnly,
     Unsupported,
     UploadFailed,
@@ -120,14 +121,17 @@ class CryptFS:
         writeback_delay: float = 2.0,
         fsync_mode: str = "upload",
         read_only: bool = False,
+        shared: bool = False,
     ):
         self.store, self.ns, self.reader, self.journal = store, ns, reader, journal
+        self.shared = shared  # --shared: other mounts write too; every commit is conditional
         self.staging_dir = staging_dir
         self.fsync_mode = fsync_mode
         self.read_only = read_only
         self.lease: Lease | None = None  # a read-write mount's lease (lease.py): lost or unrenewed, nothing is written
-        self.wb = WriteBack(store, journal, writeback_delay, ns.uploaded)
+        self.wb = WriteBack(store, journal, writeback_delay, ns.uploaded, shared=shared)
         self.fhs: dict[int, FileState] = {}
+        self._appending: set[int] = set()  # (--shared) handles opened with O_APPEND
         self.dirs: dict[int, bytes] = {}  # open directory handles: their directory ids
         self._hidden: dict[tuple[bytes, bytes], FileState] = {}  # libfuse's names for unlinked open files
         self._fh = itertools.count(1)
@@ -240,7 +244,7 @@ class CryptFS:
             return
         if state is not None:
             state.basis = replace(inode, parent_id=state.parent_id, name=state.name, link_key=state.link_key)
-            state.attrs = entry_attrs(inode)
+            state.attrs, state.seen = entry_attrs(inode), inode.etag
         self.ns.record(inode)
 
     def _names_changed(self, file_id: bytes | None, besides: tuple[bytes, bytes] | None = None) -> None:
@@ -437,6 +441,7 @@ class CryptFS:
             self.wb.rejournal(state)
             return
         state.basis = self.store.set_attrs(state.basis, state.attrs)
+        state.seen = state.basis.etag  # our own copy: what a shared commit replaces next
         state.journaled_at = state.changes
         self.ns.record(state.basis)
 
@@ -480,7 +485,26 @@ class CryptFS:
     # ------------------------------------------------------------ files
 
     def _open_node(self, parent_id: bytes, name: bytes, node, flags: int) -> int:
-        """A handle on the file bound to a name (its lock held by the caller)."""
+        """A handle on the file bound to a name (its lock held by the caller). A shared mount
+        copies a file opened for writing at once (FileState.detach); when another mount
+        replaced the version it knew, it looks the name up again, up to three times."""
+        tries = 0
+        while True:
+            fh = self._open_once(parent_id, name, node, flags)
+            if not self.shared or flags & os.O_ACCMODE == os.O_RDONLY or flags & os.O_TRUNC:
+                return fh
+            try:
+                self.fhs[fh].detach()
+                return fh
+            except PreconditionFailed:
+                self.release(None, fh)
+                tries += 1
+                if tries == 3:
+                    raise
+                self.ns.stale(parent_id)
+                node = self.ns.lookup(parent_id, name)
+
+    def _open_once(self, parent_id: bytes, name: bytes, node, flags: int) -> int:
         while True:
             if isinstance(node, FileState):
                 self.ns.hold(node)
@@ -494,6 +518,7 @@ class CryptFS:
                 state = live
                 break
             fresh = FileState.open_existing(self.store, self.reader, self.staging_dir, node)
+            fresh.standalone = self.shared
             adopted = self.ns.adopt(parent_id, name, node, fresh)
             if adopted is not None:
                 state = adopted
@@ -529,7 +554,8 @@ class CryptFS:
                 name,
                 self._new_attrs(stat.S_IFREG | stat.S_IMODE(mode), parent_id),
             )
-            state.remote_at_key = self.ns.claim(parent_id, name) is not None
+            claimed = self.ns.claim(parent_id, name)  # an unlinked open file's object is still there
+            state.remote_at_key, state.seen = claimed is not None, claimed.seen if claimed else None
             state.handles = 1
             self.ns.put(parent_id, name, state)
             fh = self._handle(state)
@@ -545,7 +571,11 @@ class CryptFS:
             raise IsADirectory()
         parent_id, name = self._where(path)
         with self.ns.names.hold((parent_id, name)):
-            return self._open_node(parent_id, name, self.ns.lookup(parent_id, name), flags)
+            fh = self._open_node(parent_id, name, self.ns.lookup(parent_id, name), flags)
+        if self.shared and flags & os.O_APPEND:
+            with self._lock:
+                self._appending.add(fh)
+        return fh
 
     @op
     def read(self, path, size, offset, fh):
@@ -554,14 +584,20 @@ class CryptFS:
     @op
     def write(self, path, data, offset, fh):
         self._check_writable()
-        self._check_size(offset + len(data))
         state = self.fhs[fh]
+        self._check_size(max(offset + len(data), state.size))
+        if fh in self._appending:  # the kernel's idea of the size may predate another mount's change
+            return self._change(state, lambda: state.write(state.size, data))
         return self._change(state, lambda: state.write(offset, data))
 
     def _check_size(self, size: int) -> None:
         """EFBIG beyond the largest file whose object the bucket can hold."""
         if size > self.store.layout.largest_plain(MAX_OBJECT_SIZE):
             raise FileTooLarge()
+        if self.shared and self.lease is not None and not self.lease.multipart_ok:
+            # only a single PUT commits conditionally on this endpoint
+            if size > self.store.layout.largest_plain(self.store.backend.single_put_max):
+                raise FileTooLarge("larger than one PUT, and this endpoint's multipart uploads ignore conditions")
 
     @op
     def truncate(self, path, length, fh=None):
@@ -619,6 +655,7 @@ class CryptFS:
     def release(self, path, fh):
         with self._lock:
             state = self.fhs.pop(fh)
+            self._appending.discard(fh)
         if not self.ns.let_go(state):
             return 0
         if state.unlinked:
@@ -872,9 +909,11 @@ class CryptFS:
             self.ns.put(dst[0], dst[1], moved)
             return
         replaced_remote = isinstance(target, Entry)
+        replaced_seen = target.etag if isinstance(target, Entry) else None  # what a shared commit replaces
         if isinstance(target, FileState):
             with target.lock:
                 replaced_remote = target.basis is not None or target.remote_at_key
+                replaced_seen = target.seen
                 self._drop(target)
         self.ns.claim(*dst)  # our object takes the key: an unlinked open file there no longer owns it
         if isinstance(node, FileState) and node.modified and node.basis is not None:
@@ -887,7 +926,7 @@ class CryptFS:
             if node.remote_at_key:
                 self.store.delete_key(node.key)  # an older object under the old name
             self.ns.rename_state(node, *dst)
-            node.remote_at_key = replaced_remote
+            node.remote_at_key, node.seen = replaced_remote, replaced_seen
             node.touch(ctime_only=True)
             self.wb.rejournal(node)
             return
@@ -901,7 +940,7 @@ class CryptFS:
             self.store, self.journal, _ctime_now(entry), dst[0], dst[1], target if isinstance(target, Entry) else None
         )
         if isinstance(node, FileState):
-            node.basis, node.attrs = moved, entry_attrs(moved)
+            node.basis, node.attrs, node.seen = moved, entry_attrs(moved), moved.etag
             self.ns.rename_state(node, *dst)
             self.ns.record(moved)
         else:
@@ -996,7 +1035,8 @@ class CryptFS:
         dirs_failed = self.ns.flush_dirs()
         if self.lease is not None:
             self.lease.pending = self.unmount_failed
-            if not failed and not dirs_failed and not self.journal.records() and self.lease.writable:
+            clean = not failed and not dirs_failed and not self.journal.records()
+            if clean and self.lease.writable and not self.lease.shared:
                 saved = self.ns.save(self.lease.epoch)
                 log.info("unmount: %d directory listings saved for the next mount", saved)
         if failed:

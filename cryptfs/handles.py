@@ -66,6 +66,8 @@ class FileState:
         self.failed = False  # a write met a full cache disk: ENOSPC until the last close drops it
         self.seq = SequentialDetector()
         self.remote_at_key = basis is not None  # an object (ours or an older one) sits under our key
+        self.seen = basis.etag if basis is not None else None  # the version under our key we last saw
+        self.standalone = False  # (--shared) never build an upload on the basis: another mount may replace it
         self.inode_key = basis.key if basis is not None and basis.link_key else None  # hard-linked
 
     # ------------------------------------------------------------ identity
@@ -161,8 +163,22 @@ class FileState:
             skip = offset - span.start * self.bs
             return out[skip : skip + size]
 
+    def detach(self) -> None:
+        """A standalone file opened for writing (and before any change): copy the basis's
+        blocks into staging, so neither reads nor the upload need anything of a version
+        another mount may replace meanwhile. PreconditionFailed: it was replaced already."""
+        with self.lock:
+            if not self.standalone or not self.basis_blocks:
+                return
+            for i in range(self.basis_blocks):
+                if i not in self.dirty and i not in self.staged:
+                    self.dirty[i] = bytearray(self._stored_plain(i))
+                    self._evict()
+            self.basis_blocks = 0
+
     def write(self, offset: int, data: bytes) -> int:
         with self.lock:
+            self.detach()
             end = offset + len(data)
             new_size = max(self.size, end)
             if offset > self.size:
@@ -206,6 +222,7 @@ class FileState:
         with self.lock:
             if length == self.size:
                 return
+            self.detach()
             self._resize(length)
             self.modified = True
             self.touch()
@@ -294,6 +311,7 @@ class FileState:
         """The bucket now holds what we had: it becomes the basis; staging is dropped."""
         with self.lock:
             self.basis = entry
+            self.seen = entry.etag
             self.basis_blocks = fmt.block_count(entry.size, self.bs)
             self.staged.clear()
             self.discard_staging()

@@ -44,7 +44,7 @@ COMMAND_POLL = 0.25  # seconds between looks at a lease a command holds
 
 @dataclass
 class Record:
-    state: str  # "held", or "released" at a clean unmount
+    state: str  # "held", "shared" (--shared mounts; the last renewer named), or "released" at a clean unmount
     host: str
     pid: int
     since: float  # when this holder took the lease (its clock)
@@ -111,6 +111,8 @@ def describe(record: Record | None, info) -> str:
     ago = max(0, round(time.time() - record.renewed))
     left = max(0, round(record.duration) - ago)
     state = "expired" if expired(record, info) else f"expires in {left} s unless renewed"
+    if record.state == "shared":
+        return f"in shared use (--shared), last renewed by {who} {ago} s ago ({state})"
     return f"held by {who}, since {_when(record.since)} (renewed {ago} s ago, {state})"
 
 
@@ -118,8 +120,10 @@ class Lease:
     """The lease of one read-write mount: taken before the mount forks, renewed by a thread
     of the mount process, released at unmount."""
 
-    def __init__(self, store: Store, cache_id: str, duration: float = DEFAULT_DURATION):
+    def __init__(self, store: Store, cache_id: str, duration: float = DEFAULT_DURATION, shared: bool = False):
         self.store = store
+        self.shared = shared  # a --shared mount: joins other shared mounts, never an exclusive one
+        self.multipart_ok = True  # (shared) the endpoint's multipart uploads honour conditions
         self.backend = store.backend  # the unfenced one: the lease itself is always written
         self.key = store.abs_key(LEASE_NAME)
         self.cache_id = cache_id
@@ -166,7 +170,7 @@ class Lease:
                     self._command_may_take(prev, info, break_lease, command)
             now = time.time()
             record = Record(
-                "held",
+                "shared" if self.shared else "held",
                 socket.gethostname(),
                 os.getpid(),
                 now,
@@ -197,6 +201,8 @@ class Lease:
     def _may_take(self, prev: Record | None, info, break_lease: bool) -> None:
         if prev is not None and prev.state == "released":
             return
+        if prev is not None and prev.state == "shared" and self.shared:
+            return  # joining the other shared mounts
         if prev is not None and prev.cache == self.cache_id:
             # the caller holds this cache directory's lock, so the mount that used it is gone
             log.warning(
@@ -219,10 +225,17 @@ class Lease:
                 round(prev.duration / 3 if prev else self.duration),
             )
             return
+        if prev is not None and prev.state == "shared":
+            raise InUse(
+                f"{self.store.vol.url} is mounted read-write by --shared mounts: lease {describe(prev, info)}. "
+                "Mount it with --shared too, read-only (-o ro), or wait until the shared mounts have "
+                "ended and their lease has expired"
+            )
         raise InUse(
             f"{self.store.vol.url} is mounted read-write elsewhere: lease {describe(prev, info)}. "
             "Mount it read-only (-o ro) beside that mount, wait for it to end, or, if that mount is "
             "gone for good, take over at once with --break-lease"
+            + ("; a --shared mount never joins an exclusive one" if self.shared else "")
         )
 
     def _command_may_take(self, prev: Record | None, info, break_lease: bool, command: str) -> None:
@@ -298,7 +311,8 @@ class Lease:
         try:
             new = self.backend.put(self.key, fmt.seal_lease(self.store.vk, record.dumps()), if_match=etag)
         except (PreconditionFailed, NotFound) as exc:
-            if self._still_ours(record):
+            current, info = read(self.store)
+            if self._still_ours(record, current, info) or self._shared_with(current, info):
                 return
             self._lose(f"the lease was taken or removed by someone else ({exc})")
             return
@@ -320,9 +334,8 @@ class Lease:
             self._warned = False
             log.warning("the lease is renewed again; writes resume")
 
-    def _still_ours(self, sent: Record) -> bool:
+    def _still_ours(self, sent: Record, current: Record | None, info) -> bool:
         """A retried renewal can fail its condition on our own write: look before giving up."""
-        current, info = read(self.store)
         if (
             current is not None
             and current.mount == sent.mount
@@ -333,6 +346,18 @@ class Lease:
                 self.record, self.etag, self._renewed_at = current, info.etag, time.monotonic()
             return True
         return False
+
+    def _shared_with(self, current: Record | None, info) -> bool:
+        """A shared mount whose renewal met another shared mount's: that one renewed the shared
+        lease for all, as of its Last-Modified (by the server's clock). No write: the next
+        renewal goes over it."""
+        if not self.shared or current is None or info is None or current.state != "shared":
+            return False
+        server_now = info.server_time if info.server_time is not None else time.time()
+        age = max(0.0, server_now - info.last_modified)
+        with self._lock:
+            self.etag, self._renewed_at = info.etag, time.monotonic() - age
+        return True
 
     def _lose(self, why: str) -> None:
         with self._lock:
@@ -346,12 +371,13 @@ class Lease:
         )
 
     def release(self) -> None:
-        """At unmount: mark the lease released, only if it is still ours."""
+        """At unmount: mark the lease released, only if it is still ours. A shared mount
+        cannot know whether other shared mounts still run: it leaves the record to expire."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(10)
         with self._lock:
-            if self.lost is not None or self.record is None:
+            if self.lost is not None or self.record is None or self.shared:
                 return
             record = dataclasses.replace(self.record, state="released", renewed=time.time(), pending=self.pending)
             etag = self.etag
@@ -461,6 +487,39 @@ def journal_epoch(root: str) -> int | None:
         return None
 
 
+def probe_conditions(store: Store) -> bool:
+    """Refuse --shared on an endpoint that does not honour conditional writes: a create with
+    If-None-Match over an existing object, and a replace with If-Match on a wrong ETag, must
+    both fail. Returns whether completing a multipart upload honours If-None-Match too (when
+    not, a shared mount keeps its files to what one PUT carries). Costs about eight requests."""
+    key = store.abs_key(f"{LEASE_NAME}.probe-{os.urandom(6).hex()}")
+    backend = store.backend
+    try:
+        etag = backend.put(key, b"probe", if_none_match=True)
+        for what, kwargs in (
+            ("If-None-Match: *", {"if_none_match": True}),
+            ("If-Match", {"if_match": '"00000000000000000000000000000000"' if etag != '"0"' else '"1"'}),
+        ):
+            try:
+                backend.put(key, b"probe again", **kwargs)
+            except PreconditionFailed:
+                continue
+            raise CryptfsError(
+                f"{store.vol.url}: the endpoint ignores {what} on PUT, so --shared mounts could overwrite "
+                "each other's changes; mount without --shared (one read-write mount at a time)"
+            )
+        multipart = backend.multipart_conditions(key)
+        if not multipart:
+            log.warning(
+                "the endpoint ignores conditions when completing multipart uploads: this shared mount "
+                "keeps files to what one PUT carries (%d MiB; larger writes fail with EFBIG)",
+                backend.single_put_max >> 20,
+            )
+        return multipart
+    finally:
+        backend.delete(key)
+
+
 def replay_allowed(prev: Record | None, existed: bool, cache: str, epoch: int | None) -> bool:
     """Whether the journal in a cache directory may be uploaded by the mount that just took
     the lease: only when no other mount has held the lease since that journal was written,
@@ -472,13 +531,22 @@ def replay_allowed(prev: Record | None, existed: bool, cache: str, epoch: int | 
 
 
 def take_journal(
-    root: str, journal_dir: str, staging_dir: str, prev: Record | None, existed: bool, epoch: int, pending: int
+    root: str,
+    journal_dir: str,
+    staging_dir: str,
+    prev: Record | None,
+    existed: bool,
+    epoch: int,
+    pending: int,
+    conditional: bool = False,
 ) -> str | None:
     """Decide the fate of a journal with `pending` records before a read-write mount opens it,
-    then record the new epoch. Returns where a stale journal was set aside, if it was."""
+    then record the new epoch. Returns where a stale journal was set aside, if it was.
+    conditional: every pending upload commits only over the version it last saw (records of
+    --shared mounts), so it may be replayed whoever wrote since: a lost race makes a conflict copy."""
     me = cache_id(root)
     aside = None
-    if pending and not replay_allowed(prev, existed, me, journal_epoch(root)):
+    if pending and not conditional and not replay_allowed(prev, existed, me, journal_epoch(root)):
         aside = os.path.join(root, f"stale-journal-{time.strftime('%Y%m%d-%H%M%S')}-epoch{epoch}")
         os.makedirs(aside, mode=0o700)
         for d in (journal_dir, staging_dir):

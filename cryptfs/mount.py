@@ -20,7 +20,7 @@ from .cache import BlockCache, DiskCache
 from .config import VolumeSettings
 from .errors import CryptfsError, UsageError
 from .fs import CryptFS
-from .lease import CacheLock, FencedBackend, Lease, cache_id, take_journal
+from .lease import CacheLock, FencedBackend, Lease, cache_id, probe_conditions, take_journal
 from .namespace import AttrDB, Namespace
 from .reader import BlockReader
 from .store import Store
@@ -72,7 +72,14 @@ def parse_options(opts: list[str]) -> dict:
 class Mount:
     """Everything a mounted volume needs, built from an opened store."""
 
-    def __init__(self, store: Store, settings: VolumeSettings, read_only: bool = False, lease: Lease | None = None):
+    def __init__(
+        self,
+        store: Store,
+        settings: VolumeSettings,
+        read_only: bool = False,
+        lease: Lease | None = None,
+        shared: bool = False,
+    ):
         self.store = store
         self.root = root = localstate.cache_dir(store.vol.volume_id, settings.cache_dir)
         self.journal = Journal(os.path.join(root, "journal"))
@@ -96,9 +103,10 @@ class Mount:
             writeback_delay=settings.writeback_delay,
             fsync_mode=settings.fsync,
             read_only=read_only,
+            shared=shared,
         )
         self.fs.lease = lease
-        if lease is not None:  # under the lease, the mount's own listings are the truth
+        if lease is not None and not lease.shared:  # under the lease, the mount's own listings are the truth
             self.ns.authoritative = lambda: lease.writable
             taken = self.ns.load(lease.unchanged_since)
             if taken:
@@ -114,22 +122,33 @@ class Mount:
                 os.unlink(os.path.join(self.staging, name))
 
 
-def hold(store: Store, settings: VolumeSettings, read_only: bool, break_lease: bool = False):
+def hold(store: Store, settings: VolumeSettings, read_only: bool, break_lease: bool = False, shared: bool = False):
     """Before the mount forks: lock the cache directory; for a read-write mount take the lease
-    and decide whether the journal found there may be replayed (lease.py). -> (lock, lease)."""
+    (exclusive, or --shared: see docs/lease.md) and decide whether the journal found there may
+    be replayed (lease.py). -> (lock, lease)."""
     root = localstate.cache_dir(store.vol.volume_id, settings.cache_dir)
     lock = CacheLock(root, store.vol.url)
     if read_only:
         return lock, None
     try:
-        lease = Lease(store, cache_id(root), settings.lease_duration)
+        multipart_ok = probe_conditions(store) if shared else True
+        lease = Lease(store, cache_id(root), settings.lease_duration, shared=shared)
+        lease.multipart_ok = multipart_ok
         prev, existed = lease.acquire(break_lease)
         try:
             journal = Journal(os.path.join(root, "journal"))
-            pending = len(journal.records())
+            records = journal.records()
             journal.close()
+            uploads = [r for r in records if "runs" in r]
             take_journal(
-                root, os.path.join(root, "journal"), os.path.join(root, "staging"), prev, existed, lease.epoch, pending
+                root,
+                os.path.join(root, "journal"),
+                os.path.join(root, "staging"),
+                prev,
+                existed,
+                lease.epoch,
+                len(records),
+                conditional=bool(uploads) and all(r.get("expect") is not None for r in uploads),
             )
         except BaseException:
             lease.release()
@@ -140,15 +159,17 @@ def hold(store: Store, settings: VolumeSettings, read_only: bool, break_lease: b
     return lock, lease
 
 
-def run(store: Store, settings: VolumeSettings, mountpoint: str, options: dict, held=None) -> None:
+def run(
+    store: Store, settings: VolumeSettings, mountpoint: str, options: dict, held=None, shared: bool = False
+) -> None:
     read_only = bool(options.pop("ro", False))
-    lock, lease = held if held is not None else hold(store, settings, read_only)
+    lock, lease = held if held is not None else hold(store, settings, read_only, shared=shared)
     lock.note_pid()
     try:
         if lease is not None:
             lease.start()
             store.backend = cast(Backend, FencedBackend(store.backend, lease))  # delegates all but writes
-        _run(store, settings, mountpoint, options, read_only, lease)
+        _run(store, settings, mountpoint, options, read_only, lease, shared)
     finally:
         if lease is not None:
             lease.release()
@@ -156,11 +177,17 @@ def run(store: Store, settings: VolumeSettings, mountpoint: str, options: dict, 
 
 
 def _run(
-    store: Store, settings: VolumeSettings, mountpoint: str, options: dict, read_only: bool, lease: Lease | None
+    store: Store,
+    settings: VolumeSettings,
+    mountpoint: str,
+    options: dict,
+    read_only: bool,
+    lease: Lease | None,
+    shared: bool = False,
 ) -> None:
     mfusepy = load_fuse()
     fuse_base: Any = mfusepy.FUSE  # loaded at run time, bound to libfuse 3
-    mount = Mount(store, settings, read_only, lease)
+    mount = Mount(store, settings, read_only, lease, shared and not read_only)
     if not read_only:  # a read-only mount writes nothing, not even what an earlier mount left
         mount.recover()
     fs = mount.fs
@@ -199,9 +226,9 @@ def _run(
             # without a handle); libfuse's .fuse_hidden* rename is an unlink to us (fs.py)
             config.nullpath_ok = 1
             config.auto_cache = 1  # page cache kept while mtime and size are unchanged
-            config.attr_timeout = 1.0
-            config.entry_timeout = 1.0
-            config.negative_timeout = 1.0
+            # a shared mount asks every time: the namespace's --attr-ttl alone bounds how long
+            # another mount's change stays unseen, and auto_cache then drops stale pages at open
+            config.attr_timeout = config.entry_timeout = config.negative_timeout = 0.0 if shared else 1.0
         if conn is not None:
             conn.max_readahead = 1024 * 1024
 
@@ -217,7 +244,7 @@ def _run(
     try:
         FUSE(fs, mountpoint, foreground=True, nothreads=False, **kwargs)
     finally:
-        _write_status(mountpoint, fs.unmount_failed)
+        _write_status(mountpoint, fs.unmount_failed, fs.wb.conflicts)
         mount.ns.close()
         mount.reader.close()
 
@@ -242,6 +269,7 @@ def daemonize_and_run(
     foreground: bool,
     log_path: str,
     break_lease: bool = False,
+    shared: bool = False,
 ) -> int:
     """Mount; in the background unless foreground. Returns once mounted (or failed)."""
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core dump ever holds unwrapped keys
@@ -249,14 +277,14 @@ def daemonize_and_run(
     # the log is checked before anything else is made in the cache directory
     logfd = None if foreground else localstate.private_file(log_path, os.O_WRONLY | os.O_APPEND)
     try:
-        held = hold(store, settings, bool(options.get("ro")), break_lease)  # refusals reach the caller
+        held = hold(store, settings, bool(options.get("ro")), break_lease, shared)  # refusals reach the caller
     except BaseException:
         if logfd is not None:
             os.close(logfd)
         raise
     if logfd is None:
         _write_pid(mountpoint)
-        run(store, settings, mountpoint, options, held)
+        run(store, settings, mountpoint, options, held, shared)
         return 0
     read_fd, write_fd = os.pipe()
     pid = os.fork()
@@ -272,7 +300,7 @@ def daemonize_and_run(
             _write_pid(mountpoint)
             os.write(write_fd, b"S")
             os.close(write_fd)
-            run(store, settings, mountpoint, options, held)
+            run(store, settings, mountpoint, options, held, shared)
         except BaseException as exc:  # noqa: BLE001 - the process must end with a code
             log.error("mount failed: %s", exc)
             code = 1
@@ -305,10 +333,10 @@ def status_file(mountpoint: str) -> str:
     return pidfile(mountpoint)[: -len(".pid")] + ".status"
 
 
-def _write_status(mountpoint: str, failed: int | None) -> None:
+def _write_status(mountpoint: str, failed: int | None, conflicts: int = 0) -> None:
     try:
         with open(status_file(mountpoint), "w") as f:
-            f.write("unknown" if failed is None else str(failed))
+            f.write(("unknown" if failed is None else str(failed)) + f" {conflicts}")
     except OSError as exc:
         log.warning("could not record the unmount's outcome: %s", exc)
 
@@ -367,8 +395,13 @@ def unmount(mountpoint: str, timeout: float | None = None) -> int:
             )
             return 1
         time.sleep(0.1)
-    failed = _read_status(mountpoint)
-    if failed is not None and failed != "0":
+    failed, _, conflicts = (_read_status(mountpoint) or "").partition(" ")
+    if conflicts not in ("", "0"):
+        print(
+            f"cryptfs: {conflicts} conflict copy(ies) made (another mount changed the same files; see the mount log)",
+            file=sys.stderr,
+        )
+    if failed not in ("", "0"):
         what = (
             "the mount ended before uploading what was pending"
             if failed == "unknown"

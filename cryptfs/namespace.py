@@ -516,8 +516,23 @@ class Namespace:
             if d is not None and d.children.get(state.name) is state:
                 d.children[state.name] = replace(state.basis, attrs=state.attrs)
 
-    def uploaded(self, state: FileState, entry: Entry) -> None:
-        """A file's upload landed (called with the state's lock held, after state.uploaded)."""
+    def uploaded(self, state: FileState, entry: Entry, moved: bool = False, winner: Entry | None = None) -> None:
+        """A file's upload landed (called with the state's lock held, after state.uploaded).
+        moved: it landed under another name (a shared mount's conflict copy, or /lost+found):
+        the file follows it there, and its old name shows `winner`, the other mount's version
+        (or, when that is not known, what the next listing finds)."""
+        if moved:
+            with self._lock:
+                if self._dir(state.parent_id).children.get(state.name) is state:
+                    self._unbind(state)
+                    if winner is not None:
+                        self._set(state.parent_id, state.name, winner)
+                    else:
+                        self._dir(state.parent_id).listed_at = None
+                    state.parent_id, state.name = entry.parent_id, entry.name
+                    self._set(entry.parent_id, entry.name, state)
+                else:
+                    state.parent_id, state.name = entry.parent_id, entry.name
         with self._lock:
             d = self._dirs.get(state.parent_id)
             if d is not None and d.children.get(state.name) is state:
@@ -534,6 +549,11 @@ class Namespace:
             del d.children[state.name]
         self._seq += 1
         d.changed[state.name] = self._seq
+
+    def stale(self, dir_id: bytes) -> None:
+        """Another mount changed the directory (a condition failed): list it again at the next lookup."""
+        with self._lock:
+            self._dir(dir_id).listed_at = None
 
     def abandon(self, state: FileState) -> None:
         """Unbind a file whose local changes are given up: the directory is listed again at its

@@ -351,10 +351,22 @@ class Store:
             raise IntegrityError(f"object {rel} is shorter than its listed size")
         return raw
 
-    def upload(self, rel: str, stream, size: int, metadata: dict[str, str], started=None) -> str:
+    def upload(
+        self,
+        rel: str,
+        stream,
+        size: int,
+        metadata: dict[str, str],
+        started=None,
+        if_none_match: bool = False,
+        if_match: str | None = None,
+    ) -> str:
         """Store an object from a stream of exactly `size` bytes; returns its ETag.
-        started(upload_id): a multipart upload began (see Backend.upload)."""
-        return self.backend.upload(self.abs_key(rel), stream, size, metadata, started=started)
+        started(upload_id): a multipart upload began (see Backend.upload). The conditions
+        hold for single-part and multipart uploads alike (PreconditionFailed)."""
+        return self.backend.upload(
+            self.abs_key(rel), stream, size, metadata, if_none_match=if_none_match, if_match=if_match, started=started
+        )
 
     def abort_upload(self, rel: str, upload_id: str) -> None:
         """Abort a multipart upload of ours; one already finished or aborted is not an error."""

@@ -1,26 +1,32 @@
 """Write-back: the journal of pending uploads, the upload queue, and crash recovery.
 
-A journal record and its staging file hold everything needed to finish an upload (object
-key, metadata with the wrapped key, the plan of where each block comes from, the basis
-ETag) and nothing secret: names are encrypted, attributes sealed, the data key wrapped.
-Both are fsynced before close() returns, so a closed file survives kill -9; the next
-mount uploads it (into /lost+found if its directory is gone).
+A journal record (`UploadRecord`, versioned; the untyped records of the previous release
+still read) and its staging file hold everything needed to finish an upload (object key,
+metadata with the wrapped key, the plan of where each block comes from, the basis ETag, and
+for a shared mount the ETag the commit is conditional on) and nothing secret: names are
+encrypted, attributes sealed, the data key wrapped. Both are fsynced before close()
+returns, so a closed file survives kill -9; the next mount uploads it (into /lost+found if
+its directory is gone), conditionally when the record says so, so a dead mount's upload
+never replaces a newer version: it becomes a conflict copy.
 
 `_cond` guards `_due` and `_busy`; a file's own lock is held while it uploads.
 """
 
 import concurrent.futures as cf
+import dataclasses
 import errno
 import heapq
 import json
 import logging
 import os
+import socket
 import sqlite3
 import threading
 import time
+from dataclasses import dataclass, field
 
 from . import format as fmt
-from .errors import AlreadyExists, CryptfsError, NoSpace, NotFound
+from .errors import AlreadyExists, CryptfsError, NoSpace, NotFound, PreconditionFailed
 from .logs import shown
 from .handles import FileState
 from .store import Entry, ProducedStream, Store, TagCollector
@@ -128,6 +134,55 @@ def _disk_full(exc: sqlite3.Error) -> bool:
     return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
 
 
+RECORD_VERSION = 2  # 1: the untyped records of 0.1 (no `expect`), still read
+NO_OBJECT = ""  # `expect` when the mount saw no object under the key: commit with If-None-Match
+
+
+@dataclass
+class UploadRecord:
+    """A journal record of one pending upload (see the module docstring)."""
+
+    uid: str
+    key: str  # where the object goes (volume-relative)
+    parent: str  # hex id of its directory
+    file_id: str  # hex
+    size: int  # plaintext size
+    metadata: dict  # as stored: wrapped key, sealed attributes
+    runs: list  # the plan: [kind, first block, end block)
+    staging: str | None = None  # the staging file, or
+    inline: str | None = None  # the object's bytes (base64), for small files
+    basis: dict | None = None  # {"key", "etag", "size"} of the version basis blocks come from
+    upload: list | None = None  # [key, upload id or None]: a multipart upload may exist
+    obsolete: list = field(default_factory=list)  # keys to delete once uploaded
+    # a shared mount's commit condition: the ETag it last saw under `key`, NO_OBJECT for none;
+    # None for an exclusive mount's record (the lease alone keeps others out)
+    expect: str | None = None
+    version: int = RECORD_VERSION
+
+    @classmethod
+    def from_dict(cls, doc: dict) -> "UploadRecord":
+        """A stored record; version 1 records (plain dicts of the previous release) too."""
+        if doc.get("version", 1) > RECORD_VERSION:
+            raise CryptfsError(f"journal record {doc.get('uid')} is of a newer release (version {doc['version']})")
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in doc.items() if k in names and k != "version"})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class Commit:
+    """Where an upload landed: its own name, or a conflict copy or /lost+found entry."""
+
+    key: str
+    etag: str
+    metadata: dict
+    parent: bytes
+    name: bytes | None  # None: the name it was journaled under
+    conflict: bool = False  # a conflict copy: another mount's version holds the name
+
+
 class ComposedReader(ProducedStream):
     """The object's bytes in order: header, then staged, basis and hole blocks per the plan,
     then the tag table. Basis blocks are checked against the basis's own tag table, so a
@@ -191,60 +246,163 @@ class ComposedReader(ProducedStream):
 def upload_record(
     store: Store,
     journal: Journal,
-    record: dict,
+    record: UploadRecord,
     fk: fmt.FileKey,
     header: bytes,
     read_staged,
     key: str | None = None,
     metadata: dict | None = None,
-) -> str:
+) -> Commit:
     """Upload the object a journal record describes (normal uploads and recovery alike);
     `key` and `metadata` override the record's (a recovered file moved to /lost+found).
+
+    A shared mount's record commits only over the version it last saw (`expect`: If-Match,
+    or If-None-Match for a new name); when that fails, the version goes to a conflict copy
+    beside the winner, and a file whose directory another mount removed goes to /lost+found.
 
     Before an object that may go in parts is sent, the record says so; the upload's id
     follows as soon as it exists. The next attempt (or the next mount's recovery) aborts
     every unfinished upload to that key first: a kill between the upload's creation and its
-    id reaching the journal leaves nothing behind either. (Only this mount writes the
-    volume while it holds the lease, so every upload to the key is ours.)"""
-    uid = record["uid"]
-    left = (journal.get(uid) or {}).get("upload")
+    id reaching the journal leaves nothing behind either. (Upload ids are listed per key, and
+    only this mount journals an upload to a key it is committing.)"""
+    uid = record.uid
+    left = UploadRecord.from_dict(journal.get(uid) or record.to_dict()).upload
     if left:
         store.abort_uploads_to(*left)
-    key = key or record["key"]
-    size = store.layout.object_size(record["size"])
-    if size > INLINE_MAX:  # not fsynced: enough against a killed process (the page cache survives
-        # it); after a power cut `fsck --repair` finds the upload
-        journal.write(uid, {**record, "upload": [key, None]}, durable=False)
+    key = key or record.key
+    metadata = metadata or record.metadata
+    size = store.layout.object_size(record.size)
+    parent = bytes.fromhex(record.parent)
 
-    def started(upload_id: str) -> None:
-        journal.write(uid, {**record, "upload": [key, upload_id]}, durable=False)
+    def send(to: str, meta: dict, if_none_match: bool, if_match: str | None) -> str:
+        if size > INLINE_MAX:  # not fsynced: enough against a killed process (the page cache survives
+            # it); after a power cut `fsck --repair` finds the upload
+            journal.write(uid, dataclasses.replace(record, upload=[to, None]).to_dict(), durable=False)
 
-    basis = record.get("basis")
-    basis_entry = (
-        None
-        if basis is None
-        else Entry(  # records of version 1 volumes have no basis size
-            bytes.fromhex(record["parent"]),
-            b"",
-            basis["key"],
-            False,
-            fk.file_id,
-            basis.get("size", 0),
-            basis["etag"],
-            0.0,
-            None,
+        def started(upload_id: str) -> None:
+            journal.write(uid, dataclasses.replace(record, upload=[to, upload_id]).to_dict(), durable=False)
+
+        reader = ComposedReader(store, fk, header, record.size, record.runs, read_staged, _basis_entry(record, fk))
+        return store.upload(to, reader, size, meta, started=started, if_none_match=if_none_match, if_match=if_match)
+
+    if record.expect is None:  # an exclusive mount: the lease keeps every other writer out
+        return Commit(key, send(key, metadata, False, None), metadata, parent, None)
+    try:
+        if record.expect != NO_OBJECT:
+            try:
+                done = Commit(key, send(key, metadata, False, record.expect), metadata, parent, None)
+                return _rehome_orphan(store, record, fk, done)
+            except NotFound:
+                pass  # removed (or renamed) meanwhile: our version takes the free name
+        done = Commit(key, send(key, metadata, True, None), metadata, parent, None)
+        return _rehome_orphan(store, record, fk, done)
+    except PreconditionFailed:
+        pass
+    theirs = _modified_at(store, key)
+    name = _plain_name(store, parent, key)
+    attrs = _attrs_of(store, key, metadata)
+    for attempt in range(5):
+        copy_name = conflict_name(name, time.time(), socket.gethostname(), attempt)
+        copy = store.entry_key(parent, copy_name)
+        meta = store.metadata_for(copy, fk.file_id, attrs, fmt.parse_metadata(metadata).wrapped_key, False)
+        try:
+            etag = send(copy, meta, True, None)
+        except PreconditionFailed:
+            continue
+        log.warning(
+            "conflict: %s was replaced by another mount (its version written %s) while this mount's "
+            "version (written %s) waited; ours is kept beside it as %s",
+            shown(name),
+            _stamp(theirs),
+            _stamp(attrs.mtime_ns / 1e9),
+            shown(copy_name),
         )
+        return _rehome_orphan(store, record, fk, Commit(copy, etag, meta, parent, copy_name, True))
+    raise CryptfsError(f"{key}: conflict copies of this version keep colliding")
+
+
+def _rehome_orphan(store: Store, record: UploadRecord, fk: fmt.FileKey, done: Commit) -> Commit:
+    """A shared mount's file committed into a directory another mount removed meanwhile
+    (its back-pointer is gone): moved to /lost+found, so no object is left unreachable."""
+    if done.parent == fmt.ROOT_DIR_ID:
+        return done
+    try:
+        store.head(store.backptr_key(done.parent))
+        return done
+    except NotFound:
+        pass
+    name = _plain_name(store, done.parent, done.key) + b"." + record.file_id[:8].encode()
+    lf = store.lost_and_found()
+    key = store.entry_key(lf.obj_id, name[-fmt.NAME_MAX :])
+    attrs = _attrs_of(store, done.key, done.metadata)
+    meta = store.metadata_for(key, fk.file_id, attrs, fmt.parse_metadata(done.metadata).wrapped_key, False)
+    etag = store.backend.copy(store.abs_key(done.key), store.abs_key(key), meta, if_match=done.etag)
+    store.delete_key(done.key)
+    log.warning("%s: its directory was removed by another mount; stored in /lost+found", shown(name))
+    return Commit(key, etag, meta, lf.obj_id, name[-fmt.NAME_MAX :], done.conflict)
+
+
+def _basis_entry(record: UploadRecord, fk: fmt.FileKey) -> Entry | None:
+    basis = record.basis
+    if basis is None:
+        return None
+    return Entry(  # records of version 1 volumes have no basis size
+        bytes.fromhex(record.parent),
+        b"",
+        basis["key"],
+        False,
+        fk.file_id,
+        basis.get("size", 0),
+        basis["etag"],
+        0.0,
+        None,
     )
-    reader = ComposedReader(store, fk, header, record["size"], record["runs"], read_staged, basis_entry)
-    return store.upload(key, reader, size, metadata or record["metadata"], started=started)
+
+
+def _attrs_of(store: Store, key: str, metadata: dict) -> fmt.Attrs:
+    meta = fmt.parse_metadata(metadata)
+    return fmt.decrypt_attrs(store.vk, key, meta.obj_id, meta.attr_blob)
+
+
+def _modified_at(store: Store, key: str) -> float | None:
+    try:
+        return store.head(key).last_modified
+    except (NotFound, CryptfsError):
+        return None
+
+
+def _stamp(t: float | None) -> str:
+    return "unknown time" if t is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
+def _plain_name(store: Store, parent: bytes, key: str) -> bytes:
+    try:
+        return fmt.decrypt_name(store.vk, parent, key[len(fmt.dir_prefix(store.vk, parent)) :])
+    except CryptfsError:
+        return key.rsplit("/", 1)[-1].encode()
+
+
+def conflict_name(name: bytes, when: float, host: str, attempt: int = 0) -> bytes:
+    """`report.txt` -> `report (conflict 2026-12-02 101500 host-b).txt`, kept within NAME_MAX."""
+    stem, dot, ext = name.rpartition(b".")
+    if not stem or b"/" in ext or len(ext) > 16:
+        stem, dot, ext = name, b"", b""
+    tag = f" (conflict {time.strftime('%Y-%m-%d %H%M%S', time.localtime(when))} {host}"
+    tag += f" {attempt + 1})" if attempt else ")"
+    tail = tag.encode() + dot + ext
+    return stem[: fmt.NAME_MAX - len(tail)] + tail
 
 
 class WriteBack:
     """Schedules uploads of closed files after a delay; uploads now on fsync and at unmount."""
 
-    def __init__(self, store: Store, journal: Journal, delay: float, on_uploaded, workers: int = 4):
+    def __init__(
+        self, store: Store, journal: Journal, delay: float, on_uploaded, workers: int = 4, shared: bool = False
+    ):
         self.store, self.journal, self.delay = store, journal, delay
-        self.on_uploaded = on_uploaded  # callback(state, entry) after a successful upload, lock held
+        self.on_uploaded = on_uploaded  # callback(state, entry, moved, winner) after an upload landed, lock held
+        self.shared = shared  # every commit conditional on the version last seen (--shared)
+        self.conflicts = 0  # conflict copies made (under _cond)
         self._due: list[tuple[float, int, FileState]] = []
         self._busy: set[str] = set()
         self._counter = 0
@@ -256,28 +414,24 @@ class WriteBack:
 
     # ------------------------------------------------------------ journal
 
-    def record(self, state: FileState, runs: list) -> dict:
+    def record(self, state: FileState, runs: list) -> UploadRecord:
         meta = self.store.metadata_for(state.key, state.fk.file_id, state.attrs, state.wrapped, False)
-        record = {
-            "version": 1,
-            "uid": state.uid,
-            "key": state.key,
-            "parent": state.parent_id.hex(),
-            "file_id": state.fk.file_id.hex(),
-            "size": state.size,
-            "metadata": meta,
-            "runs": runs,
-            "staging": None,
-            "inline": None,
-            "basis": {"key": state.basis.key, "etag": state.basis.etag, "size": state.basis.size}
-            if state.basis
-            else None,
-        }
+        record = UploadRecord(
+            uid=state.uid,
+            key=state.key,
+            parent=state.parent_id.hex(),
+            file_id=state.fk.file_id.hex(),
+            size=state.size,
+            metadata=meta,
+            runs=runs,
+            basis={"key": state.basis.key, "etag": state.basis.etag, "size": state.basis.size} if state.basis else None,
+            expect=(state.seen or NO_OBJECT) if self.shared else None,
+        )
         if state.fd is not None:
             if self._inline(state):
-                record["inline"] = fmt.b64e(state.staged_bytes())
+                record.inline = fmt.b64e(state.staged_bytes())
             else:
-                record["staging"] = state.staging_path
+                record.staging = state.staging_path
         return record
 
     @staticmethod
@@ -293,7 +447,7 @@ class WriteBack:
             if state.journaled and state.journaled_at == state.changes:
                 return
             runs = state.prepare(sync=not self._inline(state))
-            self.journal.write(state.uid, self.record(state, runs))
+            self.journal.write(state.uid, self.record(state, runs).to_dict())
             state.journaled, state.journaled_at = True, state.changes
             _unlink(kept_path(state))
 
@@ -305,8 +459,8 @@ class WriteBack:
         with state.lock:
             if not (state.journaled and state.journaled_at == state.changes) or state.fd is None:
                 return
-            record = self.journal.get(state.uid)
-            if record is None or record.get("staging") != state.staging_path:
+            doc = self.journal.get(state.uid)
+            if doc is None or doc.get("staging") != state.staging_path:
                 return
             kept = kept_path(state)
             try:
@@ -323,14 +477,14 @@ class WriteBack:
                 if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                     raise NoSpace("no space left on the cache disk to keep the closed version") from None
                 raise
-            self.journal.write(state.uid, {**record, "staging": kept})
+            self.journal.write(state.uid, {**doc, "staging": kept})
 
     def rejournal(self, state: FileState) -> None:
         """After a rename or attribute change of a journaled file: atomic, durable with the next flush."""
         with state.lock:
             if state.journaled and not state.unlinked:
                 runs = state.prepare(sync=False)
-                self.journal.write(state.uid, self.record(state, runs), durable=False)
+                self.journal.write(state.uid, self.record(state, runs).to_dict(), durable=False)
                 state.journaled_at = state.changes
 
     # ------------------------------------------------------------ uploads
@@ -344,30 +498,38 @@ class WriteBack:
             runs = state.prepare(sync=not fresh)
             record = self.record(state, runs)
             if not fresh:
-                self.journal.write(state.uid, record)
+                self.journal.write(state.uid, record.to_dict())
                 state.journaled, state.journaled_at = True, state.changes
-            entry = self._send(state, record)
+            done = upload_record(self.store, self.journal, record, state.fk, state.header, state.read_staged)
+            if done.conflict:
+                with self._cond:
+                    self.conflicts += 1
             self.journal.remove(state.uid)
             _unlink(kept_path(state))
+            entry = Entry(
+                done.parent,
+                state.name if done.name is None else done.name,
+                done.key,
+                False,
+                state.fk.file_id,
+                state.size,
+                done.etag,
+                time.time(),
+                state.attrs,
+                state.wrapped,
+                raw_meta=done.metadata,
+                link_key=state.link_key,
+            )
+            winner = None
+            if done.conflict:  # what the name holds now: the other mount's version
+                try:
+                    winner = self.store.lookup(state.parent_id, state.name)[0]
+                except (NotFound, CryptfsError):
+                    winner = None  # the listing finds out
             state.uploaded(entry)
-            self.on_uploaded(state, entry)  # still under the lock: no rename or unlink in between
-
-    def _send(self, state: FileState, record: dict) -> Entry:
-        etag = upload_record(self.store, self.journal, record, state.fk, state.header, state.read_staged)
-        return Entry(
-            state.parent_id,
-            state.name,
-            record["key"],
-            False,
-            state.fk.file_id,
-            state.size,
-            etag,
-            time.time(),
-            state.attrs,
-            state.wrapped,
-            raw_meta=record["metadata"],
-            link_key=state.link_key,
-        )
+            # still under the lock: no rename or unlink in between. Landed under another name
+            # (a conflict copy, /lost+found), the file follows it there.
+            self.on_uploaded(state, entry, done.name is not None, winner)
 
     def schedule(self, state: FileState, delay: float | None = None) -> None:
         with self._cond:
@@ -583,28 +745,29 @@ def _unlink(path: str) -> None:
         pass
 
 
-def recover_record(store: Store, journal: Journal, record: dict) -> str:
-    if record.get("staging") and not os.path.exists(record["staging"]):
-        if record.get("upload"):
-            store.abort_uploads_to(*record["upload"])
-        journal.remove(record["uid"])  # uploaded before the removal of its record was lost
-        raise CryptfsError(f"staging file of {record['key']} is gone; record dropped")
-    meta = fmt.parse_metadata(record["metadata"])
+def recover_record(store: Store, journal: Journal, doc: dict) -> str:
+    record = UploadRecord.from_dict(doc)
+    if record.staging and not os.path.exists(record.staging):
+        if record.upload:
+            store.abort_uploads_to(*record.upload)
+        journal.remove(record.uid)  # uploaded before the removal of its record was lost
+        raise CryptfsError(f"staging file of {record.key} is gone; record dropped")
+    meta = fmt.parse_metadata(record.metadata)
     if meta.wrapped_key is None:
-        raise CryptfsError(f"journal record of {record['key']} has no data key")
+        raise CryptfsError(f"journal record of {record.key} has no data key")
     fk = fmt.FileKey.derive(store.vol.data_keys.unwrap(meta.wrapped_key), meta.obj_id)
     header = fmt.make_header(fk, store.layout)
-    parent = bytes.fromhex(record["parent"])
-    key, metadata = record["key"], record["metadata"]
+    parent = bytes.fromhex(record.parent)
+    key, metadata = record.key, record.metadata
     if parent != fmt.ROOT_DIR_ID:
         try:
             store.head(store.backptr_key(parent))
         except NotFound:
             key, metadata = _lost_and_found(store, record, fk, meta)
-    fd = os.open(record["staging"], os.O_RDONLY) if record.get("staging") else None
-    inline = fmt.b64d(record["inline"]) if record.get("inline") else b""
+    fd = os.open(record.staging, os.O_RDONLY) if record.staging else None
+    inline = fmt.b64d(record.inline) if record.inline else b""
     try:
-        upload_record(
+        done = upload_record(
             store,
             journal,
             record,
@@ -617,26 +780,26 @@ def recover_record(store: Store, journal: Journal, record: dict) -> str:
     finally:
         if fd is not None:
             os.close(fd)
-    for old in record.get("obsolete", []):
-        if old != key:
+    for old in record.obsolete:
+        if old != done.key:
             store.delete_key(old)
-    journal.remove(record["uid"])
-    if record.get("staging"):
-        _unlink(record["staging"])
-    return key
+    journal.remove(record.uid)
+    if record.staging:
+        _unlink(record.staging)
+    return done.key
 
 
-def _lost_and_found(store: Store, record: dict, fk, meta) -> tuple[str, dict]:
+def _lost_and_found(store: Store, record: UploadRecord, fk, meta) -> tuple[str, dict]:
     """A pending file whose directory vanished: put it in /lost+found under its old name."""
-    parent = bytes.fromhex(record["parent"])
-    suffix = record["key"][len(fmt.dir_prefix(store.vk, parent)) :]
+    parent = bytes.fromhex(record.parent)
+    suffix = record.key[len(fmt.dir_prefix(store.vk, parent)) :]
     try:
         name = fmt.decrypt_name(store.vk, parent, suffix)
     except CryptfsError:
-        name = f"file-{record['file_id']}".encode()
+        name = f"file-{record.file_id}".encode()
     lf = store.lost_and_found()
-    name = name + b"." + record["file_id"][:8].encode()
+    name = name + b"." + record.file_id[:8].encode()
     key = store.entry_key(lf.obj_id, name[-255:])
-    attrs = fmt.decrypt_attrs(store.vk, record["key"], meta.obj_id, meta.attr_blob)
+    attrs = fmt.decrypt_attrs(store.vk, record.key, meta.obj_id, meta.attr_blob)
     log.warning("recovered file's directory is gone; stored in /lost+found as %s", shown(name))
     return key, store.metadata_for(key, fk.file_id, attrs, meta.wrapped_key, False)

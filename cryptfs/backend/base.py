@@ -107,6 +107,14 @@ class Backend:
     def check(self) -> None:
         """Fail fast (BucketNotFound, NoCredentials, Unreachable, AccessDenied) before real work."""
 
+    def multipart_conditions(self, key: str) -> bool:
+        """Whether completing a multipart upload honours If-None-Match and If-Match (a probe
+        on `key`, which exists).
+        Backends whose large uploads are as atomic and conditional as put say True."""
+        return True
+
+    single_put_max: int = MAX_OBJECT_SIZE  # the largest object upload() sends in one put
+
     def close(self) -> None:
         pass
 

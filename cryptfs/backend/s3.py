@@ -300,6 +300,36 @@ class S3Backend(Backend):
                 exc,
             )
 
+    single_put_max = PART_SIZE
+
+    def multipart_conditions(self, key):
+        return all(
+            self._multipart_refused(key, condition)
+            for condition in ({"IfNoneMatch": "*"}, {"IfMatch": '"00000000000000000000000000000000"'})
+        )
+
+    def _multipart_refused(self, key: str, condition: dict) -> bool:
+        """Whether completing a one-part upload to `key` (which exists) fails under `condition`."""
+        upload_id = self._call(key, self.client.create_multipart_upload, Key=key)["UploadId"]
+        try:
+            part = self._call(key, self.client.upload_part, Key=key, UploadId=upload_id, PartNumber=1, Body=b"probe")
+            parts = {"Parts": [{"PartNumber": 1, "ETag": part["ETag"]}]}
+            self._call(
+                key,
+                self.client.complete_multipart_upload,
+                Key=key,
+                UploadId=upload_id,
+                MultipartUpload=parts,
+                **condition,
+            )
+        except PreconditionFailed:
+            self._abort_quietly(key, upload_id)
+            return True
+        except BaseException:
+            self._abort_quietly(key, upload_id)
+            raise
+        return False  # completed over the object: the condition was ignored
+
     def abort_upload(self, upload):
         self._call(upload.key, self.client.abort_multipart_upload, Key=upload.key, UploadId=upload.upload_id)
 
