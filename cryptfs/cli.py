@@ -504,8 +504,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(
                 "--break-lease",
                 action="store_true",
-                help="take the volume's lease even if its last read-write mount did not release it "
-                "(that mount's unfinished uploads are then kept aside, never replayed)",
+                help="take the volume's lease even from a read-write mount that holds it or did not "
+                "release it (that mount's unfinished uploads are then kept aside, never replayed)",
             )
         return p
 

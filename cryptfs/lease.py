@@ -253,6 +253,8 @@ class Lease:
             )
         if prev is not None and prev.cache.startswith(COMMAND):
             return  # a command that died: it leaves no journal behind (live ones are waited for)
+        if prev is not None and prev.state == "shared" and expired(prev, info, self.duration):
+            return  # shared mounts never release; what they left commits conditionally, whoever writes
         if prev is not None and expired(prev, info, self.duration):
             raise InUse(
                 f"{self.store.vol.url}: its last read-write mount (host {prev.host}, pid {prev.pid}) ended "
