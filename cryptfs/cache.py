@@ -24,6 +24,10 @@ class BlockCache:
         with self._lock:
             return self._lru.get(key)
 
+    @property
+    def used(self) -> int:
+        return int(self._lru.currsize)
+
     def put(self, key, block: bytes) -> None:
         with self._lock:
             if len(block) <= self._lru.maxsize:
@@ -53,6 +57,10 @@ class DiskCache:
             self._index[name] = size
             self._total += size
         self._evict()
+
+    @property
+    def used(self) -> int:
+        return self._total
 
     @staticmethod
     def _name(key) -> str:

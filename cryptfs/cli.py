@@ -3,6 +3,7 @@
 import argparse
 import datetime
 import getpass
+import json
 import logging
 import os
 import stat
@@ -32,8 +33,10 @@ files), 6 endpoint unreachable, 7 no credentials or access denied, 8 already exi
 9 local disk full, 10 in use (another read-write mount holds the volume's lease, or the
 cache directory is in use).
 
-The passphrase comes from $CRYPTFS_PASSPHRASE, --passphrase-file, or a prompt; never from
-an argument. AWS credentials come from boto3's usual chain (environment, --profile, role).
+The passphrase comes from --passphrase-file (or passphrase_file in the config or as a mount
+option; a file readable by its owner alone), the systemd credential cryptfs-passphrase,
+$CRYPTFS_PASSPHRASE, or a prompt; never from an argument. AWS credentials come from
+boto3's usual chain (environment, --profile, role).
 """
 
 
@@ -47,10 +50,11 @@ def read_passphrase(
     env: str = "CRYPTFS_PASSPHRASE",
     file_arg: str = "passphrase_file",
 ) -> bytes:
-    path = getattr(args, file_arg, None)
+    path = getattr(args, file_arg, None) or (credential() if file_arg == "passphrase_file" else None)
     if path:
         try:
             with open(path, "rb") as f:
+                private_to_owner(path, os.fstat(f.fileno()))
                 value = f.read().rstrip(b"\r\n")
         except OSError as exc:
             raise UsageError(f"cannot read --{file_arg.replace('_', '-')} {path}: {exc.strerror}") from None
@@ -65,6 +69,25 @@ def read_passphrase(
     if not value:
         raise UsageError("empty passphrase")
     return value
+
+
+CREDENTIAL = "cryptfs-passphrase"  # systemd: LoadCredential=cryptfs-passphrase:/etc/cryptfs/vault.pass
+
+
+def credential() -> str | None:
+    """The passphrase file systemd passes a service ($CREDENTIALS_DIRECTORY), if it passed one."""
+    directory = os.environ.get("CREDENTIALS_DIRECTORY")
+    path = os.path.join(directory, CREDENTIAL) if directory else None
+    return path if path and os.path.exists(path) else None
+
+
+def private_to_owner(path: str, st: os.stat_result) -> None:
+    """A passphrase file others can read (or change) is refused: it is the volume's one key."""
+    if st.st_mode & 0o066:
+        raise UsageError(
+            f"passphrase file {path} can be read or changed by other users (mode {stat.S_IMODE(st.st_mode):04o}); "
+            f"make it its owner's alone: chmod 600 {path}"
+        )
 
 
 # ---------------------------------------------------------------- opening
@@ -84,9 +107,12 @@ def settings_of(args) -> tuple[str, config.VolumeSettings]:
     return url, settings
 
 
-def open_target(args, url: str | None = None) -> tuple[Store, Target]:
-    base_url, settings = settings_of(args)
+def open_target(args, url: str | None = None, settings: config.VolumeSettings | None = None) -> tuple[Store, Target]:
+    base_url, found = settings_of(args)
+    settings = settings or found
     target = locate(url or base_url, settings)
+    if not getattr(args, "passphrase_file", None) and settings.passphrase_file:
+        args.passphrase_file = settings.passphrase_file
     vol = volume.open_volume(target.backend, target.prefix, read_passphrase(args), settings.owner_fingerprint)
     return Store(vol, workers=settings.workers), target
 
@@ -391,14 +417,16 @@ def cmd_mount(args) -> int:
     from . import mount
 
     _, settings = settings_of(args)
+    options = mount.parse_options(args.options or [])
+    for name in sorted(set(options) & (config.FIELDS - {"url"})):  # a volume setting as a mount option
+        setattr(settings, name, config.from_text(name, options.pop(name), f"-o {name}"))
     for name in ("cache_dir", "writeback_delay", "fsync", "attr_ttl", "lease_duration"):
         if getattr(args, name) is not None:
             setattr(settings, name, getattr(args, name))
-    options = mount.parse_options(args.options or [])
     if "debug" in options and not args.log_names:
         raise UsageError("-o debug logs every file name in plaintext; add --log-names to allow that")
     mountpoint = mount.check_mountpoint(args.mountpoint, nonempty=bool(options.get("nonempty")))
-    store, target = open_target(args)
+    store, target = open_target(args, settings=settings)
     if target.parts:
         raise UsageError("mount the volume root (a URL without a path inside the volume)")
     if options.get("allow_other"):
@@ -415,14 +443,46 @@ def cmd_mount(args) -> int:
         break_lease=args.break_lease,
     )
     if code == 0 and not args.foreground and not args.quiet:
-        print(f"Mounted {store.vol.url} on {mountpoint}", file=sys.stderr)
+        print(f"Mounted {store.vol.url.rstrip('/')} on {mountpoint}", file=sys.stderr)
     return code
 
 
 def cmd_umount(args) -> int:
     from . import mount
 
-    return mount.unmount(args.mountpoint, args.timeout)
+    return mount.unmount(args.mountpoint, args.timeout, args.quiet)
+
+
+def cmd_status(args) -> int:
+    from . import control, mount
+
+    mountpoint = os.path.abspath(args.mountpoint)
+    if not os.path.ismount(mountpoint):
+        raise UsageError(f"{mountpoint} is not mounted")
+    st = control.request(mountpoint, "status")
+    if args.json:
+        print(json.dumps(st, indent=2))
+        return EXIT_OK
+    when = lambda t: datetime.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S")  # noqa: E731
+    p, c = st["pending"], st["cache"]
+    rate = lambda r: "-" if r is None else f"{r:.0%}"  # noqa: E731
+    print(f"volume:       {st['volume']} ({'read-only' if st['read_only'] else 'read-write'})")
+    print(f"mounted on:   {st['mountpoint']} (pid {st['pid']}, {st['state']})")
+    print(f"up since:     {when(st['started'])} ({datetime.timedelta(seconds=int(st['uptime']))})")
+    oldest = f", oldest {p['oldest_age']:.0f} s old" if p["oldest"] is not None else ""
+    print(f"pending:      {p['files']} file(s), {mount.human(p['bytes'])}{oldest}")
+    print(f"uploading:    {st['uploads_in_flight']} now; {st['open_modified']} open file(s) changed")
+    print(
+        f"cache:        memory {mount.human(c['memory_bytes'])} of {mount.human(c['memory_limit'])}, "
+        f"hit rate {rate(c['memory_hit_rate'])}; disk {mount.human(c['disk_bytes'])} of "
+        f"{mount.human(c['disk_limit'])}, hit rate {rate(c['disk_hit_rate'])}"
+    )
+    requests = ", ".join(f"{k} {v}" for k, v in st["requests"].items()) or "none"
+    print(f"requests:     {requests}")
+    print(f"retries:      {st['retries']}; failed requests: {st['failed_requests']}; errors logged: {st['errors']}")
+    if st["last_error"]:
+        print(f"last error:   {when(st['last_error']['time'])}: {st['last_error']['message']}")
+    return EXIT_OK
 
 
 # ---------------------------------------------------------------- parser
@@ -653,10 +713,23 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.set_defaults(func=cmd_umount, verbose=False, log_names=False)
-    p.add_argument("mountpoint")
+    p.add_argument("mountpoint", help="where the volume is mounted")
     p.add_argument(
         "--timeout", type=number(float, 0, None, "--timeout"), help="give up waiting after this many seconds"
     )
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress line")
+
+    p = sub.add_parser(
+        "status",
+        help="what a mount is doing: pending uploads, cache, requests, errors",
+        description="what a mount is doing: pending uploads, cache, requests, errors "
+        "(asked of the mount process through its control socket)",
+        epilog="example:\n  cryptfs status ~/secure --json",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.set_defaults(func=cmd_status, verbose=False, log_names=False)
+    p.add_argument("mountpoint", help="where the volume is mounted")
+    p.add_argument("--json", action="store_true", help="every field as JSON, for scripts")
     return parser
 
 

@@ -24,6 +24,7 @@ class VolumeSettings:
     retry_mode: str = "standard"  # or "adaptive"
     max_attempts: int = 5
     owner_fingerprint: str | None = None  # refuse a volume signed by any other owner key
+    passphrase_file: str | None = None  # readable by its owner alone
     cache_dir: str | None = None
     cache_size_mb: int = 2048  # ciphertext block cache on local disk
     memory_cache_mb: int = 256  # decrypted blocks in memory
@@ -91,8 +92,23 @@ def check(name: str, value, what: str | None = None):
 
 
 def default_path() -> str | None:
-    path = os.environ.get("CRYPTFS_CONFIG") or os.path.expanduser("~/.config/cryptfs/config.yaml")
+    path = os.environ.get("CRYPTFS_CONFIG") or os.path.join(
+        os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config"), "cryptfs", "config.yaml"
+    )
     return path if os.path.exists(path) else None
+
+
+def from_text(name: str, text: str | bool, what: str):
+    """The value of setting `name` given as text (a mount option; True when given bare)."""
+    if name in SWITCHES:
+        words = {True: True, "true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+        value = words.get(text.lower() if isinstance(text, str) else text, text)
+        return check(name, value, what)
+    if not isinstance(text, str):
+        raise UsageError(f"{what} needs a value ({what}=...)")
+    if name in NUMBERS:
+        return parse_number(text, *NUMBERS[name], what)
+    return check(name, text, what)
 
 
 def load(path: str | None) -> dict[str, VolumeSettings]:

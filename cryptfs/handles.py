@@ -59,6 +59,7 @@ class FileState:
         self.modified = False  # differs from the bucket: an upload is owed
         self.journaled = False
         self.changes = 0  # bumped by every change; journaled_at says which one is on disk
+        self.pending_since: float | None = None  # when the first change not yet uploaded was made
         self.journaled_at = -1
         self.handles = 0
         self.unlinked = False
@@ -107,6 +108,8 @@ class FileState:
 
     def touch(self, ctime_only: bool = False) -> None:
         self.changes += 1
+        if self.pending_since is None and not ctime_only:
+            self.pending_since = time.time()
         now = time.time_ns()
         self.attrs = (
             replace(self.attrs, ctime_ns=now) if ctime_only else replace(self.attrs, mtime_ns=now, ctime_ns=now)
@@ -299,6 +302,8 @@ class FileState:
             self.discard_staging()
             self.modified = bool(self.dirty) or entry.size != self.size
             self.journaled = False
+            if not self.modified:
+                self.pending_since = None
 
     def discard_staging(self) -> None:
         if self.fd is not None:

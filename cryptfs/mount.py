@@ -5,26 +5,29 @@ would pick libfuse 2 silently when both are installed).
 """
 
 import ctypes.util
-import hashlib
 import logging
 import os
 import resource
+import select
+import shutil
+import socket
 import subprocess
 import sys
+import threading
 import time
-from typing import Any, cast
+from typing import Any, Callable, cast
 
-from . import localstate
+from . import control, localstate
 from .backend.base import Backend
 from .cache import BlockCache, DiskCache
 from .config import VolumeSettings
-from .errors import CryptfsError, UsageError
+from .errors import EXIT_ERROR, CryptfsError, UsageError
 from .fs import CryptFS
 from .lease import CacheLock, FencedBackend, Lease, cache_id, take_journal
 from .namespace import AttrDB, Namespace
 from .reader import BlockReader
+from .monitor import Counters, CountingBackend, ErrorCounter
 from .store import Store
-from .volume import state_dir
 from .writeback import Journal, recover
 
 log = logging.getLogger(__name__)
@@ -53,11 +56,6 @@ def check_mountpoint(path: str, nonempty: bool = False) -> str:
     return path
 
 
-def pidfile(mountpoint: str) -> str:
-    digest = hashlib.sha256(os.path.abspath(mountpoint).encode()).hexdigest()[:16]
-    return os.path.join(state_dir(), "mounts", digest + ".pid")
-
-
 def parse_options(opts: list[str]) -> dict:
     out: dict = {}
     for group in opts:
@@ -72,8 +70,12 @@ def parse_options(opts: list[str]) -> dict:
 class Mount:
     """Everything a mounted volume needs, built from an opened store."""
 
-    def __init__(self, store: Store, settings: VolumeSettings, read_only: bool = False):
-        self.store = store
+    def __init__(self, store: Store, settings: VolumeSettings, mountpoint: str, read_only: bool = False):
+        self.store, self.settings, self.mountpoint = store, settings, mountpoint
+        self.url = store.vol.url.rstrip("/")  # as mount, df and findmnt show the source
+        self.state = "mounting"  # then "mounted", "unmounting"
+        self.counters = Counters()
+        store.backend = cast(Backend, CountingBackend(store.backend, self.counters))
         self.root = root = localstate.cache_dir(store.vol.volume_id, settings.cache_dir)
         self.journal = Journal(os.path.join(root, "journal"))
         self.staging = os.path.join(root, "staging")
@@ -83,9 +85,9 @@ class Mount:
             if settings.cache_size_mb > 0
             else None
         )
-        self.reader = BlockReader(
-            store, BlockCache(settings.memory_cache_mb * 1024 * 1024), disk, workers=settings.workers
-        )
+        self.memory = BlockCache(settings.memory_cache_mb * 1024 * 1024)
+        self.disk = disk
+        self.reader = BlockReader(store, self.memory, disk, workers=settings.workers)
         self.ns = Namespace(store, AttrDB(os.path.join(root, "attrs.db")), settings.attr_ttl, settings.workers)
         self.fs = CryptFS(
             store,
@@ -98,6 +100,45 @@ class Mount:
             read_only=read_only,
         )
 
+    def status(self) -> dict:
+        """What `cryptfs status` shows (its --json form; docs/operations.md lists the fields)."""
+        now = time.time()
+        owed = [s for s in self.ns.pending() if s.handles == 0]  # closed files not yet in the bucket
+        since = [s.pending_since for s in owed if s.pending_since is not None]
+        r = self.reader
+        return {
+            "volume": self.url,
+            "volume_id": self.store.vol.volume_id,
+            "mountpoint": self.mountpoint,
+            "pid": os.getpid(),
+            "state": self.state,
+            "read_only": self.fs.read_only,
+            "started": self.counters.started,
+            "uptime": round(now - self.counters.started, 1),
+            "pending": {
+                "files": len(owed),
+                "bytes": sum(s.size for s in owed),
+                "oldest": min(since) if since else None,
+                "oldest_age": round(now - min(since), 1) if since else None,
+            },
+            "open_modified": sum(1 for s in self.ns.pending() if s.handles > 0),
+            "uploads_in_flight": self.fs.wb.in_flight(),
+            "cache": {
+                "memory_bytes": self.memory.used,
+                "memory_limit": self.settings.memory_cache_mb * 1024 * 1024,
+                "disk_bytes": self.disk.used if self.disk else 0,
+                "disk_limit": self.settings.cache_size_mb * 1024 * 1024,
+                "memory_hits": r.memory_hits,
+                "memory_misses": r.memory_misses,
+                "memory_hit_rate": _rate(r.memory_hits, r.memory_misses),
+                "disk_hits": r.disk_hits,
+                "disk_misses": r.disk_misses,
+                "disk_hit_rate": _rate(r.disk_hits, r.disk_misses),
+            },
+            **self.counters.snapshot(),
+            "conflicts": None,  # conflict copies made (a shared mode's count; None: not counted here)
+        }
+
     def recover(self) -> None:
         done = recover(self.store, self.journal)
         if done:
@@ -106,6 +147,23 @@ class Mount:
         for name in os.listdir(self.staging):  # staging files nobody journaled: never closed, so not owed
             if name.split(".")[0] not in live:
                 os.unlink(os.path.join(self.staging, name))
+
+
+def _rate(hits: int, misses: int) -> float | None:
+    return round(hits / (hits + misses), 3) if hits + misses else None
+
+
+def notify(message: str) -> None:
+    """sd_notify(3): one datagram to $NOTIFY_SOCKET, when a service manager gave one."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    address = "\0" + path[1:] if path.startswith("@") else path  # "@": the abstract namespace
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.sendto(message.encode(), address)
+    except OSError as exc:
+        log.warning("could not notify the service manager at %s: %s", path, exc)
 
 
 def hold(store: Store, settings: VolumeSettings, read_only: bool, break_lease: bool = False):
@@ -134,7 +192,15 @@ def hold(store: Store, settings: VolumeSettings, read_only: bool, break_lease: b
     return lock, lease
 
 
-def run(store: Store, settings: VolumeSettings, mountpoint: str, options: dict, held=None) -> None:
+def run(
+    store: Store,
+    settings: VolumeSettings,
+    mountpoint: str,
+    options: dict,
+    held=None,
+    ready: Callable[[], None] = lambda: None,
+) -> None:
+    """Mount and serve until unmounted; `ready()` once the mount answers."""
     read_only = bool(options.pop("ro", False))
     lock, lease = held if held is not None else hold(store, settings, read_only)
     lock.note_pid()
@@ -142,7 +208,7 @@ def run(store: Store, settings: VolumeSettings, mountpoint: str, options: dict, 
         if lease is not None:
             lease.start()
             store.backend = cast(Backend, FencedBackend(store.backend, lease))  # delegates all but writes
-        _run(store, settings, mountpoint, options, read_only, lease)
+        _run(store, settings, mountpoint, options, read_only, lease, ready)
     finally:
         if lease is not None:
             lease.release()
@@ -150,15 +216,24 @@ def run(store: Store, settings: VolumeSettings, mountpoint: str, options: dict, 
 
 
 def _run(
-    store: Store, settings: VolumeSettings, mountpoint: str, options: dict, read_only: bool, lease: Lease | None
+    store: Store,
+    settings: VolumeSettings,
+    mountpoint: str,
+    options: dict,
+    read_only: bool,
+    lease: Lease | None,
+    ready: Callable[[], None],
 ) -> None:
     mfusepy = load_fuse()
     fuse_base: Any = mfusepy.FUSE  # loaded at run time, bound to libfuse 3
-    mount = Mount(store, settings, read_only)
+    mount = Mount(store, settings, mountpoint, read_only)
+    errors = ErrorCounter(mount.counters)
+    logging.getLogger().addHandler(errors)
     mount.fs.lease = lease
     if not read_only:  # a read-only mount writes nothing, not even what an earlier mount left
         mount.recover()
     fs = mount.fs
+    server = control.Server(mountpoint, mount.status)
 
     class FUSE(fuse_base):
         """mfusepy drops what libfuse 3 passes beyond fusepy's API: rename's flags
@@ -199,20 +274,46 @@ def _run(
             config.negative_timeout = 1.0
         if conn is not None:
             conn.max_readahead = 1024 * 1024
+        # the kernel waits for this call to return before the mount answers: announce from aside
+        threading.Thread(target=announce, name="announce", daemon=True).start()
+
+    def announce():
+        deadline = time.monotonic() + 60
+        while not os.path.ismount(mountpoint) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        mount.state = "mounted"
+        log.info("mounted %s on %s (pid %d)", mount.url, mountpoint, os.getpid())
+        ready()
+
+    destroy = fs.destroy
+
+    def unmounting(path):
+        mount.state = "unmounting"
+        notify("STOPPING=1")
+        destroy(path)
 
     fs.init_with_config = init_with_config  # type: ignore[attr-defined]  # mfusepy looks for it
+    fs.destroy = unmounting  # type: ignore[method-assign]
 
     kwargs = dict(options)
-    kwargs.setdefault("fsname", "cryptfs")
-    kwargs.setdefault("subtype", "cryptfs")
+    kwargs.setdefault("fsname", mount.url)
+    kwargs.setdefault("subtype", "cryptfs")  # type fuse.cryptfs
     kwargs["default_permissions"] = True
     if read_only:
         kwargs["ro"] = True
     kwargs.pop("nonempty", None)
     try:
         FUSE(fs, mountpoint, foreground=True, nothreads=False, **kwargs)
+    except RuntimeError:
+        # libfuse ends its loop with an error code on SIGTERM, SIGINT and SIGHUP, after a
+        # complete unmount: that is how a service stops, not a failure
+        if fs.unmount_failed is None:
+            raise
+        log.info("stopped by a signal; unmounted")
     finally:
-        _write_status(mountpoint, fs.unmount_failed)
+        server.finish(fs.unmount_failed)
+        server.close()
+        logging.getLogger().removeHandler(errors)
         mount.ns.close()
         mount.reader.close()
 
@@ -250,8 +351,7 @@ def daemonize_and_run(
             os.close(logfd)
         raise
     if logfd is None:
-        _write_pid(mountpoint)
-        run(store, settings, mountpoint, options, held)
+        run(store, settings, mountpoint, options, held, ready=lambda: notify("READY=1"))
         return 0
     read_fd, write_fd = os.pipe()
     pid = os.fork()
@@ -263,133 +363,147 @@ def daemonize_and_run(
         os.dup2(logfd, 1)
         os.dup2(logfd, 2)
         code = 0
+
+        def ready() -> None:
+            notify("READY=1")
+            os.write(write_fd, b"M")
+
         try:
-            _write_pid(mountpoint)
-            os.write(write_fd, b"S")
-            os.close(write_fd)
-            run(store, settings, mountpoint, options, held)
+            run(store, settings, mountpoint, options, held, ready)
         except BaseException as exc:  # noqa: BLE001 - the process must end with a code
-            log.error("mount failed: %s", exc)
-            code = 1
-        finally:
-            try:
-                os.unlink(pidfile(mountpoint))
+            code = exc.exit_code if isinstance(exc, CryptfsError) else EXIT_ERROR
+            reason = _reason(exc)
+            log.error("mount failed: %s", reason)
+            try:  # the caller prints it, unless it heard the mount is up (then the log has it)
+                os.write(write_fd, f"E{code} {reason}".encode(errors="replace"))
             except OSError:
                 pass
+        finally:
             logging.shutdown()
             os._exit(code)
     os.close(write_fd)
     os.close(logfd)
-    os.read(read_fd, 1)
-    os.close(read_fd)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if os.path.ismount(mountpoint):
-            return 0
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            print(f"cryptfs: error: the mount process exited before mounting; see {log_path}", file=sys.stderr)
-            return 1
-        time.sleep(0.05)
-    print(f"cryptfs: error: mount did not appear within 60 s; see {log_path}", file=sys.stderr)
-    return 1
+    return _wait_mounted(pid, read_fd, mountpoint, log_path)
 
 
-def status_file(mountpoint: str) -> str:
-    """What the mount process says of its unmount, for `cryptfs umount` to report."""
-    return pidfile(mountpoint)[: -len(".pid")] + ".status"
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, RuntimeError) and str(exc).isdigit():  # mfusepy: libfuse's own exit code
+        return "FUSE could not mount (libfuse's message is in the log)"
+    return str(exc) or type(exc).__name__
 
 
-def _write_status(mountpoint: str, failed: int | None) -> None:
+def _wait_mounted(pid: int, read_fd: int, mountpoint: str, log_path: str) -> int:
+    """What the mount process says through the pipe: M when it answers, E<code> <why> when it failed."""
     try:
-        with open(status_file(mountpoint), "w") as f:
-            f.write("unknown" if failed is None else str(failed))
-    except OSError as exc:
-        log.warning("could not record the unmount's outcome: %s", exc)
-
-
-def _read_status(mountpoint: str) -> str | None:
-    try:
-        with open(status_file(mountpoint)) as f:
-            return f.read().strip()
-    except OSError:
-        return None
+        ready, _, _ = select.select([read_fd], [], [], 60)
+        said = os.read(read_fd, 4096).decode(errors="replace") if ready else None
     finally:
-        try:
-            os.unlink(status_file(mountpoint))
-        except OSError:
-            pass
+        os.close(read_fd)
+    if said is None:
+        print(f"cryptfs: error: the mount did not answer within 60 s (pid {pid}); see {log_path}", file=sys.stderr)
+        return EXIT_ERROR
+    if said.startswith("M"):
+        return 0
+    if said.startswith("E"):
+        code, _, reason = said[1:].partition(" ")
+        print(f"cryptfs: error: {reason} (log: {log_path})", file=sys.stderr)
+        os.waitpid(pid, 0)
+        return int(code) if code.isdigit() else EXIT_ERROR
+    os.waitpid(pid, 0)
+    print(f"cryptfs: error: the mount process exited before mounting; see {log_path}", file=sys.stderr)
+    return EXIT_ERROR
 
 
-def _write_pid(mountpoint: str) -> None:
-    path = pidfile(mountpoint)
-    localstate.private_dir(state_dir())
-    localstate.private_dir(os.path.dirname(path))
-    with open(path, "w") as f:
-        f.write(str(os.getpid()))
+def fusermount() -> str:
+    """fusermount3 (or fusermount) by PATH, or where Debian puts it: mount(8) gives helpers no PATH."""
+    for name in ("fusermount3", "fusermount"):
+        found = shutil.which(name) or shutil.which(name, path="/usr/bin:/bin:/usr/sbin:/sbin")
+        if found:
+            return found
+    raise UsageError("fusermount3 is not installed (apt-get install fuse3)")
 
 
-def unmount(mountpoint: str, timeout: float | None = None) -> int:
-    """Unmount, then wait until the mount process has uploaded everything and exited."""
+def unmount(mountpoint: str, timeout: float | None = None, quiet: bool = False) -> int:
+    """Unmount, then wait until the mount process has uploaded every closed file and exited.
+
+    The mount is found by its mount point (control.py), whoever calls and with whatever
+    environment; a progress line says what is left to upload.
+    """
     mountpoint = os.path.abspath(mountpoint)
     if not os.path.ismount(mountpoint):
         raise UsageError(f"{mountpoint} is not mounted")
-    try:
-        with open(pidfile(mountpoint)) as f:
-            pid = int(f.read().strip())
-    except (OSError, ValueError):
-        pid = None
-    try:
-        os.unlink(status_file(mountpoint))  # left by an earlier mount
-    except OSError:
-        pass
-    tool = "fusermount3" if _which("fusermount3") else "fusermount"
-    result = subprocess.run([tool, "-u", mountpoint], capture_output=True, text=True)
-    if result.returncode != 0:
-        raise CryptfsError(f"unmount failed: {result.stderr.strip() or result.stdout.strip()}")
-    if pid is None:
-        return 0
-    start = time.monotonic()
-    told = False
-    while _alive(pid):
-        if not told and time.monotonic() - start > 2:
-            print("cryptfs: waiting for pending uploads to finish...", file=sys.stderr)
-            told = True
-        if timeout is not None and time.monotonic() - start > timeout:
-            print(
-                "cryptfs: error: uploads still pending; they finish in the background (or at the next mount)",
-                file=sys.stderr,
-            )
-            return 1
-        time.sleep(0.1)
-    failed = _read_status(mountpoint)
-    if failed is not None and failed != "0":
-        what = (
-            "the mount ended before uploading what was pending"
-            if failed == "unknown"
-            else f"{failed} closed file(s) could not be uploaded"
-        )
+    sock = control.connect(mountpoint, timeout=30)
+    with sock:
+        lines = control.wait_lines(sock)
+        result = subprocess.run([fusermount(), "-u", mountpoint], capture_output=True, text=True)
+        if result.returncode != 0:
+            raise CryptfsError(f"unmount failed: {result.stderr.strip() or result.stdout.strip()}")
+        progress = Progress(quiet)
+        start = time.monotonic()
+        outcome = None
+        try:
+            for line in lines:
+                if "progress" in line:
+                    progress.show(line["progress"])
+                elif "done" in line:
+                    outcome = line["done"]
+                    sock.settimeout(60)  # the lease is released next; then the process exits
+                if timeout is not None and outcome is None and time.monotonic() - start > timeout:
+                    progress.end()
+                    print(
+                        "cryptfs: error: uploads still pending; they finish in the background (or at the next mount)",
+                        file=sys.stderr,
+                    )
+                    return EXIT_ERROR
+        except (OSError, ValueError) as exc:  # a timeout, or a process that died mid-line
+            log.debug("control socket: %s", exc)
+        progress.end()
+    failed = None if outcome is None else outcome.get("failed")
+    if failed:
         raise CryptfsError(
-            f"{what}; they stay in the local journal and upload at the next mount of this "
-            "volume with the same cache directory (see the mount log)"
+            f"{failed} closed file(s) could not be uploaded; they stay in the local journal and upload "
+            "at the next mount of this volume with the same cache directory (see the mount log)"
+        )
+    if failed is None:
+        raise CryptfsError(
+            "the mount process ended before it said that everything was uploaded; what is left stays "
+            "in the local journal for the next mount (see the mount log)"
         )
     return 0
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # a zombie child of ours has finished
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ", 1)[1][0] != "Z"
-    except OSError:
-        return False
+class Progress:
+    """The umount progress line: rewritten in place on a terminal, a line every few seconds elsewhere."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.tty = sys.stderr.isatty()
+        self.shown = 0.0
+        self.drawn = False
+
+    def show(self, pending: dict) -> None:
+        if self.quiet or not pending["files"]:
+            return
+        now = time.monotonic()
+        if not self.tty and now - self.shown < 5:
+            return
+        self.shown = now
+        text = f"cryptfs: uploading before unmount: {pending['files']} file(s), {human(pending['bytes'])} left"
+        if self.tty:
+            print("\r" + text + "\033[K", end="", file=sys.stderr, flush=True)
+            self.drawn = True
+        else:
+            print(text, file=sys.stderr)
+
+    def end(self) -> None:
+        if self.drawn:
+            print(file=sys.stderr)
+            self.drawn = False
 
 
-def _which(name: str) -> bool:
-    return any(os.access(os.path.join(d, name), os.X_OK) for d in os.environ.get("PATH", "").split(":"))
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"

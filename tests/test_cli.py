@@ -139,7 +139,8 @@ def s3_volume(volume_factory):
 
 
 def write(path, data: bytes = b"", mode: int | None = None):
-    with open(path, "wb") as f:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # a passphrase file is refused otherwise
+    with open(fd, "wb") as f:
         f.write(data)
     if mode is not None:
         os.chmod(path, mode)

@@ -1,0 +1,243 @@
+"""Running the mount as a service: found by its mount point, stopped by a signal, started by
+mount(8) and systemd, watched with `cryptfs status`. Real mounts on moto's S3 server.
+
+Uploads are slowed (CRYPTFS_FAULTS) where a test must catch them pending.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+
+from conftest import cli_command, cli_environ, run_cli
+from mountlib import LOG_PROBLEM, MountedVolume, alive, data, mount_pids, wait_gone, write
+
+pytestmark = [pytest.mark.skipif(not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None,
+                                 reason="needs /dev/fuse and fusermount3"),
+              pytest.mark.usefixtures("hang_guard")]
+
+# an environment that shares nothing with the one the mount was started in
+STRANGER = {"HOME": "/nonexistent", "XDG_CACHE_HOME": None, "XDG_STATE_HOME": None, "XDG_RUNTIME_DIR": None,
+            "CRYPTFS_STATE_DIR": None, "CRYPTFS_CONFIG": None}
+
+
+def slow_uploads(tmp_path, delay: float) -> dict:
+    """CRYPTFS_FAULTS for a mount whose uploads each take `delay` seconds longer."""
+    path = tmp_path / "faults.json"
+    path.write_text(json.dumps({"rules": [{"ops": ["upload", "put"], "delay": delay}]}))
+    return {"CRYPTFS_FAULTS": str(path)}
+
+
+def cat(ref, path: str) -> bytes:
+    result = ref.cli("cat", ref.path(path))
+    assert result.returncode == 0, result
+    return result.stdout_bytes
+
+
+@pytest.fixture
+def s3vol(volume_factory):
+    return volume_factory("s3")
+
+
+def own(ref, tmp_path, *extra, env=None, name="mnt") -> MountedVolume:
+    m = MountedVolume(ref, tmp_path / name, tmp_path / (name + "-cache"), extra, env=env)
+    return m
+
+
+def assert_clean_log(m: MountedVolume) -> None:
+    problems = m.log_problems()
+    assert not problems, "mount log:\n" + "\n".join(problems[:20])
+
+
+# ---------------------------------------------------------------- umount and status by mount point
+
+def test_umount_from_another_environment_waits_for_uploads(s3vol, tmp_path):
+    m = own(s3vol, tmp_path, "--writeback-delay", "30", env=slow_uploads(tmp_path, 1.0))
+    m.mount()
+    try:
+        bodies = {f"file{i}": data(300_000 + i, f"svc{i}") for i in range(4)}
+        for name, body in bodies.items():
+            write(m.path(name), body)
+        st = json.loads(run_cli("status", m.mountpoint, "--json", env=STRANGER).stdout)
+        assert st["pending"]["files"] == 4 and st["pending"]["bytes"] == sum(map(len, bodies.values()))
+        pid = m.daemon_pid()
+        start = time.monotonic()
+        result = run_cli("umount", m.mountpoint, env=STRANGER)
+        took = time.monotonic() - start
+        assert result.returncode == 0, (result, m.log())
+        assert "uploading before unmount:" in result.stderr and "file(s)" in result.stderr, result
+        assert took > 1.0, "returned before the slowed uploads could be done"
+        assert not os.path.ismount(m.mountpoint)
+        assert not alive(pid), "umount returned while the mount process still ran"
+        for name, body in bodies.items():  # in the bucket, read without any mount
+            assert cat(s3vol, name) == body, name
+        assert_clean_log(m)
+    finally:
+        m.force_unmount()
+
+
+def test_status_json_fields(s3vol, tmp_path):
+    m = own(s3vol, tmp_path, "--writeback-delay", "30")
+    m.mount()
+    try:
+        write(m.path("a"), data(100_000, "a"))
+        os.sync()
+        with open(m.path("a"), "rb") as f:
+            f.read()
+        st = json.loads(run_cli("status", m.mountpoint, "--json").stdout)
+        assert st["volume"] == s3vol.url and st["mountpoint"] == m.mountpoint and st["state"] == "mounted"
+        assert st["pid"] == m.daemon_pid() and st["read_only"] is False
+        assert 0 <= st["uptime"] < 120 and st["started"] <= time.time()
+        assert st["pending"]["files"] == 1 and st["pending"]["bytes"] == 100_000
+        assert 0 <= st["pending"]["oldest_age"] < 60 and st["pending"]["oldest"] <= time.time()
+        assert st["uploads_in_flight"] == 0 and st["open_modified"] == 0
+        assert set(st["cache"]) >= {"memory_bytes", "memory_limit", "disk_bytes", "disk_limit",
+                                    "memory_hit_rate", "disk_hit_rate"}
+        assert st["requests"].get("list", 0) >= 1 and st["requests"].get("head", 0) >= 1, st["requests"]
+        assert st["retries"] == 0 and st["failed_requests"] == 0 and st["errors"] == 0
+        assert st["last_error"] is None and "conflicts" in st
+        human = run_cli("status", m.mountpoint)
+        assert human.returncode == 0 and "pending:      1 file(s)" in human.stdout, human
+        m.umount()
+        gone = run_cli("status", m.mountpoint)
+        assert gone.returncode == 2 and "not mounted" in gone.stderr, gone
+        assert_clean_log(m)
+    finally:
+        m.force_unmount()
+
+
+def test_fusermount_with_pending_uploads_loses_nothing(s3vol, tmp_path):
+    m = own(s3vol, tmp_path, "--writeback-delay", "30")
+    m.mount()
+    try:
+        body = data(500_000, "fusermount")
+        write(m.path("late"), body)
+        pids = mount_pids(m.mountpoint)
+        subprocess.run(["fusermount3", "-u", m.mountpoint], check=True)
+        assert wait_gone(pids, 60)
+        m.extra = []
+        m.mount()
+        assert open(m.path("late"), "rb").read() == body
+        m.umount()
+        assert cat(s3vol, "late") == body
+        assert_clean_log(m)
+    finally:
+        m.force_unmount()
+
+
+# ---------------------------------------------------------------- systemd: readiness and SIGTERM
+
+def test_foreground_mount_notifies_ready_and_stops_cleanly_on_sigterm(s3vol, tmp_path):
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    notify_path = str(tmp_path / "notify.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(notify_path)
+    listener.settimeout(60)
+    log = open(tmp_path / "foreground.log", "wb")
+    proc = subprocess.Popen(cli_command("mount", "-f", s3vol.url, mnt, *s3vol.args, "--cache-dir", tmp_path / "c",
+                                        "--writeback-delay", "30"),
+                            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                            env=cli_environ({"NOTIFY_SOCKET": notify_path, **slow_uploads(tmp_path, 0.5)}))
+    try:
+        message = listener.recv(4096).decode()
+        assert "READY=1" in message.split("\n"), message
+        assert os.path.ismount(mnt), "READY=1 before the mount answers"
+        os.listdir(mnt)
+        bodies = {f"f/{i}": data(200_000, f"term{i}") for i in range(3)}
+        os.mkdir(mnt / "f")
+        for name, body in bodies.items():
+            write(mnt / name, body)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0, (tmp_path / "foreground.log").read_text()
+        assert "STOPPING=1" in listener.recv(4096).decode()
+        output = (tmp_path / "foreground.log").read_text()
+        assert not LOG_PROBLEM.search(output), output
+        assert not os.path.ismount(mnt)
+        for name, body in bodies.items():
+            assert cat(s3vol, name) == body, name
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+            subprocess.run(["fusermount3", "-uz", mnt], capture_output=True, check=False)
+        listener.close()
+        log.close()
+
+
+# ---------------------------------------------------------------- mount(8) and fstab
+
+HELPER = "/sbin/mount.cryptfs"
+
+
+@pytest.fixture
+def mount_helper(tmp_path):
+    """/sbin/mount.cryptfs running this tree's code, for the length of the test (then removed).
+    mount(8) finds helpers there only; a helper already installed by setup is used as it is."""
+    if os.path.exists(HELPER) and not os.path.islink(HELPER):
+        yield HELPER
+        return
+    script = tmp_path / "mount.cryptfs"
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script.write_text(f"#!/bin/sh\nPYTHONPATH={repo} exec {shutil.which('python3') or 'python3'} "
+                      f"-m cryptfs.mounthelper \"$@\"\n")
+    script.chmod(0o755)
+    link = tmp_path / "link"
+    os.symlink(script, link)
+    os.replace(link, HELPER)  # atomic, over a link another run left
+    try:
+        yield HELPER
+    finally:
+        if os.path.islink(HELPER) and os.readlink(HELPER) == str(script):
+            os.unlink(HELPER)
+
+
+def test_mount_t_cryptfs_with_fstab_options(s3vol, tmp_path, mount_helper):
+    mnt, cache = tmp_path / "secure", tmp_path / "cache"
+    mnt.mkdir()
+    secret = tmp_path / "vault.pass"
+    secret.write_text(s3vol.passphrase + "\n")
+    secret.chmod(0o644)
+    options = (f"_netdev,noauto,nofail,x-systemd.automount,x-systemd.idle-timeout=60,passphrase_file={secret},"
+               f"endpoint_url={s3vol.endpoint},cache_dir={cache},writeback_delay=30,cache_size_mb=64")
+    # what mount(8) gives a helper: no PATH, HOME=/root; AWS credentials as the service has them
+    env = {"HOME": "/root", "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_CONFIG_FILE": "/nonexistent", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent"}
+    refused = subprocess.run(["/usr/bin/mount", "-t", "cryptfs", s3vol.url, mnt, "-o", options],
+                             env=env, capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0 and "chmod 600" in refused.stderr and "mode 0644" in refused.stderr, refused
+    assert not os.path.ismount(mnt)
+    secret.chmod(0o600)
+    done = subprocess.run(["/usr/bin/mount", "-t", "cryptfs", s3vol.url, mnt, "-o", options],
+                          env=env, capture_output=True, text=True, timeout=120)
+    m = MountedVolume(s3vol, mnt, cache)
+    try:
+        assert done.returncode == 0 and done.stderr == "", done
+        found = subprocess.run(["findmnt", "-n", "-o", "SOURCE,FSTYPE", mnt], capture_output=True, text=True)
+        assert found.stdout.split() == [s3vol.url, "fuse.cryptfs"], found
+        st = json.loads(run_cli("status", mnt, "--json", env=STRANGER).stdout)
+        assert st["cache"]["disk_limit"] == 64 << 20  # a volume setting given as a mount option
+        body = data(400_000, "fstab")
+        write(mnt / "from-fstab", body)
+        result = run_cli("umount", mnt, env=STRANGER)
+        assert result.returncode == 0, (result, m.log())
+        assert cat(s3vol, "from-fstab") == body
+        assert_clean_log(m)
+    finally:
+        m.force_unmount()
+
+
+def test_passphrase_from_systemd_credentials(s3vol, tmp_path):
+    creds = tmp_path / "credentials"
+    creds.mkdir()
+    (creds / "cryptfs-passphrase").write_text(s3vol.passphrase)
+    (creds / "cryptfs-passphrase").chmod(0o400)
+    result = s3vol.cli("ls", s3vol.url, env={"CRYPTFS_PASSPHRASE": None, "CREDENTIALS_DIRECTORY": str(creds)})
+    assert result.returncode == 0, result
