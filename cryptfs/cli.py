@@ -433,13 +433,15 @@ def cmd_mount(args) -> int:
         options["default_permissions"] = True
     root = localstate.cache_dir(store.vol.volume_id, settings.cache_dir)
     logs.configure(args.verbose, args.log_names, logging.INFO)
+    log_file = os.path.abspath(args.log_file) if args.log_file else None
     code = mount.daemonize_and_run(
         store,
         settings,
         mountpoint,
         options,
         args.foreground,
-        os.path.join(root, "mount.log"),
+        log_file or (None if args.foreground else os.path.join(root, "mount.log")),
+        syslog=args.syslog,
         break_lease=args.break_lease,
     )
     if code == 0 and not args.foreground and not args.quiet:
@@ -670,7 +672,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("url", help="the volume: s3://bucket[/prefix], file:///dir, or a configured volume name")
     p.add_argument("mountpoint", help="an existing empty directory")
-    p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground, log to stderr")
+    p.add_argument(
+        "-f",
+        "--foreground",
+        action="store_true",
+        help="stay in the foreground (as a systemd Type=notify service: READY=1 once mounted), log to stderr",
+    )
+    p.add_argument(
+        "--log-file",
+        metavar="FILE",
+        help="log here, rotated at 10 MiB, 3 kept (default <cache dir>/<volume id>/mount.log; with -f, stderr)",
+    )
+    p.add_argument("--syslog", action="store_true", help="log to syslog (/dev/log, facility daemon) instead")
     p.add_argument(
         "-o",
         dest="options",

@@ -17,11 +17,11 @@ import threading
 import time
 from typing import Any, Callable, cast
 
-from . import control, localstate
+from . import __version__, control, localstate, logs
 from .backend.base import Backend
 from .cache import BlockCache, DiskCache
 from .config import VolumeSettings
-from .errors import EXIT_ERROR, CryptfsError, UsageError
+from .errors import EXIT_ERROR, EXIT_USAGE, CryptfsError, UsageError
 from .fs import CryptFS
 from .lease import CacheLock, FencedBackend, Lease, cache_id, take_journal
 from .namespace import AttrDB, Namespace
@@ -336,21 +336,21 @@ def daemonize_and_run(
     mountpoint: str,
     options: dict,
     foreground: bool,
-    log_path: str,
+    log_path: str | None,
+    syslog: bool = False,
     break_lease: bool = False,
 ) -> int:
-    """Mount; in the background unless foreground. Returns once mounted (or failed)."""
+    """Mount; in the background unless foreground. Returns once mounted (or failed).
+
+    The background mount logs to `log_path` (rotated) or to syslog; in the foreground the
+    log stays on stderr unless one of them is asked for."""
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core dump ever holds unwrapped keys
     os.umask(0o077)  # every file of the mount's local state is the user's alone
-    # the log is checked before anything else is made in the cache directory
-    logfd = None if foreground else localstate.private_file(log_path, os.O_WRONLY | os.O_APPEND)
-    try:
-        held = hold(store, settings, bool(options.get("ro")), break_lease)  # refusals reach the caller
-    except BaseException:
-        if logfd is not None:
-            os.close(logfd)
-        raise
-    if logfd is None:
+    if log_path and not syslog:  # the log is checked before anything else is made in the cache directory
+        os.close(localstate.private_file(log_path, os.O_WRONLY | os.O_APPEND))
+    held = hold(store, settings, bool(options.get("ro")), break_lease)  # refusals reach the caller
+    if foreground:
+        logs.send_to(log_path, syslog)
         run(store, settings, mountpoint, options, held, ready=lambda: notify("READY=1"))
         return 0
     read_fd, write_fd = os.pipe()
@@ -360,8 +360,9 @@ def daemonize_and_run(
         os.setsid()
         devnull = os.open(os.devnull, os.O_RDWR)
         os.dup2(devnull, 0)
-        os.dup2(logfd, 1)
-        os.dup2(logfd, 2)
+        os.close(devnull)
+        logs.send_to(log_path, syslog)
+        stderr = logs.StderrToLog()
         code = 0
 
         def ready() -> None:
@@ -369,30 +370,34 @@ def daemonize_and_run(
             os.write(write_fd, b"M")
 
         try:
+            log.info("mounting %s on %s (cryptfs %s)", store.vol.url.rstrip("/"), mountpoint, __version__)
             run(store, settings, mountpoint, options, held, ready)
         except BaseException as exc:  # noqa: BLE001 - the process must end with a code
+            stderr.close()
+            reason = _reason(exc, stderr.last)
             code = exc.exit_code if isinstance(exc, CryptfsError) else EXIT_ERROR
-            reason = _reason(exc)
+            if "unknown option" in stderr.last:  # an -o option neither cryptfs nor FUSE knows
+                code = EXIT_USAGE
             log.error("mount failed: %s", reason)
             try:  # the caller prints it, unless it heard the mount is up (then the log has it)
                 os.write(write_fd, f"E{code} {reason}".encode(errors="replace"))
             except OSError:
                 pass
         finally:
+            stderr.close()
             logging.shutdown()
             os._exit(code)
     os.close(write_fd)
-    os.close(logfd)
-    return _wait_mounted(pid, read_fd, mountpoint, log_path)
+    return _wait_mounted(pid, read_fd, "syslog" if syslog else log_path or "?")
 
 
-def _reason(exc: BaseException) -> str:
+def _reason(exc: BaseException, libfuse_said: str) -> str:
     if isinstance(exc, RuntimeError) and str(exc).isdigit():  # mfusepy: libfuse's own exit code
-        return "FUSE could not mount (libfuse's message is in the log)"
+        return f"FUSE could not mount: {libfuse_said or 'libfuse gave no reason'}"
     return str(exc) or type(exc).__name__
 
 
-def _wait_mounted(pid: int, read_fd: int, mountpoint: str, log_path: str) -> int:
+def _wait_mounted(pid: int, read_fd: int, log_path: str) -> int:
     """What the mount process says through the pipe: M when it answers, E<code> <why> when it failed."""
     try:
         ready, _, _ = select.select([read_fd], [], [], 60)

@@ -3,9 +3,10 @@
 mount(8) calls `mount.cryptfs SOURCE MOUNTPOINT [-sfnvrw] [-N NS] [-o OPTIONS]` with no
 PATH and HOME=/root. This turns that into `cryptfs mount`: every volume setting is an -o
 option (`endpoint_url=...,cache_size_mb=512,passphrase_file=...`), `config=FILE` names the
-config file, options meant for mount(8) or systemd are dropped, the rest go to FUSE. The
-defaults that would follow HOME are fixed places instead: /etc/cryptfs/config.yaml,
-/var/cache/cryptfs and /var/lib/cryptfs for root.
+config file, `log_file=FILE` and `syslog` say where the log goes, options meant for
+mount(8) or systemd are dropped, the rest go to FUSE. The defaults that would follow HOME
+are fixed places instead: /etc/cryptfs/config.yaml, /var/cache/cryptfs and
+/var/lib/cryptfs for root.
 """
 
 import os
@@ -49,8 +50,10 @@ def translate(argv: list[str]) -> list[str]:
         key, _, value = option.partition("=")
         if option in IGNORED or option.startswith(IGNORED_PREFIXES):
             continue
-        if key == "config":
-            out += ["--config", value]
+        if key in ("config", "log_file"):
+            out += ["--" + key.replace("_", "-"), value]
+        elif option == "syslog":
+            out.append("--syslog")
         else:
             kept.append(option)
     if kept:

@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import time
 
 import pytest
 
-from conftest import cli_command, cli_environ, run_cli
+from conftest import assert_cli_error, cli_command, cli_environ, run_cli
 from mountlib import LOG_PROBLEM, MountedVolume, alive, data, mount_pids, wait_gone, write
 
 pytestmark = [pytest.mark.skipif(not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None,
@@ -241,3 +243,48 @@ def test_passphrase_from_systemd_credentials(s3vol, tmp_path):
     (creds / "cryptfs-passphrase").chmod(0o400)
     result = s3vol.cli("ls", s3vol.url, env={"CRYPTFS_PASSPHRASE": None, "CREDENTIALS_DIRECTORY": str(creds)})
     assert result.returncode == 0, result
+
+
+# ---------------------------------------------------------------- errors and logs
+
+LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} cryptfs\[(\d+)\]: (DEBUG|INFO|WARNING|ERROR|CRITICAL): ")
+
+
+def test_failed_mount_says_why_on_the_terminal_and_logs_with_time_and_pid(s3vol, tmp_path):
+    m = own(s3vol, tmp_path)
+    result = run_cli(*m.mount_command("-o", "no_such_option"))
+    line = assert_cli_error(result, 2, "FUSE could not mount", "unknown option", "no_such_option", "log: ")
+    assert m.log_path() in line
+    m.mount()
+    try:
+        pid = m.daemon_pid()
+        m.umount()
+        lines = open(m.log_path()).read().splitlines()
+        assert lines and all(LOG_LINE.match(x) for x in lines), lines
+        assert any(f"[{pid}]: INFO: mounted {s3vol.url} on {m.mountpoint}" in x for x in lines), lines
+        assert not any("max threads" in x for x in lines), lines  # libfuse's noise, below INFO
+        assert len({LOG_LINE.match(x).group(1) for x in lines}) == 2  # each line says which mount
+    finally:
+        m.force_unmount()
+
+
+def test_log_file_rotates_and_stays_private(tmp_path):
+    import logging
+
+    from cryptfs import logs
+    handler = logs.PrivateRotatingFile(str(tmp_path / "mount.log"), maxBytes=2000, backupCount=2)
+    handler.setFormatter(logging.Formatter(logs.FILE_FORMAT))
+    logger = logging.getLogger("test-rotation")
+    logger.addHandler(handler)
+    try:
+        for i in range(100):
+            logger.warning("line %d %s", i, "x" * 50)
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+    names = sorted(os.listdir(tmp_path))
+    assert names == ["mount.log", "mount.log.1", "mount.log.2"], names
+    for name in names:
+        assert os.path.getsize(tmp_path / name) <= 2000
+        assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o600
+    assert "line 99" in (tmp_path / "mount.log").read_text()
