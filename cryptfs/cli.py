@@ -11,6 +11,7 @@ import sys
 
 from . import __version__, config, fsck, keys, lease, localstate, logs, transfer, volume
 from . import format as fmt
+from .progress import Bar, human
 from .errors import (
     EXIT_INTEGRITY,
     EXIT_OK,
@@ -389,13 +390,23 @@ def cmd_fsck(args) -> int:
         held, info = lease.read(store)
         if held is not None and held.state == "held" and not lease.expired(held, info):
             raise InUse(f"not repairing while the volume is mounted read-write: lease {lease.describe(held, info)}")
-    report = fsck.check(store, repair=args.repair, abort_uploads=args.abort_uploads)
+    bar = Bar("checking", None, args.quiet)
+    try:
+        report = fsck.check(
+            store,
+            repair=args.repair,
+            abort_uploads=args.abort_uploads,
+            on_file=lambda r: bar.update(r.bytes, label=f"{r.directories} directories, {r.files} files"),
+        )
+    finally:
+        bar.close()
     for kind, where, detail in report.problems:
         print(f"{kind}: {where}: {detail}")
     for line in report.repaired:
         print(f"repaired: {line}")
     print(
-        f"{report.directories} directories, {report.files} files, {report.bytes} bytes checked; "
+        f"{report.directories} directories, {report.files} files, {report.bytes} bytes "
+        f"({human(report.bytes)}) checked; "
         f"{len(report.problems)} problem(s)" + (f", {len(report.repaired)} repaired" if args.repair else "")
     )
     if args.repair and report.problems and len(report.repaired) == len(report.problems):
@@ -456,7 +467,7 @@ def cmd_umount(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from . import control, mount
+    from . import control
 
     mountpoint = os.path.abspath(args.mountpoint)
     if not os.path.ismount(mountpoint):
@@ -472,12 +483,12 @@ def cmd_status(args) -> int:
     print(f"mounted on:   {st['mountpoint']} (pid {st['pid']}, {st['state']})")
     print(f"up since:     {when(st['started'])} ({datetime.timedelta(seconds=int(st['uptime']))})")
     oldest = f", oldest {p['oldest_age']:.0f} s old" if p["oldest"] is not None else ""
-    print(f"pending:      {p['files']} file(s), {mount.human(p['bytes'])}{oldest}")
+    print(f"pending:      {p['files']} file(s), {human(p['bytes'])}{oldest}")
     print(f"uploading:    {st['uploads_in_flight']} now; {st['open_modified']} open file(s) changed")
     print(
-        f"cache:        memory {mount.human(c['memory_bytes'])} of {mount.human(c['memory_limit'])}, "
-        f"hit rate {rate(c['memory_hit_rate'])}; disk {mount.human(c['disk_bytes'])} of "
-        f"{mount.human(c['disk_limit'])}, hit rate {rate(c['disk_hit_rate'])}"
+        f"cache:        memory {human(c['memory_bytes'])} of {human(c['memory_limit'])}, "
+        f"hit rate {rate(c['memory_hit_rate'])}; disk {human(c['disk_bytes'])} of "
+        f"{human(c['disk_limit'])}, hit rate {rate(c['disk_hit_rate'])}"
     )
     requests = ", ".join(f"{k} {v}" for k, v in st["requests"].items()) or "none"
     print(f"requests:     {requests}")

@@ -27,6 +27,7 @@ from .lease import CacheLock, FencedBackend, Lease, cache_id, take_journal
 from .namespace import AttrDB, Namespace
 from .reader import BlockReader
 from .monitor import Counters, CountingBackend, ErrorCounter
+from .progress import Bar, human, shown
 from .store import Store
 from .writeback import Journal, recover
 
@@ -478,37 +479,29 @@ def unmount(mountpoint: str, timeout: float | None = None, quiet: bool = False) 
 
 
 class Progress:
-    """The umount progress line: rewritten in place on a terminal, a line every few seconds elsewhere."""
+    """The umount progress line: a bar on a terminal; elsewhere (a service's stop, a script's
+    log) a line every few seconds, so a long wait says what it waits for."""
 
     def __init__(self, quiet: bool):
         self.quiet = quiet
-        self.tty = sys.stderr.isatty()
+        self.bar: Bar | None = None
         self.shown = 0.0
-        self.drawn = False
+        self.total = 0
 
     def show(self, pending: dict) -> None:
         if self.quiet or not pending["files"]:
             return
-        now = time.monotonic()
-        if not self.tty and now - self.shown < 5:
-            return
-        self.shown = now
-        text = f"cryptfs: uploading before unmount: {pending['files']} file(s), {human(pending['bytes'])} left"
-        if self.tty:
-            print("\r" + text + "\033[K", end="", file=sys.stderr, flush=True)
-            self.drawn = True
-        else:
-            print(text, file=sys.stderr)
+        text = f"uploading before unmount: {pending['files']} file(s), {human(pending['bytes'])} left"
+        self.total = max(self.total, pending["bytes"])
+        if shown(False):
+            if self.bar is None:
+                self.bar = Bar(text, self.total)
+            self.bar.update(self.total - pending["bytes"], self.total, text)
+        elif time.monotonic() - self.shown >= 5:
+            self.shown = time.monotonic()
+            print("cryptfs: " + text, file=sys.stderr)
 
     def end(self) -> None:
-        if self.drawn:
-            print(file=sys.stderr)
-            self.drawn = False
-
-
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
+        if self.bar is not None:
+            self.bar.update(self.total, self.total, "uploaded before unmount")
+            self.bar.close()

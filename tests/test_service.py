@@ -288,3 +288,38 @@ def test_log_file_rotates_and_stays_private(tmp_path):
         assert os.path.getsize(tmp_path / name) <= 2000
         assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o600
     assert "line 99" in (tmp_path / "mount.log").read_text()
+
+
+# ---------------------------------------------------------------- progress
+
+def test_progress_bar_on_a_terminal_only(volume_factory, tmp_path):
+    import pty
+
+    ref = volume_factory("local")
+    src = tmp_path / "upload.bin"
+    src.write_bytes(data(3_000_000, "progress"))
+
+    def put(name, *extra, terminal):
+        main, side = pty.openpty()
+        proc = subprocess.Popen(cli_command("put", src, ref.path(name), *ref.args, *extra), stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=side if terminal else subprocess.PIPE,
+                                env=cli_environ({"COLUMNS": "120"}))
+        os.close(side)
+        seen = b""
+        while True:
+            try:
+                chunk = os.read(main, 65536)
+            except OSError:  # the other side closed
+                break
+            if not chunk:
+                break
+            seen += chunk
+        out, err = proc.communicate(timeout=120)
+        os.close(main)
+        assert proc.returncode == 0, (out, err, seen)
+        return (seen if terminal else err).decode(errors="replace")
+
+    drawn = put("a", terminal=True)
+    assert "upload.bin" in drawn and "2.9/2.9 MiB" in drawn and "1 file(s) stored" in drawn, drawn
+    assert put("b", terminal=False) == "1 file(s) stored\n"
+    assert put("c", "-q", terminal=True) == ""
