@@ -176,32 +176,42 @@ def test_foreground_mount_notifies_ready_and_stops_cleanly_on_sigterm(s3vol, tmp
 
 # ---------------------------------------------------------------- mount(8) and fstab
 
-HELPER = "/sbin/mount.cryptfs"
+HELPERS = {"/sbin/mount.cryptfs": "main", "/sbin/umount.fuse.cryptfs": "umount_main"}
 
 
 @pytest.fixture
-def mount_helper(tmp_path):
-    """/sbin/mount.cryptfs running this tree's code, for the length of the test (then removed).
-    mount(8) finds helpers there only; a helper already installed by setup is used as it is."""
-    if os.path.exists(HELPER) and not os.path.islink(HELPER):
-        yield HELPER
-        return
-    script = tmp_path / "mount.cryptfs"
+def mount_helpers(tmp_path):
+    """/sbin/mount.cryptfs and /sbin/umount.fuse.cryptfs running this tree's code, for the
+    length of the test (then removed, or setup's links put back): mount(8) and umount(8)
+    look for helpers there only. Helpers that are files, not links, are used as they are."""
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    script.write_text(f"#!/bin/sh\nPYTHONPATH={repo} exec {shutil.which('python3') or 'python3'} "
-                      f"-m cryptfs.mounthelper \"$@\"\n")
-    script.chmod(0o755)
-    link = tmp_path / "link"
-    os.symlink(script, link)
-    os.replace(link, HELPER)  # atomic, over a link another run left
+    made, before = {}, {}
+    for path, func in HELPERS.items():
+        if os.path.exists(path) and not os.path.islink(path):
+            continue
+        if os.path.islink(path):
+            before[path] = os.readlink(path)  # setup's link to the installed helper: put back after
+        script = tmp_path / os.path.basename(path)
+        script.write_text(f"#!/bin/sh\nPYTHONPATH={repo} exec {shutil.which('python3') or 'python3'} -c "
+                          f"'import sys; from cryptfs.mounthelper import {func}; sys.exit({func}())' \"$@\"\n")
+        script.chmod(0o755)
+        link = tmp_path / (script.name + ".link")
+        os.symlink(script, link)
+        os.replace(link, path)  # atomic, over a link another run left
+        made[path] = str(script)
     try:
-        yield HELPER
+        yield
     finally:
-        if os.path.islink(HELPER) and os.readlink(HELPER) == str(script):
-            os.unlink(HELPER)
+        for path, script in made.items():
+            if os.path.islink(path) and os.readlink(path) == script:
+                if path in before:
+                    os.symlink(before[path], path + ".back")
+                    os.replace(path + ".back", path)
+                else:
+                    os.unlink(path)
 
 
-def test_mount_t_cryptfs_with_fstab_options(s3vol, tmp_path, mount_helper):
+def test_mount_t_cryptfs_with_fstab_options_and_umount_8(s3vol, tmp_path, mount_helpers):
     mnt, cache = tmp_path / "secure", tmp_path / "cache"
     mnt.mkdir()
     secret = tmp_path / "vault.pass"
@@ -228,8 +238,11 @@ def test_mount_t_cryptfs_with_fstab_options(s3vol, tmp_path, mount_helper):
         assert st["cache"]["disk_limit"] == 64 << 20  # a volume setting given as a mount option
         body = data(400_000, "fstab")
         write(mnt / "from-fstab", body)
-        result = run_cli("umount", mnt, env=STRANGER)
+        pid = st["pid"]
+        result = subprocess.run(["/usr/bin/umount", mnt], env={"HOME": "/root"}, capture_output=True, text=True,
+                                timeout=120)  # umount(8) runs umount.fuse.cryptfs, which waits
         assert result.returncode == 0, (result, m.log())
+        assert not os.path.ismount(mnt) and not alive(pid)
         assert cat(s3vol, "from-fstab") == body
         assert_clean_log(m)
     finally:
