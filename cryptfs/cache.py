@@ -12,6 +12,8 @@ from collections import OrderedDict
 
 from cachetools import LRUCache
 
+from . import localstate
+
 
 class BlockCache:
     """Decrypted blocks, bounded by total bytes. Key: (file id, etag, block index)."""
@@ -84,6 +86,11 @@ class DiskCache:
 
     def put(self, key, data: bytes) -> None:
         if self.max_bytes <= 0 or len(data) > self.max_bytes:
+            return
+        if not localstate.room_for(self.dir, len(data)):  # the disk's last free bytes are for staging
+            with self._lock:
+                self.max_bytes = min(self.max_bytes, max(0, self._total - len(data)))
+                self._evict()
             return
         name = self._name(key)
         path = os.path.join(self.dir, name)

@@ -431,7 +431,7 @@ def cmd_mount(args) -> int:
     options = mount.parse_options(args.options or [])
     for name in sorted(set(options) & (config.FIELDS - {"url"})):  # a volume setting as a mount option
         setattr(settings, name, config.from_text(name, options.pop(name), f"-o {name}"))
-    for name in ("cache_dir", "writeback_delay", "fsync", "attr_ttl", "lease_duration"):
+    for name in ("cache_dir", "cache_size", "min_free", "writeback_delay", "fsync", "attr_ttl", "lease_duration"):
         if getattr(args, name) is not None:
             setattr(settings, name, getattr(args, name))
     if "debug" in options and not args.log_names:
@@ -517,6 +517,11 @@ def number(kind: type, low: float, high: float | None, flag: str):
 def setting(name: str):
     """An argparse type for a flag that overrides the config setting `name`, checked alike."""
     return number(*config.NUMBERS[name], "--" + name.replace("_", "-"))
+
+
+def size(flag: str):
+    """An argparse type: a size in bytes, with or without a unit (config.parse_size)."""
+    return lambda text: config.parse_size(text, flag)
 
 
 def block_size(text: str) -> int:
@@ -700,10 +705,27 @@ def build_parser() -> argparse.ArgumentParser:
         dest="options",
         action="append",
         metavar="OPT[,OPT...]",
-        help="mount options: ro, allow_other, nonempty, and other FUSE options",
+        help="mount options: any volume setting of the config file as KEY=VALUE (cache_size=2GiB, "
+        "passphrase_file=FILE, endpoint_url=URL, ...), ro, allow_other, nonempty, and other FUSE options",
     )
     p.add_argument(
-        "--cache-dir", help="local cache, staging and journal directory (default ~/.cache/cryptfs/<volume id>)"
+        "--cache-dir",
+        metavar="DIR",
+        help="base of the volumes' local state: each volume's block cache, staging files, journal and mount.log "
+        "go in DIR/<volume id> (default ~/.cache/cryptfs)",
+    )
+    p.add_argument(
+        "--cache-size",
+        type=size("--cache-size"),
+        metavar="SIZE",
+        help="bound of the ciphertext block cache on disk, with a unit: 512MiB, 2GiB (default 2GiB; 0: none)",
+    )
+    p.add_argument(
+        "--min-free",
+        type=size("--min-free"),
+        metavar="SIZE",
+        help="free space to leave on the cache directory's disk: writes get ENOSPC and the block cache "
+        "shrinks below it (default 0: until the disk is full)",
     )
     p.add_argument(
         "--writeback-delay", type=setting("writeback_delay"), help="seconds after close before uploading (default 2)"

@@ -20,6 +20,7 @@ import uuid
 from dataclasses import replace
 
 from . import format as fmt
+from . import localstate
 from .errors import NoSpace
 from .reader import BlockReader, SequentialDetector
 from .store import Entry, Store, entry_attrs
@@ -332,6 +333,7 @@ class FileState:
 
 
 def _pwrite(fd: int, data: bytes, offset: int) -> None:
+    localstate.check_room(fd, len(data))
     try:
         view = memoryview(data)
         while view:

@@ -20,7 +20,7 @@ from typing import Any, Callable, cast
 from . import __version__, control, localstate, logs
 from .backend.base import Backend
 from .cache import BlockCache, DiskCache
-from .config import VolumeSettings
+from .config import VolumeSettings, cache_bytes
 from .errors import EXIT_ERROR, EXIT_USAGE, CryptfsError, UsageError
 from .fs import CryptFS
 from .lease import CacheLock, FencedBackend, Lease, cache_id, take_journal
@@ -81,11 +81,8 @@ class Mount:
         self.journal = Journal(os.path.join(root, "journal"))
         self.staging = os.path.join(root, "staging")
         os.makedirs(self.staging, mode=0o700, exist_ok=True)
-        disk = (
-            DiskCache(os.path.join(root, "blocks"), settings.cache_size_mb * 1024 * 1024)
-            if settings.cache_size_mb > 0
-            else None
-        )
+        localstate.keep_free(settings.min_free)
+        disk = DiskCache(os.path.join(root, "blocks"), cache_bytes(settings)) if cache_bytes(settings) > 0 else None
         self.memory = BlockCache(settings.memory_cache_mb * 1024 * 1024)
         self.disk = disk
         self.reader = BlockReader(store, self.memory, disk, workers=settings.workers)
@@ -128,7 +125,9 @@ class Mount:
                 "memory_bytes": self.memory.used,
                 "memory_limit": self.settings.memory_cache_mb * 1024 * 1024,
                 "disk_bytes": self.disk.used if self.disk else 0,
-                "disk_limit": self.settings.cache_size_mb * 1024 * 1024,
+                "disk_limit": self.disk.max_bytes if self.disk else 0,
+                "disk_free": localstate.free_bytes(self.root),
+                "min_free": self.settings.min_free,
                 "memory_hits": r.memory_hits,
                 "memory_misses": r.memory_misses,
                 "memory_hit_rate": _rate(r.memory_hits, r.memory_misses),

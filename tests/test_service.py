@@ -336,3 +336,48 @@ def test_progress_bar_on_a_terminal_only(volume_factory, tmp_path):
     assert "upload.bin" in drawn and "2.9/2.9 MiB" in drawn and "1 file(s) stored" in drawn, drawn
     assert put("b", terminal=False) == "1 file(s) stored\n"
     assert put("c", "-q", terminal=True) == ""
+
+
+# ---------------------------------------------------------------- local disk bounds
+
+def test_min_free_turns_writes_away_before_the_disk_is_full(volume_factory, tmp_path):
+    import errno
+
+    ref = volume_factory("local")
+    m = own(ref, tmp_path, "--min-free", "1000TiB", "--cache-size", "1MiB")
+    m.mount()
+    try:
+        with pytest.raises(OSError) as info:
+            with open(m.path("big"), "wb") as f:
+                f.write(data(6_000_000, "floor"))
+        assert info.value.errno == errno.ENOSPC
+        st = json.loads(run_cli("status", m.mountpoint, "--json").stdout)
+        assert st["cache"]["min_free"] == 1000 << 40 and st["cache"]["disk_limit"] == 1 << 20
+        assert st["cache"]["disk_free"] > 0
+        os.mkdir(m.path("still-usable"))
+        m.umount()
+        assert "min_free" in open(m.log_path()).read()
+        assert_clean_log(m)
+    finally:
+        m.force_unmount()
+
+
+def test_config_sizes_take_units_and_errors_name_file_key_and_what_is_allowed(tmp_path):
+    from cryptfs import config
+    from cryptfs.errors import UsageError
+
+    good = tmp_path / "good.yaml"
+    good.write_text("volumes:\n  v:\n    url: s3://b/v\n    cache_size: 2GiB\n    min_free: 500 MB\n")
+    v = config.load(str(good))["v"]
+    assert (v.cache_size, v.min_free, config.cache_bytes(v)) == (2 << 30, 500_000_000, 2 << 30)
+    for key, value, allowed in [("cache_size", "lots", "with a unit (KiB, MiB, GiB"),
+                                ("cache_size_mb", "lots", "a whole number from 0"),
+                                ("workers", 0, "a whole number from 1 to 256"),
+                                ("fsync", "sometimes", "upload or journal"),
+                                ("path_style", "maybe", "true or false")]:
+        bad = tmp_path / f"{key}.yaml"
+        bad.write_text(f"volumes:\n  v:\n    url: s3://b/v\n    {key}: {value}\n")
+        with pytest.raises(UsageError) as info:
+            config.load(str(bad))
+        message = str(info.value)
+        assert str(bad) in message and f"'v': {key}" in message and allowed in message, message
