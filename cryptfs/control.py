@@ -3,10 +3,10 @@
 One Unix socket per mount, named by a hash of the mount point under a directory chosen by
 the user id alone (/run/cryptfs for root), so any caller finds it whatever its HOME or
 other environment. The protocol is JSON lines: the client sends one request, the mount
-answers with one line ("status") or, for "wait", a progress line every half second until
-the unmount has uploaded what it could, then a last line with the outcome. The mount
-process keeps that connection open until it exits, so its end tells the client that the
-lease is released and the process gone.
+answers with one line ("status") or, for "wait", a line saying it listens, then a progress
+line every half second until the unmount has uploaded what it could, then a last line with
+the outcome. The mount process keeps that connection open until it exits, so its end tells
+the client that the lease is released and the process gone.
 """
 
 import hashlib
@@ -74,6 +74,7 @@ class Server:
             if request.get("op") == "status":
                 conn.sendall(_line(self.status()))
             elif request.get("op") == "wait":
+                conn.sendall(_line({"waiting": True}))  # the client unmounts only after this
                 while not self._finished.wait(PROGRESS_INTERVAL):
                     conn.sendall(_line({"progress": self.status()["pending"]}))
                 conn.sendall(_line({"done": self.outcome}))
@@ -130,8 +131,12 @@ def request(mountpoint: str, op: str) -> dict:
     return json.loads(line)
 
 
-def wait_lines(sock: socket.socket) -> Iterator[dict]:
-    """After a "wait" request: each line the mount sends, until it closes the connection."""
+def wait(sock: socket.socket) -> Iterator[dict]:
+    """Ask the mount to report until it ends; once this returns, the mount has taken the
+    request, so it reports the outcome of an unmount started now. Then: each line it sends,
+    until it closes the connection as it exits."""
     sock.sendall(_line({"op": "wait"}))
-    for line in sock.makefile("rb"):
-        yield json.loads(line)
+    lines = sock.makefile("rb")
+    if json.loads(lines.readline() or b"{}") != {"waiting": True}:
+        raise NoMount("the mount process did not take the request to report its unmount")
+    return (json.loads(line) for line in lines)

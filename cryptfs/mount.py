@@ -439,7 +439,7 @@ def unmount(mountpoint: str, timeout: float | None = None, quiet: bool = False) 
         raise UsageError(f"{mountpoint} is not mounted")
     sock = control.connect(mountpoint, timeout=30)
     with sock:
-        lines = control.wait_lines(sock)
+        lines = control.wait(sock)  # before the unmount starts, so its end cannot be missed
         result = subprocess.run([fusermount(), "-u", mountpoint], capture_output=True, text=True)
         if result.returncode != 0:
             raise CryptfsError(f"unmount failed: {result.stderr.strip() or result.stdout.strip()}")
