@@ -781,6 +781,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    commands = next(a for a in parser._actions if a.dest == "command").choices or {}
+    if len(argv) >= 2 and argv[0] not in commands and not argv[0].startswith("-") and os.path.isdir(argv[1]):
+        from . import mounthelper  # `cryptfs SOURCE MOUNTPOINT -o ...`: how mount.fuse3 runs a fuse.cryptfs mount
+
+        return mounthelper.main(argv)
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:

@@ -86,9 +86,10 @@ class Server:
             log.debug("control client: %s", exc)
         conn.close()
 
-    def finish(self, failed: int | None) -> None:
-        """The unmount is over: `failed` closed files stay in the journal (None: no unmount ran)."""
-        self.outcome = {"failed": failed}
+    def finish(self, outcome: dict) -> None:
+        """The unmount is over: `outcome["failed"]` closed files stay in the journal (None: no
+        unmount ran); "files" and "bytes" were to upload when it began."""
+        self.outcome = outcome
         self._finished.set()
 
     def close(self) -> None:

@@ -287,9 +287,12 @@ def _run(
 
     destroy = fs.destroy
 
+    owed: dict = {}
+
     def unmounting(path):
         mount.state = "unmounting"
         notify("STOPPING=1")
+        owed.update(mount.status()["pending"])  # what this unmount has to upload, for umount to report
         destroy(path)
 
     fs.init_with_config = init_with_config  # type: ignore[attr-defined]  # mfusepy looks for it
@@ -311,7 +314,7 @@ def _run(
             raise
         log.info("stopped by a signal; unmounted")
     finally:
-        server.finish(fs.unmount_failed)
+        server.finish({"failed": fs.unmount_failed, "files": owed.get("files", 0), "bytes": owed.get("bytes", 0)})
         server.close()
         logging.getLogger().removeHandler(errors)
         mount.ns.close()
@@ -474,6 +477,9 @@ def unmount(mountpoint: str, timeout: float | None = None, quiet: bool = False) 
             "the mount process ended before it said that everything was uploaded; what is left stays "
             "in the local journal for the next mount (see the mount log)"
         )
+    if not quiet and outcome:
+        done = f"{outcome['files']} file(s), {human(outcome['bytes'])} uploaded first" if outcome["files"] else ""
+        print(f"cryptfs: unmounted {mountpoint}" + (f"; {done}" if done else ""), file=sys.stderr)
     return 0
 
 

@@ -75,6 +75,7 @@ def test_umount_from_another_environment_waits_for_uploads(s3vol, tmp_path):
         took = time.monotonic() - start
         assert result.returncode == 0, (result, m.log())
         assert "uploading before unmount:" in result.stderr and "file(s)" in result.stderr, result
+        assert f"cryptfs: unmounted {m.mountpoint}; 4 file(s)" in result.stderr, result
         assert took > 1.0, "returned before the slowed uploads could be done"
         assert not os.path.ismount(m.mountpoint)
         assert not alive(pid), "umount returned while the mount process still ran"
@@ -244,6 +245,11 @@ def test_mount_t_cryptfs_with_fstab_options_and_umount_8(s3vol, tmp_path, mount_
         assert result.returncode == 0, (result, m.log())
         assert not os.path.ismount(mnt) and not alive(pid)
         assert cat(s3vol, "from-fstab") == body
+        # what mount.fuse3 runs for `mount -t fuse.cryptfs`: `cryptfs SOURCE MOUNTPOINT -o OPTIONS`
+        again = run_cli(s3vol.url, mnt, "-o", options.replace("cache_size_mb=64", "ro"), env=env)
+        assert again.returncode == 0 and again.stderr == "", again
+        assert open(mnt / "from-fstab", "rb").read() == body
+        assert run_cli("umount", mnt).returncode == 0
         assert_clean_log(m)
     finally:
         m.force_unmount()
