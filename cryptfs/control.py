@@ -82,8 +82,10 @@ class Server:
                 return
             else:
                 conn.sendall(_line({"error": f"unknown request {request!r}"}))
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError) as exc:  # the client went away, or sent no JSON
             log.debug("control client: %s", exc)
+        except Exception:  # a status that cannot be built must not end the mount
+            log.exception("control request failed")
         conn.close()
 
     def finish(self, outcome: dict) -> None:
