@@ -9,6 +9,7 @@ every level, since their debug lines carry request headers (SigV4 Authorization)
 import logging
 import logging.handlers
 import os
+import sys
 import threading
 
 from . import localstate
@@ -87,9 +88,15 @@ class StderrToLog:
     become log records, so the log file has one format. `last` keeps libfuse's latest line,
     the reason a mount failed."""
 
-    def __init__(self):
+    def __init__(self, foreground: bool = False):
         self.last = ""
         self._log = logging.getLogger(LIBFUSE_LOGGER)
+        # in the foreground, records still go to the real stderr, and it is back after close()
+        self._saved = (os.dup(1), os.dup(2)) if foreground else None
+        if self._saved is not None:
+            for handler in logging.getLogger().handlers:
+                if type(handler) is logging.StreamHandler and handler.stream is sys.stderr:
+                    handler.setStream(os.fdopen(os.dup(self._saved[1]), "w", buffering=1))
         read_fd, write_fd = os.pipe()
         os.dup2(write_fd, 1)
         os.dup2(write_fd, 2)
@@ -111,8 +118,9 @@ class StderrToLog:
 
     def close(self) -> None:
         """Everything written so far is logged (call before the process ends)."""
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, 1)
-        os.dup2(devnull, 2)
-        os.close(devnull)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        out, err = self._saved or (os.open(os.devnull, os.O_WRONLY),) * 2
+        os.dup2(out, 1)
+        os.dup2(err, 2)
         self._thread.join(2)

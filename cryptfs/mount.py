@@ -354,7 +354,17 @@ def daemonize_and_run(
     held = hold(store, settings, bool(options.get("ro")), break_lease)  # refusals reach the caller
     if foreground:
         logs.send_to(log_path, syslog)
-        run(store, settings, mountpoint, options, held, ready=lambda: notify("READY=1"))
+        stderr = logs.StderrToLog(foreground=True)
+        try:
+            run(store, settings, mountpoint, options, held, ready=lambda: notify("READY=1"))
+        except RuntimeError as exc:  # libfuse's failure: its reason, as a cryptfs error
+            stderr.close()
+            code, reason = _failure(exc, stderr.last)
+            failed = CryptfsError(reason)
+            failed.exit_code = code
+            raise failed from None
+        finally:
+            stderr.close()
         return 0
     read_fd, write_fd = os.pipe()
     pid = os.fork()
@@ -377,10 +387,7 @@ def daemonize_and_run(
             run(store, settings, mountpoint, options, held, ready)
         except BaseException as exc:  # noqa: BLE001 - the process must end with a code
             stderr.close()
-            reason = _reason(exc, stderr.last)
-            code = exc.exit_code if isinstance(exc, CryptfsError) else EXIT_ERROR
-            if "unknown option" in stderr.last:  # an -o option neither cryptfs nor FUSE knows
-                code = EXIT_USAGE
+            code, reason = _failure(exc, stderr.last)
             log.error("mount failed: %s", reason)
             try:  # the caller prints it, unless it heard the mount is up (then the log has it)
                 os.write(write_fd, f"E{code} {reason}".encode(errors="replace"))
@@ -394,10 +401,13 @@ def daemonize_and_run(
     return _wait_mounted(pid, read_fd, "syslog" if syslog else log_path or "?")
 
 
-def _reason(exc: BaseException, libfuse_said: str) -> str:
+def _failure(exc: BaseException, libfuse_said: str) -> tuple[int, str]:
+    """(exit code, reason) of a mount that failed with `exc`, libfuse's last words given."""
     if isinstance(exc, RuntimeError) and str(exc).isdigit():  # mfusepy: libfuse's own exit code
-        return f"FUSE could not mount: {libfuse_said or 'libfuse gave no reason'}"
-    return str(exc) or type(exc).__name__
+        # an -o option neither cryptfs nor FUSE knows is a usage error
+        code = EXIT_USAGE if "unknown option" in libfuse_said else EXIT_ERROR
+        return code, f"FUSE could not mount: {libfuse_said or 'libfuse gave no reason'}"
+    return (exc.exit_code if isinstance(exc, CryptfsError) else EXIT_ERROR), str(exc) or type(exc).__name__
 
 
 def _wait_mounted(pid: int, read_fd: int, log_path: str) -> int:
