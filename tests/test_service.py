@@ -274,6 +274,8 @@ def test_failed_mount_says_why_on_the_terminal_and_logs_with_time_and_pid(s3vol,
     result = run_cli(*m.mount_command("-o", "no_such_option"))
     line = assert_cli_error(result, 2, "FUSE could not mount", "unknown option", "no_such_option", "log: ")
     assert m.log_path() in line
+    foreground = run_cli(*m.mount_command("-f", "-o", "no_such_option"))
+    assert_cli_error(foreground, 2, "FUSE could not mount", "unknown option")
     m.mount()
     try:
         pid = m.daemon_pid()
