@@ -38,6 +38,10 @@ The passphrase comes from --passphrase-file (or passphrase_file in the config or
 option; a file readable by its owner alone), the systemd credential cryptfs-passphrase,
 $CRYPTFS_PASSPHRASE, or a prompt; never from an argument. AWS credentials come from
 boto3's usual chain (environment, --profile, role).
+
+As a service: `mount -t cryptfs URL DIR -o KEY=VALUE,...` and /etc/fstab lines run the
+mount.cryptfs helper (every volume setting is an -o option); a systemd unit runs
+`cryptfs mount -f` (Type=notify). See docs/operations.md.
 """
 
 
@@ -769,7 +773,8 @@ def build_parser() -> argparse.ArgumentParser:
         "status",
         help="what a mount is doing: pending uploads, cache, requests, errors",
         description="what a mount is doing: pending uploads, cache, requests, errors "
-        "(asked of the mount process through its control socket)",
+        "(asked of the mount process through its control socket; exit 2 when nothing is mounted there, "
+        "1 when the mount does not answer)",
         epilog="example:\n  cryptfs status ~/secure --json",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
