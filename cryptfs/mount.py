@@ -71,7 +71,7 @@ def parse_options(opts: list[str]) -> dict:
 class Mount:
     """Everything a mounted volume needs, built from an opened store."""
 
-    def __init__(self, store: Store, settings: VolumeSettings, mountpoint: str, read_only: bool = False):
+    def __init__(self, store: Store, settings: VolumeSettings, read_only: bool = False, mountpoint: str = ""):
         self.store, self.settings, self.mountpoint = store, settings, mountpoint
         self.url = store.vol.url.rstrip("/")  # as mount, df and findmnt show the source
         self.state = "mounting"  # then "mounted", "unmounting"
@@ -226,7 +226,7 @@ def _run(
 ) -> None:
     mfusepy = load_fuse()
     fuse_base: Any = mfusepy.FUSE  # loaded at run time, bound to libfuse 3
-    mount = Mount(store, settings, mountpoint, read_only)
+    mount = Mount(store, settings, read_only, mountpoint)
     errors = ErrorCounter(mount.counters)
     logging.getLogger().addHandler(errors)
     mount.fs.lease = lease
