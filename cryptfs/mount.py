@@ -380,7 +380,10 @@ def daemonize_and_run(
 
         def ready() -> None:
             notify("READY=1")
-            os.write(write_fd, b"M")
+            try:
+                os.write(write_fd, b"M")
+            except OSError:  # the caller stopped waiting (it said so): the mount runs on
+                pass
 
         try:
             log.info("mounting %s on %s (cryptfs %s)", store.vol.url.rstrip("/"), mountpoint, __version__)
