@@ -470,6 +470,14 @@ def cmd_umount(args) -> int:
     return mount.unmount(args.mountpoint, args.timeout, args.quiet)
 
 
+def _when(t: float) -> str:
+    return datetime.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _rate(r: float | None) -> str:
+    return "-" if r is None else f"{r:.0%}"
+
+
 def cmd_status(args) -> int:
     from . import control
 
@@ -480,25 +488,23 @@ def cmd_status(args) -> int:
     if args.json:
         print(json.dumps(st, indent=2))
         return EXIT_OK
-    when = lambda t: datetime.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S")  # noqa: E731
     p, c = st["pending"], st["cache"]
-    rate = lambda r: "-" if r is None else f"{r:.0%}"  # noqa: E731
     print(f"volume:       {st['volume']} ({'read-only' if st['read_only'] else 'read-write'})")
     print(f"mounted on:   {st['mountpoint']} (pid {st['pid']}, {st['state']})")
-    print(f"up since:     {when(st['started'])} ({datetime.timedelta(seconds=int(st['uptime']))})")
+    print(f"up since:     {_when(st['started'])} ({datetime.timedelta(seconds=int(st['uptime']))})")
     oldest = f", oldest {p['oldest_age']:.0f} s old" if p["oldest"] is not None else ""
     print(f"pending:      {p['files']} file(s), {human(p['bytes'])}{oldest}")
     print(f"uploading:    {st['uploads_in_flight']} now; {st['open_modified']} open file(s) changed")
     print(
         f"cache:        memory {human(c['memory_bytes'])} of {human(c['memory_limit'])}, "
-        f"hit rate {rate(c['memory_hit_rate'])}; disk {human(c['disk_bytes'])} of "
-        f"{human(c['disk_limit'])}, hit rate {rate(c['disk_hit_rate'])}"
+        f"hit rate {_rate(c['memory_hit_rate'])}; disk {human(c['disk_bytes'])} of "
+        f"{human(c['disk_limit'])}, hit rate {_rate(c['disk_hit_rate'])}"
     )
     requests = ", ".join(f"{k} {v}" for k, v in st["requests"].items()) or "none"
     print(f"requests:     {requests}")
     print(f"retries:      {st['retries']}; failed requests: {st['failed_requests']}; errors logged: {st['errors']}")
     if st["last_error"]:
-        print(f"last error:   {when(st['last_error']['time'])}: {st['last_error']['message']}")
+        print(f"last error:   {_when(st['last_error']['time'])}: {st['last_error']['message']}")
     return EXIT_OK
 
 
