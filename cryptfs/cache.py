@@ -12,6 +12,8 @@ from collections import OrderedDict
 
 from cachetools import LRUCache
 
+from . import localstate
+
 
 class BlockCache:
     """Decrypted blocks, bounded by total bytes. Key: (file id, etag, block index)."""
@@ -23,6 +25,10 @@ class BlockCache:
     def get(self, key) -> bytes | None:
         with self._lock:
             return self._lru.get(key)
+
+    @property
+    def used(self) -> int:
+        return int(self._lru.currsize)
 
     def put(self, key, block: bytes) -> None:
         with self._lock:
@@ -54,6 +60,10 @@ class DiskCache:
             self._total += size
         self._evict()
 
+    @property
+    def used(self) -> int:
+        return self._total
+
     @staticmethod
     def _name(key) -> str:
         return hashlib.sha256(repr(key).encode()).hexdigest()
@@ -76,6 +86,11 @@ class DiskCache:
 
     def put(self, key, data: bytes) -> None:
         if self.max_bytes <= 0 or len(data) > self.max_bytes:
+            return
+        if not localstate.room_for(self.dir, len(data)):  # the disk's last free bytes are for staging
+            with self._lock:
+                self.max_bytes = min(self.max_bytes, max(0, self._total - len(data)))
+                self._evict()
             return
         name = self._name(key)
         path = os.path.join(self.dir, name)

@@ -4,6 +4,7 @@ import argparse
 import contextlib
 import datetime
 import getpass
+import json
 import logging
 import os
 import stat
@@ -11,6 +12,7 @@ import sys
 
 from . import __version__, config, fsck, keys, lease, localstate, logs, transfer, volume
 from . import format as fmt
+from .progress import Bar, human
 from .errors import (
     EXIT_ERROR,
     EXIT_INTEGRITY,
@@ -33,8 +35,14 @@ files), 6 endpoint unreachable, 7 no credentials or access denied, 8 already exi
 9 local disk full, 10 in use (another read-write mount holds the volume's lease, or the
 cache directory is in use).
 
-The passphrase comes from $CRYPTFS_PASSPHRASE, --passphrase-file, or a prompt; never from
-an argument. AWS credentials come from boto3's usual chain (environment, --profile, role).
+The passphrase comes from --passphrase-file (or passphrase_file in the config or as a mount
+option; a file readable by its owner alone), the systemd credential cryptfs-passphrase,
+$CRYPTFS_PASSPHRASE, or a prompt; never from an argument. AWS credentials come from
+boto3's usual chain (environment, --profile, role).
+
+As a service: `mount -t cryptfs URL DIR -o KEY=VALUE,...` and /etc/fstab lines run the
+mount.cryptfs helper (every volume setting is an -o option); a systemd unit runs
+`cryptfs mount -f` (Type=notify). See docs/operations.md.
 """
 
 
@@ -48,10 +56,11 @@ def read_passphrase(
     env: str = "CRYPTFS_PASSPHRASE",
     file_arg: str = "passphrase_file",
 ) -> bytes:
-    path = getattr(args, file_arg, None)
+    path = getattr(args, file_arg, None) or (credential() if file_arg == "passphrase_file" else None)
     if path:
         try:
             with open(path, "rb") as f:
+                private_to_owner(path, os.fstat(f.fileno()))
                 value = f.read().rstrip(b"\r\n")
         except OSError as exc:
             raise UsageError(f"cannot read --{file_arg.replace('_', '-')} {path}: {exc.strerror}") from None
@@ -66,6 +75,25 @@ def read_passphrase(
     if not value:
         raise UsageError("empty passphrase")
     return value
+
+
+CREDENTIAL = "cryptfs-passphrase"  # systemd: LoadCredential=cryptfs-passphrase:/etc/cryptfs/vault.pass
+
+
+def credential() -> str | None:
+    """The passphrase file systemd passes a service ($CREDENTIALS_DIRECTORY), if it passed one."""
+    directory = os.environ.get("CREDENTIALS_DIRECTORY")
+    path = os.path.join(directory, CREDENTIAL) if directory else None
+    return path if path and os.path.exists(path) else None
+
+
+def private_to_owner(path: str, st: os.stat_result) -> None:
+    """A passphrase file others can read (or change) is refused: it is the volume's one key."""
+    if st.st_mode & 0o066:
+        raise UsageError(
+            f"passphrase file {path} can be read or changed by other users (mode {stat.S_IMODE(st.st_mode):04o}); "
+            f"make it its owner's alone: chmod 600 {path}"
+        )
 
 
 # ---------------------------------------------------------------- opening
@@ -85,11 +113,16 @@ def settings_of(args) -> tuple[str, config.VolumeSettings]:
     return url, settings
 
 
-def open_target(args, url: str | None = None, writes: bool = False) -> tuple[Store, Target]:
+def open_target(
+    args, url: str | None = None, settings: config.VolumeSettings | None = None, writes: bool = False
+) -> tuple[Store, Target]:
     """The volume a command names. A command that `writes` holds the volume's lease until it
     ends (lease.held_by_command): refused while a read-write mount holds it."""
-    base_url, settings = settings_of(args)
+    base_url, found = settings_of(args)
+    settings = settings or found
     target = locate(url or base_url, settings)
+    if not getattr(args, "passphrase_file", None) and settings.passphrase_file:
+        args.passphrase_file = settings.passphrase_file
     vol = volume.open_volume(target.backend, target.prefix, read_passphrase(args), settings.owner_fingerprint)
     store = Store(vol, workers=settings.workers)
     if writes:
@@ -365,13 +398,23 @@ def cmd_decrypt(args) -> int:
 
 def cmd_fsck(args) -> int:
     store, _ = open_target(args, writes=args.repair or args.abort_uploads)
-    report = fsck.check(store, repair=args.repair, abort_uploads=args.abort_uploads)
+    bar = Bar("checking", None, args.quiet)
+    try:
+        report = fsck.check(
+            store,
+            repair=args.repair,
+            abort_uploads=args.abort_uploads,
+            on_file=lambda r: bar.update(r.bytes, label=f"{r.directories} directories, {r.files} files"),
+        )
+    finally:
+        bar.close()
     for kind, where, detail in report.problems:
         print(f"{kind}: {where}: {detail}")
     for line in report.repaired:
         print(f"repaired: {line}")
     print(
-        f"{report.directories} directories, {report.files} files, {report.bytes} bytes checked; "
+        f"{report.directories} directories, {report.files} files, {report.bytes} bytes "
+        f"({human(report.bytes)}) checked; "
         f"{len(report.problems)} problem(s)" + (f", {len(report.repaired)} repaired" if args.repair else "")
     )
     if args.repair and report.problems and len(report.repaired) == len(report.problems):
@@ -393,39 +436,81 @@ def cmd_mount(args) -> int:
     from . import mount
 
     _, settings = settings_of(args)
-    for name in ("cache_dir", "writeback_delay", "fsync", "attr_ttl", "lease_duration"):
+    options = mount.parse_options(args.options or [])
+    for name in sorted(set(options) & (config.FIELDS - {"url"})):  # a volume setting as a mount option
+        setattr(settings, name, config.from_text(name, options.pop(name), f"-o {name}"))
+    for name in ("cache_dir", "cache_size", "min_free", "writeback_delay", "fsync", "attr_ttl", "lease_duration"):
         if getattr(args, name) is not None:
             setattr(settings, name, getattr(args, name))
-    options = mount.parse_options(args.options or [])
     if "debug" in options and not args.log_names:
         raise UsageError("-o debug logs every file name in plaintext; add --log-names to allow that")
     mountpoint = mount.check_mountpoint(args.mountpoint, nonempty=bool(options.get("nonempty")))
-    store, target = open_target(args)
+    store, target = open_target(args, settings=settings)
     if target.parts:
         raise UsageError("mount the volume root (a URL without a path inside the volume)")
     if options.get("allow_other"):
         options["default_permissions"] = True
     root = localstate.cache_dir(store.vol.volume_id, settings.cache_dir)
     logs.configure(args.verbose, args.log_names, logging.INFO)
+    log_file = os.path.abspath(args.log_file) if args.log_file else None
     code = mount.daemonize_and_run(
         store,
         settings,
         mountpoint,
         options,
         args.foreground,
-        os.path.join(root, "mount.log"),
+        log_file or (None if args.foreground else os.path.join(root, "mount.log")),
+        syslog=args.syslog,
         break_lease=args.break_lease,
         shared=args.shared,
     )
     if code == 0 and not args.foreground and not args.quiet:
-        print(f"Mounted {store.vol.url} on {mountpoint}", file=sys.stderr)
+        print(f"Mounted {store.vol.url.rstrip('/')} on {mountpoint}", file=sys.stderr)
     return code
 
 
 def cmd_umount(args) -> int:
     from . import mount
 
-    return mount.unmount(args.mountpoint, args.timeout)
+    return mount.unmount(args.mountpoint, args.timeout, args.quiet)
+
+
+def _when(t: float) -> str:
+    return datetime.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _rate(r: float | None) -> str:
+    return "-" if r is None else f"{r:.0%}"
+
+
+def cmd_status(args) -> int:
+    from . import control
+
+    mountpoint = os.path.abspath(args.mountpoint)
+    if not os.path.ismount(mountpoint):
+        raise UsageError(f"{mountpoint} is not mounted")
+    st = control.request(mountpoint, "status")
+    if args.json:
+        print(json.dumps(st, indent=2))
+        return EXIT_OK
+    p, c = st["pending"], st["cache"]
+    print(f"volume:       {st['volume']} ({'read-only' if st['read_only'] else 'read-write'})")
+    print(f"mounted on:   {st['mountpoint']} (pid {st['pid']}, {st['state']})")
+    print(f"up since:     {_when(st['started'])} ({datetime.timedelta(seconds=int(st['uptime']))})")
+    oldest = f", oldest {p['oldest_age']:.0f} s old" if p["oldest"] is not None else ""
+    print(f"pending:      {p['files']} file(s), {human(p['bytes'])}{oldest}")
+    print(f"uploading:    {st['uploads_in_flight']} now; {st['open_modified']} open file(s) changed")
+    print(
+        f"cache:        memory {human(c['memory_bytes'])} of {human(c['memory_limit'])}, "
+        f"hit rate {_rate(c['memory_hit_rate'])}; disk {human(c['disk_bytes'])} of "
+        f"{human(c['disk_limit'])}, hit rate {_rate(c['disk_hit_rate'])}"
+    )
+    requests = ", ".join(f"{k} {v}" for k, v in st["requests"].items()) or "none"
+    print(f"requests:     {requests}")
+    print(f"retries:      {st['retries']}; failed requests: {st['failed_requests']}; errors logged: {st['errors']}")
+    if st["last_error"]:
+        print(f"last error:   {_when(st['last_error']['time'])}: {st['last_error']['message']}")
+    return EXIT_OK
 
 
 # ---------------------------------------------------------------- parser
@@ -447,6 +532,11 @@ def number(kind: type, low: float, high: float | None, flag: str):
 def setting(name: str):
     """An argparse type for a flag that overrides the config setting `name`, checked alike."""
     return number(*config.NUMBERS[name], "--" + name.replace("_", "-"))
+
+
+def size(flag: str):
+    """An argparse type: a size in bytes, with or without a unit (config.parse_size)."""
+    return lambda text: config.parse_size(text, flag)
 
 
 def block_size(text: str) -> int:
@@ -623,16 +713,44 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("url", help="the volume: s3://bucket[/prefix], file:///dir, or a configured volume name")
     p.add_argument("mountpoint", help="an existing empty directory")
-    p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground, log to stderr")
+    p.add_argument(
+        "-f",
+        "--foreground",
+        action="store_true",
+        help="stay in the foreground (as a systemd Type=notify service: READY=1 once mounted), log to stderr",
+    )
+    p.add_argument(
+        "--log-file",
+        metavar="FILE",
+        help="log here, rotated at 10 MiB, 3 kept (default <cache dir>/<volume id>/mount.log; with -f, stderr)",
+    )
+    p.add_argument("--syslog", action="store_true", help="log to syslog (/dev/log, facility daemon) instead")
     p.add_argument(
         "-o",
         dest="options",
         action="append",
         metavar="OPT[,OPT...]",
-        help="mount options: ro, allow_other, nonempty, and other FUSE options",
+        help="mount options: any volume setting of the config file as KEY=VALUE (cache_size=2GiB, "
+        "passphrase_file=FILE, endpoint_url=URL, ...), ro, allow_other, nonempty, and other FUSE options",
     )
     p.add_argument(
-        "--cache-dir", help="local cache, staging and journal directory (default ~/.cache/cryptfs/<volume id>)"
+        "--cache-dir",
+        metavar="DIR",
+        help="base of the volumes' local state: each volume's block cache, staging files, journal and mount.log "
+        "go in DIR/<volume id> (default ~/.cache/cryptfs)",
+    )
+    p.add_argument(
+        "--cache-size",
+        type=size("--cache-size"),
+        metavar="SIZE",
+        help="bound of the ciphertext block cache on disk, with a unit: 512MiB, 2GiB (default 2GiB; 0: none)",
+    )
+    p.add_argument(
+        "--min-free",
+        type=size("--min-free"),
+        metavar="SIZE",
+        help="free space to leave on the cache directory's disk: writes get ENOSPC and the block cache "
+        "shrinks below it (default 0: until the disk is full)",
     )
     p.add_argument(
         "--writeback-delay", type=setting("writeback_delay"), help="seconds after close before uploading (default 2)"
@@ -672,15 +790,35 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.set_defaults(func=cmd_umount, verbose=False, log_names=False)
-    p.add_argument("mountpoint")
+    p.add_argument("mountpoint", help="where the volume is mounted")
     p.add_argument(
         "--timeout", type=number(float, 0, None, "--timeout"), help="give up waiting after this many seconds"
     )
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress line")
+
+    p = sub.add_parser(
+        "status",
+        help="what a mount is doing: pending uploads, cache, requests, errors",
+        description="what a mount is doing: pending uploads, cache, requests, errors "
+        "(asked of the mount process through its control socket; exit 2 when nothing is mounted there, "
+        "1 when the mount does not answer)",
+        epilog="example:\n  cryptfs status ~/secure --json",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.set_defaults(func=cmd_status, verbose=False, log_names=False)
+    p.add_argument("mountpoint", help="where the volume is mounted")
+    p.add_argument("--json", action="store_true", help="every field as JSON, for scripts")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    commands = next(a for a in parser._actions if a.dest == "command").choices or {}
+    if len(argv) >= 2 and argv[0] not in commands and not argv[0].startswith("-") and os.path.isdir(argv[1]):
+        from . import mounthelper  # `cryptfs SOURCE MOUNTPOINT -o ...`: how mount.fuse3 runs a fuse.cryptfs mount
+
+        return mounthelper.main(argv)
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:

@@ -24,8 +24,11 @@ class VolumeSettings:
     retry_mode: str = "standard"  # or "adaptive"
     max_attempts: int = 5
     owner_fingerprint: str | None = None  # refuse a volume signed by any other owner key
+    passphrase_file: str | None = None  # readable by its owner alone
     cache_dir: str | None = None
     cache_size_mb: int = 2048  # ciphertext block cache on local disk
+    cache_size: int | None = None  # the same in bytes, given with a unit (2GiB); wins over cache_size_mb
+    min_free: int = 0  # bytes the cache directory's disk keeps free: staging writes fail (ENOSPC) below it
     memory_cache_mb: int = 256  # decrypted blocks in memory
     writeback_delay: float = 2.0  # seconds after close before the upload starts
     fsync: str = "upload"  # "upload": durable in S3; "journal": durable locally
@@ -45,6 +48,10 @@ NUMBERS = {
     "attr_ttl": (float, 0, None),
     "lease_duration": (float, 3, 86400),
 }
+SIZES = {"cache_size", "min_free"}  # bytes: a whole number, or with a unit (512MiB, 2GiB, 1.5G)
+UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+UNITS.update({u + "ib": v for u, v in UNITS.items() if u not in ("", "b")})
+UNITS.update({"kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12})
 CHOICES = {"retry_mode": ("standard", "adaptive"), "fsync": ("upload", "journal")}
 SWITCHES = {"path_style", "verify_tls"}
 
@@ -74,9 +81,27 @@ def parse_number(text: str, kind: type, low: float, high: float | None, what: st
     return check_number(value, kind, low, high, what)
 
 
+def parse_size(value, what: str) -> int:
+    """Bytes from 2048, "512MiB", "2GiB", "1.5G" or "10GB"; UsageError saying what is allowed."""
+    text = str(value).strip().lower().replace(" ", "")
+    number = text.rstrip("bkmgti")
+    try:
+        size = float(number) * UNITS[text[len(number) :]]
+    except (KeyError, ValueError):
+        size = -1.0
+    if isinstance(value, bool) or not math.isfinite(size) or size < 0:
+        raise UsageError(
+            f"{what} must be a size: a number of bytes, or one with a unit (KiB, MiB, GiB, TiB; "
+            f"KB, MB, GB, TB), such as 2GiB; not {value!r}"
+        )
+    return int(size)
+
+
 def check(name: str, value, what: str | None = None):
     """The value of setting `name`, or UsageError saying what it must be (`what` names it)."""
     what = what or name
+    if name in SIZES:
+        return None if value is None and name == "cache_size" else parse_size(value, what)
     if name in NUMBERS:
         return check_number(value, *NUMBERS[name], what)
     if name in CHOICES:
@@ -91,8 +116,28 @@ def check(name: str, value, what: str | None = None):
 
 
 def default_path() -> str | None:
-    path = os.environ.get("CRYPTFS_CONFIG") or os.path.expanduser("~/.config/cryptfs/config.yaml")
+    path = os.environ.get("CRYPTFS_CONFIG") or os.path.join(
+        os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config"), "cryptfs", "config.yaml"
+    )
     return path if os.path.exists(path) else None
+
+
+def from_text(name: str, text: str | bool, what: str):
+    """The value of setting `name` given as text (a mount option; True when given bare)."""
+    if name in SWITCHES:
+        words = {True: True, "true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+        value = words.get(text.lower() if isinstance(text, str) else text, text)
+        return check(name, value, what)
+    if not isinstance(text, str):
+        raise UsageError(f"{what} needs a value ({what}=...)")
+    if name in NUMBERS:
+        return parse_number(text, *NUMBERS[name], what)
+    return check(name, text, what)
+
+
+def cache_bytes(settings: VolumeSettings) -> int:
+    """The disk cache's bound: cache_size when given, else cache_size_mb."""
+    return settings.cache_size if settings.cache_size is not None else settings.cache_size_mb << 20
 
 
 def load(path: str | None) -> dict[str, VolumeSettings]:

@@ -155,7 +155,7 @@ def _walk_dir(
         else:
             _check_file(store, entry, where, report)
             if on_file:
-                on_file(where)
+                on_file(report)
 
 
 def _stale(store: Store, entry: Entry, where: str, report: Report, repair: bool) -> bool:

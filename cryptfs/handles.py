@@ -20,6 +20,7 @@ import uuid
 from dataclasses import replace
 
 from . import format as fmt
+from . import localstate
 from .errors import NoSpace
 from .reader import BlockReader, SequentialDetector
 from .store import Entry, Store, entry_attrs
@@ -59,6 +60,7 @@ class FileState:
         self.modified = False  # differs from the bucket: an upload is owed
         self.journaled = False
         self.changes = 0  # bumped by every change; journaled_at says which one is on disk
+        self.pending_since: float | None = None  # when the first change not yet uploaded was made
         self.journaled_at = -1
         self.handles = 0
         self.unlinked = False
@@ -109,6 +111,8 @@ class FileState:
 
     def touch(self, ctime_only: bool = False) -> None:
         self.changes += 1
+        if self.pending_since is None and not ctime_only:
+            self.pending_since = time.time()
         now = time.time_ns()
         self.attrs = (
             replace(self.attrs, ctime_ns=now) if ctime_only else replace(self.attrs, mtime_ns=now, ctime_ns=now)
@@ -317,6 +321,8 @@ class FileState:
             self.discard_staging()
             self.modified = bool(self.dirty) or entry.size != self.size
             self.journaled = False
+            if not self.modified:
+                self.pending_since = None
 
     def discard_staging(self) -> None:
         if self.fd is not None:
@@ -345,6 +351,7 @@ class FileState:
 
 
 def _pwrite(fd: int, data: bytes, offset: int) -> None:
+    localstate.check_room(fd, len(data))
     try:
         view = memoryview(data)
         while view:

@@ -9,7 +9,31 @@ import errno
 import os
 import stat
 
-from .errors import UsageError
+from .errors import NoSpace, UsageError
+
+# bytes the cache directory's disk keeps free (min_free); set once by the mount
+_min_free = 0
+
+
+def keep_free(nbytes: int) -> None:
+    global _min_free
+    _min_free = nbytes
+
+
+def free_bytes(fd_or_path) -> int:
+    st = os.fstatvfs(fd_or_path) if isinstance(fd_or_path, int) else os.statvfs(fd_or_path)
+    return st.f_bavail * st.f_frsize
+
+
+def room_for(fd_or_path, nbytes: int) -> bool:
+    """Whether writing `nbytes` more there leaves min_free on its disk."""
+    return not _min_free or free_bytes(fd_or_path) - nbytes >= _min_free
+
+
+def check_room(fd: int, nbytes: int) -> None:
+    """NoSpace, as from a full disk, when a staging write would go below min_free."""
+    if not room_for(fd, nbytes):
+        raise NoSpace(f"the cache disk would have less than min_free ({_min_free} bytes) left")
 
 
 def check(path: str, st: os.stat_result) -> None:

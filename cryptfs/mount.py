@@ -5,26 +5,30 @@ would pick libfuse 2 silently when both are installed).
 """
 
 import ctypes.util
-import hashlib
 import logging
 import os
 import resource
+import select
+import shutil
+import socket
 import subprocess
 import sys
+import threading
 import time
-from typing import Any, cast
+from typing import Any, Callable, cast
 
-from . import localstate
+from . import __version__, control, localstate, logs
 from .backend.base import Backend
 from .cache import BlockCache, DiskCache
-from .config import VolumeSettings
-from .errors import CryptfsError, UsageError
+from .config import VolumeSettings, cache_bytes
+from .errors import EXIT_ERROR, EXIT_USAGE, CryptfsError, UsageError
 from .fs import CryptFS
 from .lease import CacheLock, FencedBackend, Lease, cache_id, probe_conditions, take_journal
 from .namespace import AttrDB, Namespace
 from .reader import BlockReader
+from .monitor import Counters, CountingBackend, ErrorCounter
+from .progress import Bar, human, shown
 from .store import Store
-from .volume import state_dir
 from .writeback import Journal, recover
 
 log = logging.getLogger(__name__)
@@ -53,11 +57,6 @@ def check_mountpoint(path: str, nonempty: bool = False) -> str:
     return path
 
 
-def pidfile(mountpoint: str) -> str:
-    digest = hashlib.sha256(os.path.abspath(mountpoint).encode()).hexdigest()[:16]
-    return os.path.join(state_dir(), "mounts", digest + ".pid")
-
-
 def parse_options(opts: list[str]) -> dict:
     out: dict = {}
     for group in opts:
@@ -79,20 +78,22 @@ class Mount:
         read_only: bool = False,
         lease: Lease | None = None,
         shared: bool = False,
+        mountpoint: str = "",
     ):
-        self.store = store
+        self.store, self.settings, self.mountpoint = store, settings, mountpoint
+        self.url = store.vol.url.rstrip("/")  # as mount, df and findmnt show the source
+        self.state = "mounting"  # then "mounted", "unmounting"
+        self.counters = Counters()
+        store.backend = cast(Backend, CountingBackend(store.backend, self.counters))
         self.root = root = localstate.cache_dir(store.vol.volume_id, settings.cache_dir)
         self.journal = Journal(os.path.join(root, "journal"))
         self.staging = os.path.join(root, "staging")
         os.makedirs(self.staging, mode=0o700, exist_ok=True)
-        disk = (
-            DiskCache(os.path.join(root, "blocks"), settings.cache_size_mb * 1024 * 1024)
-            if settings.cache_size_mb > 0
-            else None
-        )
-        self.reader = BlockReader(
-            store, BlockCache(settings.memory_cache_mb * 1024 * 1024), disk, workers=settings.workers
-        )
+        localstate.keep_free(settings.min_free)
+        disk = DiskCache(os.path.join(root, "blocks"), cache_bytes(settings)) if cache_bytes(settings) > 0 else None
+        self.memory = BlockCache(settings.memory_cache_mb * 1024 * 1024)
+        self.disk = disk
+        self.reader = BlockReader(store, self.memory, disk, workers=settings.workers)
         self.ns = Namespace(store, AttrDB(os.path.join(root, "attrs.db")), settings.attr_ttl, settings.workers)
         self.fs = CryptFS(
             store,
@@ -112,6 +113,47 @@ class Mount:
             if taken:
                 log.info("the volume is unchanged since the last unmount: %d directory listings reused", taken)
 
+    def status(self) -> dict:
+        """What `cryptfs status` shows (its --json form; docs/operations.md lists the fields)."""
+        now = time.time()
+        owed = [s for s in self.ns.pending() if s.handles == 0]  # closed files not yet in the bucket
+        since = [s.pending_since for s in owed if s.pending_since is not None]
+        r = self.reader
+        return {
+            "volume": self.url,
+            "volume_id": self.store.vol.volume_id,
+            "mountpoint": self.mountpoint,
+            "pid": os.getpid(),
+            "state": self.state,
+            "read_only": self.fs.read_only,
+            "started": self.counters.started,
+            "uptime": round(now - self.counters.started, 1),
+            "pending": {
+                "files": len(owed),
+                "bytes": sum(s.size for s in owed),
+                "oldest": min(since) if since else None,
+                "oldest_age": round(now - min(since), 1) if since else None,
+            },
+            "open_modified": sum(1 for s in self.ns.pending() if s.handles > 0),
+            "uploads_in_flight": self.fs.wb.in_flight(),
+            "cache": {
+                "memory_bytes": self.memory.used,
+                "memory_limit": self.settings.memory_cache_mb * 1024 * 1024,
+                "disk_bytes": self.disk.used if self.disk else 0,
+                "disk_limit": self.disk.max_bytes if self.disk else 0,
+                "disk_free": localstate.free_bytes(self.root),
+                "min_free": self.settings.min_free,
+                "memory_hits": r.memory_hits,
+                "memory_misses": r.memory_misses,
+                "memory_hit_rate": _rate(r.memory_hits, r.memory_misses),
+                "disk_hits": r.disk_hits,
+                "disk_misses": r.disk_misses,
+                "disk_hit_rate": _rate(r.disk_hits, r.disk_misses),
+            },
+            **self.counters.snapshot(),
+            "conflicts": self.fs.wb.conflicts,  # conflict copies made (--shared)
+        }
+
     def recover(self) -> None:
         done = recover(self.store, self.journal)
         if done:
@@ -120,6 +162,23 @@ class Mount:
         for name in os.listdir(self.staging):  # staging files nobody journaled: never closed, so not owed
             if name.split(".")[0] not in live:
                 os.unlink(os.path.join(self.staging, name))
+
+
+def _rate(hits: int, misses: int) -> float | None:
+    return round(hits / (hits + misses), 3) if hits + misses else None
+
+
+def notify(message: str) -> None:
+    """sd_notify(3): one datagram to $NOTIFY_SOCKET, when a service manager gave one."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    address = "\0" + path[1:] if path.startswith("@") else path  # "@": the abstract namespace
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.sendto(message.encode(), address)
+    except OSError as exc:
+        log.warning("could not notify the service manager at %s: %s", path, exc)
 
 
 def hold(store: Store, settings: VolumeSettings, read_only: bool, break_lease: bool = False, shared: bool = False):
@@ -160,8 +219,15 @@ def hold(store: Store, settings: VolumeSettings, read_only: bool, break_lease: b
 
 
 def run(
-    store: Store, settings: VolumeSettings, mountpoint: str, options: dict, held=None, shared: bool = False
+    store: Store,
+    settings: VolumeSettings,
+    mountpoint: str,
+    options: dict,
+    held=None,
+    ready: Callable[[], None] = lambda: None,
+    shared: bool = False,
 ) -> None:
+    """Mount and serve until unmounted; `ready()` once the mount answers."""
     read_only = bool(options.pop("ro", False))
     lock, lease = held if held is not None else hold(store, settings, read_only, shared=shared)
     lock.note_pid()
@@ -169,7 +235,7 @@ def run(
         if lease is not None:
             lease.start()
             store.backend = cast(Backend, FencedBackend(store.backend, lease))  # delegates all but writes
-        _run(store, settings, mountpoint, options, read_only, lease, shared)
+        _run(store, settings, mountpoint, options, read_only, lease, ready, shared)
     finally:
         if lease is not None:
             lease.release()
@@ -183,14 +249,18 @@ def _run(
     options: dict,
     read_only: bool,
     lease: Lease | None,
+    ready: Callable[[], None],
     shared: bool = False,
 ) -> None:
     mfusepy = load_fuse()
     fuse_base: Any = mfusepy.FUSE  # loaded at run time, bound to libfuse 3
-    mount = Mount(store, settings, read_only, lease, shared and not read_only)
+    mount = Mount(store, settings, read_only, lease, shared and not read_only, mountpoint=mountpoint)
+    errors = ErrorCounter(mount.counters)
+    logging.getLogger().addHandler(errors)
     if not read_only:  # a read-only mount writes nothing, not even what an earlier mount left
         mount.recover()
     fs = mount.fs
+    server = control.Server(mountpoint, mount.status)
 
     class FUSE(fuse_base):
         """mfusepy drops what libfuse 3 passes beyond fusepy's API: rename's flags
@@ -231,20 +301,56 @@ def _run(
             config.attr_timeout = config.entry_timeout = config.negative_timeout = 0.0 if shared else 1.0
         if conn is not None:
             conn.max_readahead = 1024 * 1024
+        # the kernel waits for this call to return before the mount answers: announce from aside
+        threading.Thread(target=announce, name="announce", daemon=True).start()
+
+    def announce():
+        deadline = time.monotonic() + 60
+        while not os.path.ismount(mountpoint) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        mount.state = "mounted"
+        log.info("mounted %s on %s (pid %d)", mount.url, mountpoint, os.getpid())
+        ready()
+
+    destroy = fs.destroy
+
+    owed: dict = {}
+
+    def unmounting(path):
+        mount.state = "unmounting"
+        notify("STOPPING=1")
+        owed.update(mount.status()["pending"])  # what this unmount has to upload, for umount to report
+        destroy(path)
 
     fs.init_with_config = init_with_config  # type: ignore[attr-defined]  # mfusepy looks for it
+    fs.destroy = unmounting  # type: ignore[method-assign]
 
     kwargs = dict(options)
-    kwargs.setdefault("fsname", "cryptfs")
-    kwargs.setdefault("subtype", "cryptfs")
+    kwargs.setdefault("fsname", mount.url)
+    kwargs.setdefault("subtype", "cryptfs")  # type fuse.cryptfs
     kwargs["default_permissions"] = True
     if read_only:
         kwargs["ro"] = True
     kwargs.pop("nonempty", None)
     try:
         FUSE(fs, mountpoint, foreground=True, nothreads=False, **kwargs)
+    except RuntimeError:
+        # libfuse ends its loop with an error code on SIGTERM, SIGINT and SIGHUP, after a
+        # complete unmount: that is how a service stops, not a failure
+        if fs.unmount_failed is None:
+            raise
+        log.info("stopped by a signal; unmounted")
     finally:
-        _write_status(mountpoint, fs.unmount_failed, fs.wb.conflicts)
+        server.finish(
+            {
+                "failed": fs.unmount_failed,
+                "files": owed.get("files", 0),
+                "bytes": owed.get("bytes", 0),
+                "conflicts": fs.wb.conflicts,
+            }
+        )
+        server.close()
+        logging.getLogger().removeHandler(errors)
         mount.ns.close()
         mount.reader.close()
 
@@ -267,24 +373,33 @@ def daemonize_and_run(
     mountpoint: str,
     options: dict,
     foreground: bool,
-    log_path: str,
+    log_path: str | None,
+    syslog: bool = False,
     break_lease: bool = False,
     shared: bool = False,
 ) -> int:
-    """Mount; in the background unless foreground. Returns once mounted (or failed)."""
+    """Mount; in the background unless foreground. Returns once mounted (or failed).
+
+    The background mount logs to `log_path` (rotated) or to syslog; in the foreground the
+    log stays on stderr unless one of them is asked for."""
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core dump ever holds unwrapped keys
     os.umask(0o077)  # every file of the mount's local state is the user's alone
-    # the log is checked before anything else is made in the cache directory
-    logfd = None if foreground else localstate.private_file(log_path, os.O_WRONLY | os.O_APPEND)
-    try:
-        held = hold(store, settings, bool(options.get("ro")), break_lease, shared)  # refusals reach the caller
-    except BaseException:
-        if logfd is not None:
-            os.close(logfd)
-        raise
-    if logfd is None:
-        _write_pid(mountpoint)
-        run(store, settings, mountpoint, options, held, shared)
+    if log_path and not syslog:  # the log is checked before anything else is made in the cache directory
+        os.close(localstate.private_file(log_path, os.O_WRONLY | os.O_APPEND))
+    held = hold(store, settings, bool(options.get("ro")), break_lease, shared)  # refusals reach the caller
+    if foreground:
+        logs.send_to(log_path, syslog)
+        stderr = logs.StderrToLog(foreground=True)
+        try:
+            run(store, settings, mountpoint, options, held, ready=lambda: notify("READY=1"), shared=shared)
+        except RuntimeError as exc:  # libfuse's failure: its reason, as a cryptfs error
+            stderr.close()
+            code, reason = _failure(exc, stderr.last)
+            failed = CryptfsError(reason)
+            failed.exit_code = code
+            raise failed from None
+        finally:
+            stderr.close()
         return 0
     read_fd, write_fd = os.pipe()
     pid = os.fork()
@@ -293,141 +408,159 @@ def daemonize_and_run(
         os.setsid()
         devnull = os.open(os.devnull, os.O_RDWR)
         os.dup2(devnull, 0)
-        os.dup2(logfd, 1)
-        os.dup2(logfd, 2)
+        os.close(devnull)
+        logs.send_to(log_path, syslog)
+        stderr = logs.StderrToLog()
         code = 0
-        try:
-            _write_pid(mountpoint)
-            os.write(write_fd, b"S")
-            os.close(write_fd)
-            run(store, settings, mountpoint, options, held, shared)
-        except BaseException as exc:  # noqa: BLE001 - the process must end with a code
-            log.error("mount failed: %s", exc)
-            code = 1
-        finally:
+
+        def ready() -> None:
+            notify("READY=1")
             try:
-                os.unlink(pidfile(mountpoint))
+                os.write(write_fd, b"M")
+            except OSError:  # the caller stopped waiting (it said so): the mount runs on
+                pass
+
+        try:
+            log.info("mounting %s on %s (cryptfs %s)", store.vol.url.rstrip("/"), mountpoint, __version__)
+            run(store, settings, mountpoint, options, held, ready, shared)
+        except BaseException as exc:  # noqa: BLE001 - the process must end with a code
+            stderr.close()
+            code, reason = _failure(exc, stderr.last)
+            log.error("mount failed: %s", reason)
+            try:  # the caller prints it, unless it heard the mount is up (then the log has it)
+                os.write(write_fd, f"E{code} {reason}".encode(errors="replace"))
             except OSError:
                 pass
+        finally:
+            stderr.close()
             logging.shutdown()
             os._exit(code)
     os.close(write_fd)
-    os.close(logfd)
-    os.read(read_fd, 1)
-    os.close(read_fd)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if os.path.ismount(mountpoint):
-            return 0
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            print(f"cryptfs: error: the mount process exited before mounting; see {log_path}", file=sys.stderr)
-            return 1
-        time.sleep(0.05)
-    print(f"cryptfs: error: mount did not appear within 60 s; see {log_path}", file=sys.stderr)
-    return 1
+    return _wait_mounted(pid, read_fd, "syslog" if syslog else log_path or "?")
 
 
-def status_file(mountpoint: str) -> str:
-    """What the mount process says of its unmount, for `cryptfs umount` to report."""
-    return pidfile(mountpoint)[: -len(".pid")] + ".status"
+def _failure(exc: BaseException, libfuse_said: str) -> tuple[int, str]:
+    """(exit code, reason) of a mount that failed with `exc`, libfuse's last words given."""
+    if isinstance(exc, RuntimeError) and str(exc).isdigit():  # mfusepy: libfuse's own exit code
+        # an -o option neither cryptfs nor FUSE knows is a usage error
+        code = EXIT_USAGE if "unknown option" in libfuse_said else EXIT_ERROR
+        return code, f"FUSE could not mount: {libfuse_said or 'libfuse gave no reason'}"
+    return (exc.exit_code if isinstance(exc, CryptfsError) else EXIT_ERROR), str(exc) or type(exc).__name__
 
 
-def _write_status(mountpoint: str, failed: int | None, conflicts: int = 0) -> None:
+def _wait_mounted(pid: int, read_fd: int, log_path: str) -> int:
+    """What the mount process says through the pipe: M when it answers, E<code> <why> when it failed."""
     try:
-        with open(status_file(mountpoint), "w") as f:
-            f.write(("unknown" if failed is None else str(failed)) + f" {conflicts}")
-    except OSError as exc:
-        log.warning("could not record the unmount's outcome: %s", exc)
-
-
-def _read_status(mountpoint: str) -> str | None:
-    try:
-        with open(status_file(mountpoint)) as f:
-            return f.read().strip()
-    except OSError:
-        return None
+        ready, _, _ = select.select([read_fd], [], [], 60)
+        said = os.read(read_fd, 4096).decode(errors="replace") if ready else None
     finally:
-        try:
-            os.unlink(status_file(mountpoint))
-        except OSError:
-            pass
+        os.close(read_fd)
+    if said is None:
+        print(f"cryptfs: error: the mount did not answer within 60 s (pid {pid}); see {log_path}", file=sys.stderr)
+        return EXIT_ERROR
+    if said.startswith("M"):
+        return 0
+    if said.startswith("E"):
+        code, _, reason = said[1:].partition(" ")
+        print(f"cryptfs: error: {reason} (log: {log_path})", file=sys.stderr)
+        os.waitpid(pid, 0)
+        return int(code) if code.isdigit() else EXIT_ERROR
+    os.waitpid(pid, 0)
+    print(f"cryptfs: error: the mount process exited before mounting; see {log_path}", file=sys.stderr)
+    return EXIT_ERROR
 
 
-def _write_pid(mountpoint: str) -> None:
-    path = pidfile(mountpoint)
-    localstate.private_dir(state_dir())
-    localstate.private_dir(os.path.dirname(path))
-    with open(path, "w") as f:
-        f.write(str(os.getpid()))
+def fusermount() -> str:
+    """fusermount3 (or fusermount) by PATH, or where Debian puts it: mount(8) gives helpers no PATH."""
+    for name in ("fusermount3", "fusermount"):
+        found = shutil.which(name) or shutil.which(name, path="/usr/bin:/bin:/usr/sbin:/sbin")
+        if found:
+            return found
+    raise UsageError("fusermount3 is not installed (apt-get install fuse3)")
 
 
-def unmount(mountpoint: str, timeout: float | None = None) -> int:
-    """Unmount, then wait until the mount process has uploaded everything and exited."""
+def unmount(mountpoint: str, timeout: float | None = None, quiet: bool = False) -> int:
+    """Unmount, then wait until the mount process has uploaded every closed file and exited.
+
+    The mount is found by its mount point (control.py), whoever calls and with whatever
+    environment; a progress line says what is left to upload.
+    """
     mountpoint = os.path.abspath(mountpoint)
     if not os.path.ismount(mountpoint):
         raise UsageError(f"{mountpoint} is not mounted")
-    try:
-        with open(pidfile(mountpoint)) as f:
-            pid = int(f.read().strip())
-    except (OSError, ValueError):
-        pid = None
-    try:
-        os.unlink(status_file(mountpoint))  # left by an earlier mount
-    except OSError:
-        pass
-    tool = "fusermount3" if _which("fusermount3") else "fusermount"
-    result = subprocess.run([tool, "-u", mountpoint], capture_output=True, text=True)
-    if result.returncode != 0:
-        raise CryptfsError(f"unmount failed: {result.stderr.strip() or result.stdout.strip()}")
-    if pid is None:
-        return 0
-    start = time.monotonic()
-    told = False
-    while _alive(pid):
-        if not told and time.monotonic() - start > 2:
-            print("cryptfs: waiting for pending uploads to finish...", file=sys.stderr)
-            told = True
-        if timeout is not None and time.monotonic() - start > timeout:
-            print(
-                "cryptfs: error: uploads still pending; they finish in the background (or at the next mount)",
-                file=sys.stderr,
-            )
-            return 1
-        time.sleep(0.1)
-    failed, _, conflicts = (_read_status(mountpoint) or "").partition(" ")
-    if conflicts not in ("", "0"):
+    sock = control.connect(mountpoint, timeout=30)
+    with sock:
+        lines = control.wait(sock)  # before the unmount starts, so its end cannot be missed
+        result = subprocess.run([fusermount(), "-u", mountpoint], capture_output=True, text=True)
+        if result.returncode != 0:
+            raise CryptfsError(f"unmount failed: {result.stderr.strip() or result.stdout.strip()}")
+        progress = Progress(quiet)
+        start = time.monotonic()
+        outcome = None
+        try:
+            for line in lines:
+                if "progress" in line:
+                    progress.show(line["progress"])
+                elif "done" in line:
+                    outcome = line["done"]
+                    sock.settimeout(60)  # the lease is released next; then the process exits
+                if timeout is not None and outcome is None and time.monotonic() - start > timeout:
+                    progress.end()
+                    print(
+                        "cryptfs: error: uploads still pending; they finish in the background (or at the next mount)",
+                        file=sys.stderr,
+                    )
+                    return EXIT_ERROR
+        except (OSError, ValueError) as exc:  # a timeout, or a process that died mid-line
+            log.debug("control socket: %s", exc)
+        progress.end()
+    failed = None if outcome is None else outcome.get("failed")
+    if outcome and outcome.get("conflicts"):
         print(
-            f"cryptfs: {conflicts} conflict copy(ies) made (another mount changed the same files; see the mount log)",
+            f"cryptfs: {outcome['conflicts']} conflict copy(ies) made (another mount changed the same files; "
+            "see the mount log)",
             file=sys.stderr,
         )
-    if failed not in ("", "0"):
-        what = (
-            "the mount ended before uploading what was pending"
-            if failed == "unknown"
-            else f"{failed} closed file(s) could not be uploaded"
-        )
+    if failed:
         raise CryptfsError(
-            f"{what}; they stay in the local journal and upload at the next mount of this "
-            "volume with the same cache directory (see the mount log)"
+            f"{failed} closed file(s) could not be uploaded; they stay in the local journal and upload "
+            "at the next mount of this volume with the same cache directory (see the mount log)"
         )
+    if failed is None:
+        raise CryptfsError(
+            "the mount process ended before it said that everything was uploaded; what is left stays "
+            "in the local journal for the next mount (see the mount log)"
+        )
+    if not quiet and outcome:
+        done = f"{outcome['files']} file(s), {human(outcome['bytes'])} uploaded first" if outcome["files"] else ""
+        print(f"cryptfs: unmounted {mountpoint}" + (f"; {done}" if done else ""), file=sys.stderr)
     return 0
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # a zombie child of ours has finished
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ", 1)[1][0] != "Z"
-    except OSError:
-        return False
+class Progress:
+    """The umount progress line: a bar on a terminal; elsewhere (a service's stop, a script's
+    log) a line every few seconds, so a long wait says what it waits for."""
 
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.bar: Bar | None = None
+        self.shown = 0.0
+        self.total = 0
 
-def _which(name: str) -> bool:
-    return any(os.access(os.path.join(d, name), os.X_OK) for d in os.environ.get("PATH", "").split(":"))
+    def show(self, pending: dict) -> None:
+        if self.quiet or not pending["files"]:
+            return
+        text = f"uploading before unmount: {pending['files']} file(s), {human(pending['bytes'])} left"
+        self.total = max(self.total, pending["bytes"])
+        if shown(False):
+            if self.bar is None:
+                self.bar = Bar(text, self.total)
+            self.bar.update(self.total - pending["bytes"], self.total, text)
+        elif time.monotonic() - self.shown >= 5:
+            self.shown = time.monotonic()
+            print("cryptfs: " + text, file=sys.stderr)
+
+    def end(self) -> None:
+        if self.bar is not None:
+            self.bar.update(self.total, self.total, "uploaded before unmount")
+            self.bar.close()

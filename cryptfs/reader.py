@@ -32,6 +32,8 @@ class BlockReader:
         self._pool = cf.ThreadPoolExecutor(workers, thread_name_prefix="fetch")
         self._inflight: dict[tuple, cf.Future] = {}
         self._lock = threading.Lock()
+        # for `cryptfs status`: blocks read from memory or not; chunks found on disk or not
+        self.memory_hits = self.memory_misses = self.disk_hits = self.disk_misses = 0
 
     def _chunk_key(self, entry: Entry, chunk: int) -> tuple:
         return (entry.key, entry.etag, chunk)
@@ -51,7 +53,10 @@ class BlockReader:
             self.disk.get(self._chunk_key(entry, c), s[3] - s[2]) if self.disk else None
             for c, s in zip(chunks, spans, strict=True)
         ]
-        if any(r is None for r in raws):
+        missed = sum(r is None for r in raws)
+        self.disk_hits += len(raws) - missed
+        self.disk_misses += missed
+        if missed:
             start, end = spans[0][2], spans[-1][3]
             with_header = chunks[0] == 0
             with_table = self.store.layout.has_table and spans[-1][0] + spans[-1][1] == fmt.block_count(
@@ -119,8 +124,11 @@ class BlockReader:
     def block(self, entry: Entry, fk: fmt.FileKey, header: bytes, index: int) -> bytes:
         """Plaintext of block `index` of an uploaded object version."""
         ck = (entry.obj_id, entry.etag, index)
-        for _ in range(3):
+        for attempt in range(3):
             hit = self.blocks.get(ck)
+            if attempt == 0:
+                self.memory_hits += hit is not None
+                self.memory_misses += hit is None
             if hit is not None:
                 return hit
             for fut in self._ensure(entry, fk, header, [index // CHUNK_BLOCKS]):

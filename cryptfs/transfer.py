@@ -9,11 +9,11 @@ import hashlib
 import os
 import stat
 import sys
-import time
 from dataclasses import dataclass, field
 
 from . import format as fmt
 from .errors import EXIT_INTEGRITY, CryptfsError, IsADirectory, NoSpace, NotADirectory, NotFound
+from .progress import Bar
 from .store import Entry, Store, entry_attrs, now_ns
 
 PARTIAL_SUFFIX = ".cryptfs-partial"
@@ -28,29 +28,6 @@ def partial_path(dest: str) -> str:
     if len(name) > NAME_MAX:
         name = b"." + hashlib.sha256(os.fsencode(base)).hexdigest()[:32].encode() + PARTIAL_SUFFIX.encode()
     return os.path.join(directory, os.fsdecode(name))
-
-
-class Progress:
-    """A one-line progress bar on stderr when it is a terminal; silent otherwise."""
-
-    def __init__(self, total: int, label: str, enabled: bool | None = None):
-        self.total, self.label, self.done = total, label, 0
-        self.enabled = sys.stderr.isatty() if enabled is None else enabled
-        self.start = self.last = time.monotonic()
-
-    def __call__(self, n: int) -> None:
-        self.done += n
-        now = time.monotonic()
-        if self.enabled and (now - self.last > 0.2 or self.done >= self.total):
-            self.last = now
-            rate = self.done / max(now - self.start, 1e-6) / 1e6
-            pct = 100 * self.done / self.total if self.total else 100
-            sys.stderr.write(f"\r{self.label[-40:]:40} {pct:5.1f}% {self.done / 1e6:10.1f} MB {rate:7.1f} MB/s")
-            sys.stderr.flush()
-
-    def finish(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\n")
 
 
 def attrs_of(st: os.stat_result) -> fmt.Attrs:
@@ -83,9 +60,11 @@ def put_path(store: Store, src: str, parent: Entry, name: bytes, quiet: bool = F
         return 0
     with open(src, "rb") as f:
         size = os.fstat(f.fileno()).st_size
-        progress = Progress(size, src, enabled=None if not quiet else False)
-        store.write_stream(parent.obj_id, name, f, size, attrs_of(st), existing, progress=progress)
-        progress.finish()
+        bar = Bar(src, size, quiet)
+        try:
+            store.write_stream(parent.obj_id, name, f, size, attrs_of(st), existing, progress=bar.advance)
+        finally:
+            bar.close()
     return 1
 
 
@@ -168,15 +147,15 @@ def _get_file(store: Store, entry: Entry, dest: str, quiet: bool) -> None:
         _apply_attrs(dest, attrs, follow=not entry.is_symlink)
         return
     partial = partial_path(dest)
-    progress = Progress(entry.size, os.fsdecode(entry.name), enabled=None if not quiet else False)
+    bar = Bar(os.fsdecode(entry.name), entry.size, quiet)
     try:
         with open(partial, "wb") as out:
             for chunk in store.iter_plain(entry):
                 out.write(chunk)
-                progress(len(chunk))
+                bar.advance(len(chunk))
             out.flush()
             os.fsync(out.fileno())
-        progress.finish()
+        bar.close()
         _apply_attrs(partial, entry.attrs, follow=True)
         os.replace(partial, dest)
     except OSError as exc:
@@ -187,6 +166,8 @@ def _get_file(store: Store, entry: Entry, dest: str, quiet: bool) -> None:
     except BaseException:
         _discard(partial)
         raise
+    finally:
+        bar.close()
 
 
 def _unchanged(dest: str, entry: Entry) -> bool:

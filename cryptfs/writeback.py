@@ -588,6 +588,11 @@ class WriteBack:
         with cf.ThreadPoolExecutor(max(1, len(self._threads)), thread_name_prefix="drain") as pool:
             return [s for s in pool.map(one, states) if s is not None]
 
+    def in_flight(self) -> int:
+        """How many uploads run now (for `cryptfs status`)."""
+        with self._cond:
+            return len(self._busy)
+
     def stop(self) -> None:
         with self._cond:
             self._stop = True

@@ -17,3 +17,11 @@ if [ "${#need[@]}" -gt 0 ]; then
 fi
 
 python3 -m pip install -q --disable-pip-version-check -e '.[test]'
+
+# mount(8) and umount(8) look for their helpers in /sbin only: link the installed ones there
+for helper in mount.cryptfs umount.fuse.cryptfs; do
+    found="$(command -v "$helper" || true)"
+    if [ -n "$found" ] && [ ! -e "/sbin/$helper" ]; then
+        $SUDO ln -s "$found" "/sbin/$helper"
+    fi
+done

@@ -18,6 +18,7 @@ from conftest import (PASSPHRASE, assert_cli_error, assert_cli_ok, cli_command, 
                       closed_port, run_cli, run_cli_many, unique_bucket_name)
 from cryptfs import errors
 from cryptfs import format as fmt
+from cryptfs.progress import human
 from cryptfs.transfer import PARTIAL_SUFFIX
 
 BS = fmt.DEFAULT_BLOCK_SIZE
@@ -139,7 +140,8 @@ def s3_volume(volume_factory):
 
 
 def write(path, data: bytes = b"", mode: int | None = None):
-    with open(path, "wb") as f:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # a passphrase file is refused otherwise
+    with open(fd, "wb") as f:
         f.write(data)
     if mode is not None:
         os.chmod(path, mode)
@@ -329,7 +331,7 @@ def test_fsck_clean(populated, src_tree):
     files = sum(1 for st in entries.values() if not stat.S_ISDIR(st.st_mode))
     nbytes = sum(len(os.fsencode(os.readlink(os.path.join(src_tree, rel)))) if stat.S_ISLNK(st.st_mode)
                  else st.st_size for rel, st in entries.items() if not stat.S_ISDIR(st.st_mode))
-    assert result.stdout.strip() == f"{dirs} directories, {files} files, {nbytes} bytes checked; 0 problem(s)"
+    assert result.stdout.strip() == f"{dirs} directories, {files} files, {nbytes} bytes ({human(nbytes)}) checked; 0 problem(s)"
 
 
 def test_disk_full_during_get(populated, tmpfs):

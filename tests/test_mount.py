@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import glob
+import json
 import os
 import re
 import shutil
@@ -669,8 +670,8 @@ def test_kill_9_before_upload_then_remount(volume_factory, volume_kind, own_moun
     assert ref.raw.keys() == keys_before, "uploaded before the write-back delay: the test proves nothing"
 
     pid = m.daemon_pid()
-    pidfiles = glob.glob(os.path.join(os.environ["CRYPTFS_STATE_DIR"], "mounts", "*.pid"))
-    assert str(pid) in [read(p).decode().strip() for p in pidfiles], pidfiles
+    status = run_cli("status", m.mountpoint, "--json")  # the mount is found by its mount point
+    assert json.loads(status.stdout)["pid"] == pid, status
     os.kill(pid, signal.SIGKILL)
     assert wait_gone([pid], 10)
     subprocess.run(["fusermount3", "-uz", m.mountpoint], check=True)

@@ -124,6 +124,16 @@ class S3Backend(Backend):
             raise NoCredentials(str(exc)) from None
         self._pool = cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="s3-part")
 
+    def on_retries(self, callback) -> None:
+        """callback(n) after each answered request that botocore retried n times."""
+
+        def seen(parsed=None, **_):
+            attempts = (parsed or {}).get("ResponseMetadata", {}).get("RetryAttempts", 0)
+            if attempts:
+                callback(attempts)
+
+        self.client.meta.events.register("after-call.s3", seen)
+
     def _call(self, what: str, fn, **kwargs):
         try:
             return fn(Bucket=self.bucket, **kwargs)
