@@ -688,15 +688,19 @@ class CryptFS:
             state.discard_staging()
             record = self.journal.get(state.uid)
             state.modified = False  # no upload is owed
+            # the version an earlier close journaled (inline, or copied aside before the first
+            # change) goes to the bucket before the name is given back to the bucket's listing,
+            # so no lookup finds the name missing meanwhile; a record of the staging file itself
+            # named what is now given up
+            if record is not None and record.get("staging") != state.staging_path:
+                try:
+                    recover_record(self.store, self.journal, record)
+                except CryptfsError as exc:
+                    log.warning("%s: the closed version stays in the journal for the next mount: %s", state.key, exc)
+            else:
+                self.journal.remove(state.uid)
             self.ns.abandon(state)
         log.warning("%s: changes given up after the cache disk filled", state.key)
-        if record is not None and (record.get("staging") or "").endswith(".closed.obj"):
-            try:  # the version an earlier close journaled still goes to the bucket
-                recover_record(self.store, self.journal, record)
-            except CryptfsError as exc:
-                log.warning("%s: the closed version stays in the journal for the next mount: %s", state.key, exc)
-        else:
-            self.journal.remove(state.uid)
 
     def _discard(self, state: FileState) -> None:
         """An unlinked file's last close: drop local data; delete its object if it kept it."""

@@ -29,7 +29,7 @@ Locks, always taken in this order (never the other way round):
         -> Namespace._lock                      the tables below; never held during I/O
           -> AttrDB._lock                       its sqlite connection
 
-`_lock` guards `_dirs` (children, freshness, change marks), `_seq`, `_where`, `_dirty`,
+`_lock` guards `_dirs` (children, freshness, change marks), `_seq`, `_where`, `_dirty`, `_abandoned`,
 `_doomed`, `_backptrs`, `root`, and FileState.handles; FileState.parent_id/name change only with both
 the state's lock and `_lock` held.
 """
@@ -166,13 +166,14 @@ class NameLocks:
 
 
 class _Dir:
-    __slots__ = ("children", "listed_at", "listing", "changed")
+    __slots__ = ("children", "listed_at", "listing", "changed", "resets")
 
     def __init__(self):
         self.children: dict[bytes, ObjectInfo | Entry | FileState] = {}
         self.listed_at: float | None = None  # monotonic time of the last listing; None: list it again
         self.listing: threading.Event | None = None  # a LIST in flight
         self.changed: dict[bytes, int] = {}  # name -> sequence number of its last local change
+        self.resets = 0  # bumped when the listing must be read again: a LIST begun before is not enough
 
 
 Node = Entry | FileState
@@ -195,6 +196,7 @@ class Namespace:
         # directory entries with unflushed attributes -> (first, last) monotonic time of a change
         self._dirty: dict[tuple[bytes, bytes], tuple[float, float]] = {}
         self._doomed: dict[tuple[bytes, bytes], FileState] = {}  # unlinked while open: DELETE at last close
+        self._abandoned: set[FileState] = set()  # changes given up; an earlier upload may still land
         self._backptrs: dict[bytes, tuple[bytes, bytes]] = {}  # dir id -> the entry it was seen to point back to
         self._lock = threading.Lock()
         self._pool = cf.ThreadPoolExecutor(workers, thread_name_prefix="head")
@@ -288,7 +290,7 @@ class Namespace:
                 event, mine = d.listing, d.listing is None
                 if event is None:
                     event = d.listing = threading.Event()
-                    seq0 = self._seq
+                    seq0, resets0 = self._seq, d.resets
             if not mine:
                 event.wait()
                 with self._lock:
@@ -305,7 +307,7 @@ class Namespace:
             with self._lock:
                 self._merge(dir_id, d, listing, seq0)
                 d.listing = None
-                d.listed_at = time.monotonic()
+                d.listed_at = time.monotonic() if d.resets == resets0 else None
             event.set()
             return
 
@@ -528,18 +530,26 @@ class Namespace:
                     if winner is not None:
                         self._set(state.parent_id, state.name, winner)
                     else:
-                        self._dir(state.parent_id).listed_at = None
+                        self._relist(self._dir(state.parent_id))
                     state.parent_id, state.name = entry.parent_id, entry.name
                     self._set(entry.parent_id, entry.name, state)
                 else:
                     state.parent_id, state.name = entry.parent_id, entry.name
         with self._lock:
             d = self._dirs.get(state.parent_id)
-            if d is not None and d.children.get(state.name) is state:
+            current = d.children.get(state.name) if d is not None else None
+            if d is not None and current is state:
                 self._seq += 1
                 d.changed[state.name] = self._seq
                 if not state.handles and not state.modified:
                     d.children[state.name] = entry
+            elif d is not None and state in self._abandoned and not isinstance(current, FileState):
+                # an upload of a version closed before the changes given up landed after the
+                # name was given back to the listing, which (under the lease) is not read again
+                self._abandoned.discard(state)
+                self._seq += 1
+                d.changed[state.name] = self._seq
+                d.children[state.name] = entry
         self.record(entry)
 
     def _unbind(self, state: FileState) -> None:
@@ -553,14 +563,23 @@ class Namespace:
     def stale(self, dir_id: bytes) -> None:
         """Another mount changed the directory (a condition failed): list it again at the next lookup."""
         with self._lock:
-            self._dir(dir_id).listed_at = None
+            self._relist(self._dir(dir_id))
+
+    @staticmethod
+    def _relist(d: _Dir) -> None:
+        d.listed_at = None
+        d.resets += 1
 
     def abandon(self, state: FileState) -> None:
         """Unbind a file whose local changes are given up: the directory is listed again at its
         next lookup, so the name shows what the bucket holds under it, if anything."""
         with self._lock:
             self._unbind(state)
-            self._dir(state.parent_id).listed_at = None
+            if state.basis is not None:  # the stored version it was opened from, as uploaded
+                self._set(state.parent_id, state.name, state.basis)
+                return
+            self._abandoned.add(state)
+            self._relist(self._dir(state.parent_id))
 
     def rename_state(self, state: FileState, new_parent: bytes, new_name: bytes) -> None:
         """Move a FileState to another name (with its lock held): both names change at once."""

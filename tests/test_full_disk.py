@@ -44,22 +44,28 @@ def soon(check, timeout: float = 5.0) -> bool:
     return True
 
 
-def test_full_cache_disk(volume_factory, volume_kind, tmpfs, tmp_path, hang_guard):
+@pytest.mark.parametrize("keep_pending", [False, True], ids=["keep-uploaded", "keep-pending"])
+def test_full_cache_disk(volume_factory, volume_kind, tmpfs, tmp_path, hang_guard, keep_pending):
     ref = volume_factory(volume_kind)
     elsewhere = tmp_path / "from-elsewhere.txt"
     elsewhere.write_bytes(b"written by another client\n")
     assert ref.cli("put", str(elsewhere), ref.path("from-elsewhere.txt")).returncode == 0
     cache = tmpfs(CACHE_SIZE)
-    m = MountedVolume(ref, tmp_path / "mnt", cache, ["--attr-ttl", "0.2"])
+    # keep-pending: keep.bin's closed version is still in the journal when the append to it fails
+    delay = ["--writeback-delay", "120"] if keep_pending else []
+    m = MountedVolume(ref, tmp_path / "mnt", cache, ["--attr-ttl", "0.2", *delay])
     keep, other = data(300_000, 1), data(1000, 2)
     try:
         m.mount()
-        write(m.path("keep.bin"), keep)
+        with open(m.path("keep.bin"), "wb") as f:
+            f.write(keep)
+            if not keep_pending:
+                f.flush()
+                os.fsync(f.fileno())
         with open(m.path("other.txt"), "wb") as f:
             f.write(other)
             f.flush()
             os.fsync(f.fileno())   # in the bucket before the disk fills
-        # keep.bin is journaled and uploads in the background, perhaps while the disk is full
         empty_use = shutil.disk_usage(cache).used
 
         # a new file: ENOSPC to the writer, the rest of the mount works while the disk is full
