@@ -256,12 +256,12 @@ class CryptFS:
         try:
             from mfusepy import _libfuse
 
+            invalidate = _libfuse.fuse_invalidate_path  # libfuse 3 only, as the mount loads it
             context = _libfuse.fuse_get_context()
         except (ImportError, OSError, AttributeError):  # no FUSE library: in-process use
             return
         if not context or not context.contents.fuse:
             return
-        invalidate = _libfuse.fuse_invalidate_path
         invalidate.argtypes, invalidate.restype = [ctypes.c_void_p, ctypes.c_char_p], ctypes.c_int
         for parent_id, name in self.ns.link_names(file_id):
             if (parent_id, name) == besides:

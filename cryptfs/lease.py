@@ -124,8 +124,8 @@ class Lease:
         self.store = store
         self.shared = shared  # a --shared mount: joins other shared mounts, never an exclusive one
         self.multipart_ok = True  # (shared) the endpoint's multipart uploads honour conditions
-        self.backend = store.backend  # the unfenced one: the lease itself is always written
-        self.key = store.abs_key(LEASE_NAME)
+        self.backend = store.objects  # the unfenced door: the lease itself is always written
+        self.key = LEASE_NAME
         self.cache_id = cache_id
         self.duration = max(MIN_DURATION, duration)
         self.period = self.duration / 3
@@ -494,8 +494,8 @@ def probe_conditions(store: Store) -> bool:
     If-None-Match over an existing object, and a replace with If-Match on a wrong ETag, must
     both fail. Returns whether completing a multipart upload honours If-None-Match too (when
     not, a shared mount keeps its files to what one PUT carries). Costs about eight requests."""
-    key = store.abs_key(f"{LEASE_NAME}.probe-{os.urandom(6).hex()}")
-    backend = store.backend
+    key = f"{LEASE_NAME}.probe-{os.urandom(6).hex()}"
+    backend = store.objects
     try:
         etag = backend.put(key, b"probe", if_none_match=True)
         for what, kwargs in (

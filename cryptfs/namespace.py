@@ -52,6 +52,8 @@ from .store import Entry, Store, entry_attrs
 
 log = logging.getLogger(__name__)
 
+KEYS_RELATIVE = 2  # the database's user_version since its keys are relative to the volume
+
 
 class AttrDB:
     """Encrypted metadata of objects seen, persisted in sqlite under the cache directory.
@@ -65,6 +67,13 @@ class AttrDB:
         self._db = sqlite3.connect(path or ":memory:", check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
+        if self._db.execute("PRAGMA user_version").fetchone()[0] < KEYS_RELATIVE:
+            # keys were the bucket's (volume prefix included): start the cache afresh
+            self._db.executescript(
+                "DROP TABLE IF EXISTS attrs; DROP TABLE IF EXISTS saved; DROP TABLE IF EXISTS saved_dirs;"
+                "DROP TABLE IF EXISTS saved_entries; DROP TABLE IF EXISTS saved_backptrs;"
+                f"PRAGMA user_version={KEYS_RELATIVE};"
+            )
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS attrs (key TEXT PRIMARY KEY, etag TEXT, lm REAL, size INTEGER, meta TEXT)"
         )
@@ -257,7 +266,7 @@ class Namespace:
             except NotFound:
                 return None
             except (FormatError, IntegrityError) as exc:
-                self.store.warn_once(info.key, f"skipped: {exc}")
+                self.store.warn_once(self.store.abs_key(info.key), f"skipped: {exc}")
                 return None
 
         known = [(name, child) for name, child in items if not isinstance(child, ObjectInfo)]
@@ -313,7 +322,6 @@ class Namespace:
 
     def _merge(self, dir_id: bytes, d: _Dir, listing: dict[bytes, ObjectInfo], seq0: int) -> None:
         """Lay a listing begun at sequence number seq0 under the local state (with _lock held)."""
-        prefix_len = len(self.store.vol.prefix)
         local = {
             name: child
             for name, child in d.children.items()
@@ -324,7 +332,7 @@ class Namespace:
             if name in local or d.changed.get(name, -1) > seq0 or (dir_id, name) in self._doomed:
                 continue  # changed here after the LIST began (ours is newer), or unlinked while open
             old = d.children.get(name)
-            if isinstance(old, Entry) and old.etag == info.etag and old.name_key == info.key[prefix_len:]:
+            if isinstance(old, Entry) and old.etag == info.etag and old.name_key == info.key:
                 merged[name] = old
             else:
                 merged[name] = info
@@ -333,17 +341,16 @@ class Namespace:
         d.changed = {n: s for n, s in d.changed.items() if s > seq0}
 
     def _resolve(self, dir_id: bytes, name: bytes, info: ObjectInfo) -> Node:
-        rel = info.key[len(self.store.vol.prefix) :]
         meta = self.db.get(info)
         entry = None
         if meta is not None:
             try:
-                entry = self.store.entry_from(dir_id, name, rel, replace(info, metadata=meta), None)
+                entry = self.store.entry_from(dir_id, name, info.key, replace(info, metadata=meta), None)
             except CryptfsError:
                 self.db.forget(info.key)  # a blob failing its check is a miss, not EIO
         if entry is None:
             try:
-                entry = self.store.stat_listed(dir_id, name, rel, info.size)
+                entry = self.store.stat_listed(dir_id, name, info.key, info.size)
             except NotFound:
                 with self._lock:
                     d = self._dir(dir_id)
@@ -424,7 +431,7 @@ class Namespace:
             self._refresh_links(entry)
         if entry.raw_meta is not None and entry.obj_id != fmt.ROOT_DIR_ID:
             size = fmt.DIRENT_SIZE if entry.is_dir else self.store.layout.object_size(entry.size)
-            self.db.put(self.store.abs_key(entry.key), entry.etag, None, size, entry.raw_meta)
+            self.db.put(entry.key, entry.etag, None, size, entry.raw_meta)
 
     # ------------------------------------------------------------ hard-linked files
     # A hard-linked file open under one name is one FileState, bound to that name; its other
@@ -728,9 +735,9 @@ class Namespace:
         if isinstance(child, ObjectInfo):
             return child.key, child.etag, child.size, child.last_modified
         if child.link_key is not None:  # its link entry's ETag is not kept: read again when used
-            return self.store.abs_key(child.link_key), "", fmt.LINK_SIZE, 0.0
+            return child.link_key, "", fmt.LINK_SIZE, 0.0
         size = fmt.DIRENT_SIZE if child.is_dir else self.store.layout.object_size(child.size)
-        return self.store.abs_key(child.key), child.etag, size, child.last_modified
+        return child.key, child.etag, size, child.last_modified
 
     def load(self, unchanged_since: Callable[[int], bool]) -> int:
         """At mount: take the listings the last clean unmount saved, if `unchanged_since` their

@@ -17,7 +17,8 @@ from typing import Callable, Iterator
 from . import format as fmt
 from . import keys
 from cachetools import LRUCache
-from .backend.base import ObjectInfo, PendingUpload, Readable, read_exact
+from .backend.base import Backend, ObjectInfo, PendingUpload, Readable, read_exact
+from .backend.prefixed import PrefixedBackend
 from .errors import (
     AlreadyExists,
     DirectoryNotEmpty,
@@ -87,7 +88,7 @@ def default_attrs(mode: int) -> fmt.Attrs:
 class Store:
     def __init__(self, volume: Volume, workers: int = 8):
         self.vol = volume
-        self.backend = volume.backend
+        self.backend = volume.backend  # also sets self.objects
         self.vk = volume.volume_keys
         self.block_size = volume.block_size
         self.layout = volume.layout
@@ -100,8 +101,20 @@ class Store:
 
     # ------------------------------------------------------------ keys and names
 
+    @property
+    def backend(self) -> Backend:
+        """The door to storage (a mount wraps it to count, fence or fail requests); the store
+        itself sends every request through `objects`, its view on volume-relative keys."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, backend: Backend) -> None:
+        self._backend = backend
+        self.objects = PrefixedBackend(backend, self.vol.prefix)
+
     def abs_key(self, rel: str) -> str:
-        return self.vol.prefix + rel
+        """A volume-relative key as the bucket names it (for messages and local databases)."""
+        return self.objects.full_key(rel)
 
     def entry_key(self, dir_id: bytes, name: bytes) -> str:
         key = self._keys.get((dir_id, name))
@@ -116,21 +129,18 @@ class Store:
     # ------------------------------------------------------------ objects by volume-relative key
 
     def head(self, rel: str) -> ObjectInfo:
-        return self.backend.head(self.abs_key(rel))
+        return self.objects.head(rel)
 
     def get_object(self, rel: str) -> tuple[bytes, ObjectInfo]:
-        return self.backend.get(self.abs_key(rel))
+        return self.objects.get(rel)
 
     def list_objects(self, rel_prefix: str = "") -> Iterator[ObjectInfo]:
         """Every object under a volume-relative prefix, keys relative to the volume."""
-        cut = len(self.vol.prefix)
-        for info in self.backend.list(self.abs_key(rel_prefix)):
-            yield replace(info, key=info.key[cut:])
+        return self.objects.list(rel_prefix)
 
     def pending_uploads(self) -> list[PendingUpload]:
         """Unfinished multipart uploads under the volume, keys relative to the volume."""
-        cut = len(self.vol.prefix)
-        return [replace(u, key=u.key[cut:]) for u in self.backend.pending_uploads(self.vol.prefix)]
+        return self.objects.pending_uploads("")
 
     def warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -180,7 +190,7 @@ class Store:
     def _linked(self, parent_id: bytes, name: bytes, rel: str, body: bytes | None) -> Entry:
         """A hard-linked name: its link entry names the file, whose object holds the rest."""
         if body is None or len(body) < fmt.LINK_SIZE:
-            body, _ = self.backend.get(self.abs_key(rel))
+            body, _ = self.objects.get(rel)
         file_id = fmt.decrypt_link(self.vk, parent_id, name, body[: fmt.LINK_SIZE])
         entry = self.inode(file_id, parent_id, name)
         return replace(entry, link_key=rel)
@@ -188,7 +198,7 @@ class Store:
     def inode(self, file_id: bytes, parent_id: bytes = b"", name: bytes = b"") -> Entry:
         """A hard-linked file as the bucket holds it now (NotFound: its last name went meanwhile)."""
         rel = fmt.inode_key(self.vk, file_id)
-        entry = self.entry_from(parent_id, name, rel, self.backend.head(self.abs_key(rel)), None)
+        entry = self.entry_from(parent_id, name, rel, self.objects.head(rel), None)
         if entry.is_dir or entry.obj_id != file_id:
             raise IntegrityError(f"hard-linked file {rel} is not the file its name points to")
         return entry
@@ -198,7 +208,7 @@ class Store:
         block, and the tag table of a one-block file)."""
         rel = self.entry_key(dir_id, name)
         first = first or self.layout.object_size(self.block_size)
-        body, info = self.backend.get(self.abs_key(rel), 0, first)
+        body, info = self.objects.get(rel, 0, first)
         try:
             entry = self.entry_from(dir_id, name, rel, info, body)
             return entry, body if entry.link_key is None else b""
@@ -209,14 +219,14 @@ class Store:
         """An entry found by a listing: one request. A directory entry (listed `size` 56) is
         read whole, so its body is checked too; a file is a HEAD."""
         if size in (fmt.DIRENT_SIZE, fmt.LINK_SIZE):
-            body, info = self.backend.get(self.abs_key(rel))
+            body, info = self.objects.get(rel)
         else:
-            body, info = None, self.backend.head(self.abs_key(rel))
+            body, info = None, self.objects.head(rel)
         return self.entry_from(dir_id, name, rel, info, body)
 
     def root(self) -> Entry:
         rel = self.backptr_key(fmt.ROOT_DIR_ID)
-        info = self.backend.head(self.abs_key(rel))
+        info = self.objects.head(rel)
         meta = fmt.parse_metadata(info.metadata or {})
         attrs = fmt.decrypt_attrs(self.vk, rel, fmt.ROOT_DIR_ID, meta.attr_blob)
         return Entry(fmt.ROOT_DIR_ID, b"", rel, True, fmt.ROOT_DIR_ID, 0, info.etag, info.last_modified, attrs)
@@ -238,14 +248,14 @@ class Store:
     def list_dir(self, dir_id: bytes) -> Iterator[tuple[bytes, ObjectInfo, bool]]:
         """(name, info, is_dir) for every entry, from one LIST; foreign keys are skipped."""
         prefix = fmt.dir_prefix(self.vk, dir_id)
-        for info in self.backend.list(self.abs_key(prefix)):
-            suffix = info.key[len(self.vol.prefix) + len(prefix) :]
+        for info in self.objects.list(prefix):
+            suffix = info.key[len(prefix) :]
             if suffix == fmt.BACKPTR_NAME:
                 continue
             try:
                 name = fmt.decrypt_name(self.vk, dir_id, suffix)
             except (FormatError, IntegrityError):
-                self.warn_once(info.key, "not a cryptfs entry of this volume; skipped")
+                self.warn_once(self.abs_key(info.key), "not a cryptfs entry of this volume; skipped")
                 continue
             yield name, info, info.size == fmt.DIRENT_SIZE
 
@@ -257,15 +267,15 @@ class Store:
         def one(item):
             name, info, _ = item
             try:
-                entry = self.stat_listed(dir_id, name, info.key[len(self.vol.prefix) :], info.size)
+                entry = self.stat_listed(dir_id, name, info.key, info.size)
                 if entry.is_dir:
                     self.follow(entry)
                 return entry
             except (FormatError, IntegrityError) as exc:
                 if skipped is None:
-                    self.warn_once(info.key, f"skipped: {exc}")
+                    self.warn_once(self.abs_key(info.key), f"skipped: {exc}")
                 else:
-                    skipped.append((name, type(exc)(f"{exc} (object {info.key})")))
+                    skipped.append((name, type(exc)(f"{exc} (object {self.abs_key(info.key)})")))
             except NotFound:
                 pass  # removed since the listing
             return None
@@ -341,12 +351,12 @@ class Store:
 
     def read_header(self, entry: Entry, fk: fmt.FileKey, raw: bytes | None = None) -> bytes:
         if raw is None:
-            raw, _ = self.backend.get(self.abs_key(entry.key), 0, fmt.HEADER_SIZE, if_match=entry.etag)
+            raw, _ = self.objects.get(entry.key, 0, fmt.HEADER_SIZE, if_match=entry.etag)
         return self.check_header(entry, fk, raw)
 
     def get_range(self, rel: str, start: int, end: int, etag: str | None) -> bytes:
         """Object bytes [start, end) of one version (If-Match on its ETag); short is an error."""
-        raw, _ = self.backend.get(self.abs_key(rel), start, end, if_match=etag)
+        raw, _ = self.objects.get(rel, start, end, if_match=etag)
         if len(raw) != end - start:
             raise IntegrityError(f"object {rel} is shorter than its listed size")
         return raw
@@ -364,20 +374,20 @@ class Store:
         """Store an object from a stream of exactly `size` bytes; returns its ETag.
         started(upload_id): a multipart upload began (see Backend.upload). The conditions
         hold for single-part and multipart uploads alike (PreconditionFailed)."""
-        return self.backend.upload(
-            self.abs_key(rel), stream, size, metadata, if_none_match=if_none_match, if_match=if_match, started=started
+        return self.objects.upload(
+            rel, stream, size, metadata, if_none_match=if_none_match, if_match=if_match, started=started
         )
 
     def abort_upload(self, rel: str, upload_id: str) -> None:
         """Abort a multipart upload of ours; one already finished or aborted is not an error."""
         try:
-            self.backend.abort_upload(PendingUpload(self.abs_key(rel), upload_id, 0.0))
+            self.objects.abort_upload(PendingUpload(rel, upload_id, 0.0))
         except NotFound:
             pass
 
     def abort_uploads_to(self, rel: str, upload_id: str | None = None) -> None:
         """Abort every unfinished multipart upload to one key (and `upload_id`, if known)."""
-        ids = {u.upload_id for u in self.backend.pending_uploads(self.abs_key(rel)) if u.key == self.abs_key(rel)}
+        ids = {u.upload_id for u in self.objects.pending_uploads(rel) if u.key == rel}
         for upload in ids | ({upload_id} if upload_id else set()):
             self.abort_upload(rel, upload)
 
@@ -448,8 +458,8 @@ class Store:
         reader = EncryptingReader(stream, fk, size, self.layout)
         obj_size = self.layout.object_size(size)
         try:
-            etag = self.backend.upload(
-                self.abs_key(rel),
+            etag = self.objects.upload(
+                rel,
                 reader,
                 obj_size,
                 meta,
@@ -479,8 +489,8 @@ class Store:
         """A directory's back-pointer. Its metadata (the directory's id and attributes, sealed to
         the key) is what lets `fsck --repair` prove an orphaned one is this volume's."""
         rel = self.backptr_key(child)
-        self.backend.put(
-            self.abs_key(rel),
+        self.objects.put(
+            rel,
             fmt.encrypt_backptr(self.vk, child, parent_id, name),
             fmt.dirent_metadata(self.vk, rel, child, attrs) if attrs is not None else None,
         )
@@ -501,7 +511,7 @@ class Store:
         try:
             return self._new_dirent(parent_id, name, child, attrs)
         except AlreadyExists:
-            self.backend.delete(self.abs_key(self.backptr_key(child)))
+            self.objects.delete(self.backptr_key(child))
             raise
 
     def link_dir(self, parent_id: bytes, name: bytes, child: bytes, attrs: fmt.Attrs) -> Entry:
@@ -515,9 +525,7 @@ class Store:
         rel = self.entry_key(parent_id, name)
         meta = self.metadata_for(rel, child, attrs, None, True)
         try:
-            etag = self.backend.put(
-                self.abs_key(rel), fmt.encrypt_dirent(self.vk, parent_id, name, child), meta, if_none_match=True
-            )
+            etag = self.objects.put(rel, fmt.encrypt_dirent(self.vk, parent_id, name, child), meta, if_none_match=True)
         except PreconditionFailed:
             raise AlreadyExists(f"{name.decode(errors='replace')} already exists") from None
         return Entry(parent_id, name, rel, True, child, 0, etag, time.time(), attrs, raw_meta=meta)
@@ -535,40 +543,40 @@ class Store:
 
     def init_root(self, attrs: fmt.Attrs) -> None:
         rel = self.backptr_key(fmt.ROOT_DIR_ID)
-        self.backend.put(
-            self.abs_key(rel),
+        self.objects.put(
+            rel,
             fmt.encrypt_backptr(self.vk, fmt.ROOT_DIR_ID, fmt.ROOT_DIR_ID, b""),
             fmt.dirent_metadata(self.vk, rel, fmt.ROOT_DIR_ID, attrs),
         )
 
     def is_empty(self, dir_id: bytes) -> bool:
-        prefix = self.abs_key(fmt.dir_prefix(self.vk, dir_id))
-        return all(info.key == prefix + fmt.BACKPTR_NAME for info in self.backend.list(prefix))
+        prefix = fmt.dir_prefix(self.vk, dir_id)
+        return all(info.key == prefix + fmt.BACKPTR_NAME for info in self.objects.list(prefix))
 
     def remove(self, entry: Entry) -> None:
         """Delete a file, or an empty directory (entry first, so it vanishes at once). A stale
         directory entry goes alone: the directory belongs to the entry it points back to."""
         if entry.is_dir and entry.obj_id != fmt.ROOT_DIR_ID and not self.check_backptr(entry):
-            self.backend.delete(self.abs_key(entry.key))
+            self.objects.delete(entry.key)
             return
         if entry.is_dir:
             if not self.is_empty(entry.obj_id):
                 raise DirectoryNotEmpty(f"{entry.name.decode(errors='replace')}: directory not empty")
-            self.backend.delete(self.abs_key(entry.key))
-            self.backend.delete(self.abs_key(self.backptr_key(entry.obj_id)))
+            self.objects.delete(entry.key)
+            self.objects.delete(self.backptr_key(entry.obj_id))
         else:
-            self.backend.delete(self.abs_key(entry.name_key))
+            self.objects.delete(entry.name_key)
             if entry.link_key is not None:
                 self.unlinked(entry)
 
     def delete_key(self, rel: str) -> None:
         """Delete the object under a volume-relative key (absent is not an error)."""
-        self.backend.delete(self.abs_key(rel))
+        self.objects.delete(rel)
 
     def read_backptr(self, dir_id: bytes) -> tuple[bytes, bytes] | None:
         """(parent id, name) a directory points back to; None if it has no back-pointer."""
         try:
-            raw, _ = self.backend.get(self.abs_key(self.backptr_key(dir_id)))
+            raw, _ = self.objects.get(self.backptr_key(dir_id))
         except NotFound:
             return None
         return fmt.decrypt_backptr(self.vk, dir_id, raw)
@@ -606,9 +614,7 @@ class Store:
     def put_link(self, parent_id: bytes, name: bytes, file_id: bytes, create_only: bool) -> str:
         rel = self.entry_key(parent_id, name)
         try:
-            self.backend.put(
-                self.abs_key(rel), fmt.encrypt_link(self.vk, parent_id, name, file_id), None, if_none_match=create_only
-            )
+            self.objects.put(rel, fmt.encrypt_link(self.vk, parent_id, name, file_id), None, if_none_match=create_only)
         except PreconditionFailed:
             raise AlreadyExists(f"{name.decode(errors='replace')} already exists") from None
         return rel
@@ -619,8 +625,8 @@ class Store:
             rel = fmt.inode_key(self.vk, entry.obj_id)
             attrs = replace(entry_attrs(entry), nlink=entry_attrs(entry).nlink + 1, ctime_ns=now_ns())
             meta = self.metadata_for(rel, entry.obj_id, attrs, entry.wrapped_key, False)
-            etag = self.backend.copy(self.abs_key(entry.key), self.abs_key(rel), meta, if_match=entry.etag)
-            if self.backend.head(self.abs_key(rel)).size != self.layout.object_size(entry.size):
+            etag = self.objects.copy(entry.key, rel, meta, if_match=entry.etag)
+            if self.objects.head(rel).size != self.layout.object_size(entry.size):
                 raise IntegrityError(f"copy of {entry.name!r} has the wrong size; not linked")
             self.put_link(entry.parent_id, entry.name, entry.obj_id, create_only=False)  # replaces the object
             old = replace(
@@ -644,7 +650,7 @@ class Store:
             return None
         if entry_attrs(current).nlink > 1:
             return self.bump_links(entry, -1)
-        self.backend.delete(self.abs_key(entry.key))
+        self.objects.delete(entry.key)
         return None
 
     def _rename_link(self, entry: Entry, new_parent: bytes, new_name: bytes, target: Entry | None) -> Entry:
@@ -654,7 +660,7 @@ class Store:
         new_rel = self.put_link(new_parent, new_name, entry.obj_id, create_only=target is None)
         if target is not None and target.link_key is not None:
             self.unlinked(target)
-        self.backend.delete(self.abs_key(entry.link_key))
+        self.objects.delete(entry.link_key)
         return replace(self.bump_links(entry, -1), parent_id=new_parent, name=new_name, link_key=new_rel)
 
     def rename(self, entry: Entry, new_parent: bytes, new_name: bytes, target: Entry | None = None) -> Entry:
@@ -673,22 +679,22 @@ class Store:
                 self.remove(target)
         meta = self.metadata_for(new_rel, entry.obj_id, entry.attrs, entry.wrapped_key, entry.is_dir)
         if entry.is_dir:
-            etag = self.backend.put(
-                self.abs_key(new_rel),
+            etag = self.objects.put(
+                new_rel,
                 fmt.encrypt_dirent(self.vk, new_parent, new_name, entry.obj_id),
                 meta,
                 if_none_match=target is None or target.is_dir,
             )
             self.write_backptr(entry.obj_id, new_parent, new_name, entry.attrs)
         else:
-            etag = self.backend.copy(self.abs_key(entry.key), self.abs_key(new_rel), meta, if_match=entry.etag)
-            copied = self.backend.head(self.abs_key(new_rel))
+            etag = self.objects.copy(entry.key, new_rel, meta, if_match=entry.etag)
+            copied = self.objects.head(new_rel)
             if copied.size != self.layout.object_size(entry.size):
                 raise IntegrityError(f"copy of {entry.key} has the wrong size; source kept")
         if target is not None and target.link_key is not None:
             self.unlinked(target)  # its link entry was replaced by the copy
         if new_rel != entry.key:
-            self.backend.delete(self.abs_key(entry.key))
+            self.objects.delete(entry.key)
         return replace(
             entry, parent_id=new_parent, name=new_name, key=new_rel, etag=etag, last_modified=time.time(), raw_meta=meta
         )
@@ -697,20 +703,20 @@ class Store:
         """Persist new attributes: a metadata-only copy (files) or a small re-PUT (directories)."""
         if entry.obj_id == fmt.ROOT_DIR_ID and entry.is_dir:
             meta = fmt.dirent_metadata(self.vk, entry.key, fmt.ROOT_DIR_ID, attrs)
-            etag = self.backend.put(
-                self.abs_key(entry.key), fmt.encrypt_backptr(self.vk, fmt.ROOT_DIR_ID, fmt.ROOT_DIR_ID, b""), meta
+            etag = self.objects.put(
+                entry.key, fmt.encrypt_backptr(self.vk, fmt.ROOT_DIR_ID, fmt.ROOT_DIR_ID, b""), meta
             )
             return replace(entry, attrs=attrs, etag=etag, raw_meta=meta)
         meta = self.metadata_for(entry.key, entry.obj_id, attrs, entry.wrapped_key, entry.is_dir)
         if entry.is_dir:
-            etag = self.backend.put(
-                self.abs_key(entry.key),
+            etag = self.objects.put(
+                entry.key,
                 fmt.encrypt_dirent(self.vk, entry.parent_id, entry.name, entry.obj_id),
                 meta,
                 if_match=entry.etag,
             )
         else:
-            etag = self.backend.copy(self.abs_key(entry.key), self.abs_key(entry.key), meta, if_match=entry.etag)
+            etag = self.objects.copy(entry.key, entry.key, meta, if_match=entry.etag)
         return replace(entry, attrs=attrs, etag=etag, last_modified=time.time(), raw_meta=meta)
 
 

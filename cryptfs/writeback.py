@@ -336,7 +336,7 @@ def _rehome_orphan(store: Store, record: UploadRecord, fk: fmt.FileKey, done: Co
     key = store.entry_key(lf.obj_id, name[-fmt.NAME_MAX :])
     attrs = _attrs_of(store, done.key, done.metadata)
     meta = store.metadata_for(key, fk.file_id, attrs, fmt.parse_metadata(done.metadata).wrapped_key, False)
-    etag = store.backend.copy(store.abs_key(done.key), store.abs_key(key), meta, if_match=done.etag)
+    etag = store.objects.copy(done.key, key, meta, if_match=done.etag)
     store.delete_key(done.key)
     log.warning("%s: its directory was removed by another mount; stored in /lost+found", shown(name))
     return Commit(key, etag, meta, lf.obj_id, name[-fmt.NAME_MAX :], done.conflict)

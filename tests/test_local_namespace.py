@@ -23,8 +23,8 @@ DIRS, FILES = 6, 5
 class Session:
     """One in-process read-write mount that holds the lease, as `cryptfs mount` does."""
 
-    def __init__(self, ref, cache_dir: str):
-        self.plan = FaultPlan()
+    def __init__(self, ref, cache_dir: str, plan: FaultPlan | None = None):
+        self.plan = plan or FaultPlan()
         target = locate(ref.url, ref.settings())
         backend = FaultyBackend(target.backend, self.plan)
         vol = volume.open_volume(backend, target.prefix, ref.passphrase.encode())
@@ -76,6 +76,18 @@ def populate(ops: Ops) -> None:
             ops.write_file(f"/d{d}/f{f}", f"file {d}/{f}\n".encode() * (f + 1))
 
 
+class KeyLog(FaultPlan):
+    """A plan that notes the key of every request it sees."""
+
+    def __init__(self):
+        super().__init__()
+        self.requests: list[tuple[str, str]] = []
+
+    def before(self, op: str, key: str) -> None:
+        self.requests.append((op, key))
+        super().before(op, key)
+
+
 @pytest.fixture
 def ref(volume_factory, volume_kind):
     return volume_factory(volume_kind)
@@ -116,6 +128,36 @@ def test_scans_cost_nothing_under_the_lease_and_after_a_clean_remount(ref, tmp_p
         assert count.seen == 0
     finally:
         s.close()
+    ref.assert_clean()
+
+
+@pytest.mark.parametrize("volume_kind", ["s3"], indirect=True)
+def test_every_request_stays_under_the_volume_prefix(ref, tmp_path):
+    """The volume lives at s3://bucket/vol/: whatever the mount does, from creating and
+    linking to renaming, removing, unmounting and reloading saved listings, no request
+    names a key outside that prefix (the prefixed view in Store is the only one adding it)."""
+    cache, keys = str(tmp_path / "cache"), KeyLog()
+    s = Session(ref, cache, keys)
+    try:
+        populate(s.ops)
+        s.ops.rename("/d1", "/d1-renamed")
+        s.ops.rename("/d0/f1", "/d2/moved")
+        s.mount.fs.link("/d3/hard", "/d3/f0")
+        s.mount.fs.symlink("/d3/sym", "f0")
+        s.ops.unlink("/d4/f0")
+        s.mount.fs.rmdir("/d5/sub")
+        before = scan(s.ops)
+    finally:
+        s.close()
+    s = Session(ref, cache, keys)
+    try:
+        assert scan(s.ops) == before
+        assert s.ops.read_file("/d3/hard") == b"file 3/0\n"
+    finally:
+        s.close()
+    assert {op for op, _ in keys.requests} >= {"get", "head", "put", "copy", "delete", "list"}
+    outside = sorted({k for _, k in keys.requests if not k.startswith("vol/")})
+    assert not outside, f"requests outside the volume prefix: {outside[:5]}"
     ref.assert_clean()
 
 
