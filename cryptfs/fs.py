@@ -288,6 +288,12 @@ class CryptFS:
         if self.read_only or (self.lease is not None and not self.lease.writable):
             raise ReadOnly()
 
+    def _dir_links(self, dir_id: bytes) -> int:
+        """A directory's link count as a local filesystem keeps it: 2 and one per subdirectory
+        (its ".."); 1, the usual "not counted", while its listing is not known here."""
+        subdirs = self.ns.subdirs(dir_id)
+        return 1 if subdirs is None else 2 + subdirs
+
     def _stat(self, node) -> dict:
         node = self._live(node)
         entry = node.entry() if isinstance(node, FileState) else node
@@ -296,7 +302,7 @@ class CryptFS:
         return {
             "st_mode": a.mode,
             "st_ino": ino_of(entry.obj_id),
-            "st_nlink": 2 if entry.is_dir else a.nlink,
+            "st_nlink": self._dir_links(entry.obj_id) if entry.is_dir else a.nlink,
             "st_uid": a.uid,
             "st_gid": a.gid,
             "st_size": size,

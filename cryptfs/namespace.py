@@ -273,6 +273,18 @@ class Namespace:
         listed = [(name, child) for name, child in items if isinstance(child, ObjectInfo)]
         return known + [r for r in self._pool.map(resolved, listed) if r is not None]
 
+    def subdirs(self, dir_id: bytes) -> int | None:
+        """How many subdirectories the directory's last listing holds; None if never listed
+        (a stat does not pay a LIST for it)."""
+        with self._lock:
+            d = self._dirs.get(dir_id)
+            if d is None or d.listed_at is None:
+                return None
+            return sum(
+                c.size == fmt.DIRENT_SIZE if isinstance(c, ObjectInfo) else isinstance(c, Entry) and c.is_dir
+                for c in d.children.values()
+            )
+
     def is_empty(self, dir_id: bytes) -> bool:
         """No child in any state: pending, uploading and uploaded entries alike."""
         self._fresh(dir_id)

@@ -451,3 +451,22 @@ def test_errors_a_local_filesystem_gives(mnt, work, who):
         os.rename(p("d", "sub"), p("e", "sub"))
         return sorted(os.listdir(work))
     assert as_who(who, go, work) == ["d", "e", "f", "loop1", "loop2", "moved"]
+
+
+def test_directory_link_counts(mnt, work, who):
+    """A directory has 2 links and one more per subdirectory (its ".."), through mkdir,
+    rename across directories and rmdir (files do not count)."""
+    def go(work):
+        a, b = os.path.join(work, "a"), os.path.join(work, "b")
+        os.mkdir(a)
+        os.mkdir(b)
+        os.mkdir(os.path.join(a, "sub"))
+        open(os.path.join(a, "file"), "wb").close()
+        links = lambda: (os.lstat(a).st_nlink, os.lstat(b).st_nlink)  # noqa: E731
+        counts = [links()]
+        os.rename(os.path.join(a, "sub"), os.path.join(b, "sub"))
+        counts.append(links())
+        os.rmdir(os.path.join(b, "sub"))
+        counts.append(links())
+        return counts
+    assert as_who(who, go, work) == [(3, 2), (2, 3), (2, 2)]
