@@ -3,6 +3,8 @@
 import dataclasses
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -72,3 +74,13 @@ def test_pages_cite_tests_that_exist(doc):
     assert cited_files and cited_files <= set(sources), cited_files - set(sources)
     for name in re.findall(r"`(test_\w+?)\*?`", page):
         assert any(f"def {name}" in text for text in sources.values()), name
+
+
+def test_man_page_and_completions_match_the_parser():
+    """docs/man/cryptfs.1 and completions/ are generated from `cryptfs --help`'s parser."""
+    result = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "gen-docs.py"), "--check"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    page = open(os.path.join(REPO, "docs", "man", "cryptfs.1"), encoding="utf-8").read()
+    for command in ("init", "mount", "umount", "status", "fsck", "decrypt"):
+        assert f"cryptfs {command}" in page.replace("\\fR \\fI\\,", " ")
