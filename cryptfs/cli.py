@@ -442,6 +442,8 @@ def cmd_mount(args) -> int:
     for name in ("cache_dir", "cache_size", "min_free", "writeback_delay", "fsync", "attr_ttl", "lease_duration"):
         if getattr(args, name) is not None:
             setattr(settings, name, getattr(args, name))
+    if settings.cache_dir:  # the mount process works from "/": a relative path would move
+        settings.cache_dir = os.path.abspath(os.path.expanduser(settings.cache_dir))
     if "debug" in options and not args.log_names:
         raise UsageError("-o debug logs every file name in plaintext; add --log-names to allow that")
     mountpoint = mount.check_mountpoint(args.mountpoint, nonempty=bool(options.get("nonempty")))

@@ -319,8 +319,12 @@ def _run(
     def unmounting(path):
         mount.state = "unmounting"
         notify("STOPPING=1")
-        owed.update(mount.status()["pending"])  # what this unmount has to upload, for umount to report
-        destroy(path)
+        try:
+            owed.update(mount.status()["pending"])  # what this unmount has to upload, for umount to report
+            destroy(path)
+        except BaseException:  # libfuse would drop it without a word; umount then says it failed
+            log.exception("unmount failed; what is not uploaded stays in the journal for the next mount")
+            raise
 
     fs.init_with_config = init_with_config  # type: ignore[attr-defined]  # mfusepy looks for it
     fs.destroy = unmounting  # type: ignore[method-assign]

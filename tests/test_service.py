@@ -86,6 +86,44 @@ def test_umount_from_another_environment_waits_for_uploads(s3vol, tmp_path):
         m.force_unmount()
 
 
+@pytest.mark.parametrize("foreground", [False, True], ids=["background", "foreground"])
+def test_relative_paths_of_mount_and_umount(s3vol, tmp_path, foreground):
+    """`cryptfs mount URL mnt --cache-dir cache` from some directory: the mount process works
+    from "/", so every path it keeps is made absolute first; umount by a relative mount point."""
+    work = tmp_path / "here"
+    (work / "mnt").mkdir(parents=True)
+    m = MountedVolume(s3vol, work / "mnt", work / "cache")
+    command = ("mount", s3vol.url, "mnt", *s3vol.args, "--cache-dir", "cache", "--writeback-delay", "30")
+    proc = None
+    if foreground:
+        err = open(tmp_path / "foreground.log", "wb")
+        proc = subprocess.Popen(cli_command(*command, "-f"), cwd=work, env=cli_environ(None),
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
+        deadline = time.monotonic() + 30
+        while not os.path.ismount(m.mountpoint) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    else:
+        assert run_cli(*command, cwd=work).returncode == 0
+    try:
+        assert os.path.ismount(m.mountpoint)
+        write(m.path("kept.txt"), b"made through relative paths\n")
+        result = run_cli("umount", "mnt", cwd=work)
+        assert result.returncode == 0, (result, m.log())
+        assert "1 file(s)" in result.stderr, result
+        assert cat(s3vol, "kept.txt") == b"made through relative paths\n"
+        if proc is None:
+            assert m.log_path(), "no mount.log under the cache directory"
+            assert_clean_log(m)
+        else:
+            assert proc.wait(30) == 0
+            logged = (tmp_path / "foreground.log").read_text(errors="replace")
+            assert not LOG_PROBLEM.search(logged), logged
+    finally:
+        m.force_unmount()
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+
+
 def test_status_json_fields(s3vol, tmp_path):
     m = own(s3vol, tmp_path, "--writeback-delay", "30")
     m.mount()
