@@ -420,8 +420,7 @@ class CryptFS:
         parts = split(path)
         if not parts:
             with self.ns.names.hold(ROOT_LOC):
-                root = self.ns.root
-                self.ns.stored_dir(ROOT_LOC, root, self.store.set_attrs(root, change(root.attrs)))
+                self._set_dir_attrs(ROOT_LOC, self.ns.root, change)
             return
         parent_id, name = self._where(path)
         with self.ns.names.hold((parent_id, name)), self._bound(parent_id, name) as node:
@@ -432,9 +431,19 @@ class CryptFS:
             elif isinstance(node, FileState):
                 self._set_state_attrs(node, change)
             elif node.is_dir:
-                self.ns.stored_dir((parent_id, name), node, self.store.set_attrs(node, change(node.attrs)))
+                self._set_dir_attrs((parent_id, name), node, change)
             else:
                 self.ns.put(parent_id, name, self.store.set_attrs(node, change(node.attrs)))
+
+    def _set_dir_attrs(self, loc: tuple[bytes, bytes], entry: Entry, change) -> None:
+        """A mount that holds the lease keeps a directory's new mode, owner or times here and
+        stores them with its other changes (flush_dirs: once the directory is quiet, at its
+        fsync, at unmount), so `rsync -a` costs one write per directory, not one per call; a
+        crash before then loses only those attributes, as it loses directory times. A shared
+        mount stores them at once."""
+        if not self.shared and self.ns.set_dir_attrs(entry.obj_id, change, persist=True) is not None:
+            return
+        self.ns.stored_dir(loc, entry, self.store.set_attrs(entry, change(entry_attrs(entry))))
 
     def _set_state_attrs(self, state: FileState, change) -> None:
         """With the state's lock held: pending files carry new attributes in their upload;
@@ -656,6 +665,16 @@ class CryptFS:
                 except CryptfsError as exc:
                     raise UploadFailed(f"upload of {state.key} failed: {exc}") from None
         return self._report(state)
+
+    @op
+    def fsyncdir(self, path, datasync, fh):
+        """The directory's attributes changed here reach the bucket now (its entries are
+        durable already: names are stored as they are made)."""
+        with self._lock:
+            dir_id = self.dirs.get(fh)
+        if dir_id is not None and self.ns.flush_dirs(only=dir_id):
+            raise UploadFailed(f"attributes of directory {path} not stored")
+        return 0
 
     @op
     def release(self, path, fh):

@@ -695,13 +695,19 @@ class Namespace:
         if new.raw_meta is not None:
             self.record(new)
 
-    def flush_dirs(self, quiet: float = 0.0, oldest: float = 30.0) -> int:
+    def flush_dirs(self, quiet: float = 0.0, oldest: float = 30.0, only: bytes | None = None) -> int:
         """Write directory attributes changed here to the bucket; returns how many failed.
         `quiet`: only those unchanged for that long, or changed first more than `oldest`
-        seconds ago; so a directory being filled is written once it is done, not per file."""
+        seconds ago; so a directory being filled is written once it is done, not per file.
+        `only`: that directory alone (its fsync), whatever its age."""
         now = time.monotonic()
         with self._lock:
-            todo = [loc for loc, (first, last) in self._dirty.items() if now - last >= quiet or now - first >= oldest]
+            if only is not None:
+                todo = [loc for loc in [self._where.get(only)] if loc in self._dirty]
+            else:
+                todo = [
+                    loc for loc, (first, last) in self._dirty.items() if now - last >= quiet or now - first >= oldest
+                ]
         failed = 0
         for loc in todo:
             with self.names.hold(loc):

@@ -10,6 +10,7 @@ import os
 import pytest
 
 from cryptfs import errors, volume
+from cryptfs import format as fmt
 from cryptfs.backend.faults import OPS, FaultPlan, FaultyBackend, Rule
 from cryptfs.config import VolumeSettings
 from cryptfs.mount import Mount, hold
@@ -183,6 +184,43 @@ def test_a_change_by_a_command_is_seen_after_remount(ref, tmp_path):
         assert s.ops.read_file("/d4/added.txt") == b"from the command line"
     finally:
         s.close()
+
+
+def test_directory_attributes_are_stored_once_per_burst(ref, tmp_path):
+    """rsync -a makes a directory, fills it, then sets its mode and times: under the lease
+    those changes wait in the namespace and reach the bucket in one write (here: at the
+    directory's fsync), which a mount with another cache directory then reads."""
+    s = Session(ref, str(tmp_path / "cache"))
+    fs = s.mount.fs
+    try:
+        s.ops.mkdir("/d", 0o755)
+        writes = s.plan.add(Rule(frozenset({"put", "copy", "upload"}),
+                                 key_contains=s.store.entry_key(fmt.ROOT_DIR_ID, b"d")))
+        for i in range(5):
+            s.ops.write_file(f"/d/f{i}", b"x" * i)
+        fs.chmod("/d", 0o700)
+        fs.chown("/d", 1234, 5678)
+        fs.utimens("/d", (1_000_000_000 * 10**9, 1_100_000_000 * 10**9))
+        assert writes.seen == 0, "a directory attribute change was written at once"
+        st = s.ops.stat("/d")
+        assert (st["st_mode"] & 0o7777, st["st_uid"], st["st_gid"]) == (0o700, 1234, 5678)
+        fh = fs.opendir("/d")
+        try:
+            fs.fsyncdir("/d", 0, fh)
+        finally:
+            fs.releasedir("/d", fh)
+        assert writes.seen == 1
+    finally:
+        s.close()
+    assert writes.seen == 1, "the unmount wrote the directory again"
+    other = Session(ref, str(tmp_path / "other-cache"))
+    try:
+        st = other.ops.stat("/d")
+        assert (st["st_mode"] & 0o7777, st["st_uid"], st["st_gid"]) == (0o700, 1234, 5678)
+        assert st["st_mtime"] == 1_100_000_000 * 10**9  # the mount reports nanoseconds
+        assert sorted(other.ops.listdir("/d")) == [f"f{i}" for i in range(5)]
+    finally:
+        other.close()
 
 
 def test_saved_listings_serve_one_mount_only(ref, tmp_path):
