@@ -439,7 +439,16 @@ def cmd_mount(args) -> int:
     options = mount.parse_options(args.options or [])
     for name in sorted(set(options) & (config.FIELDS - {"url"})):  # a volume setting as a mount option
         setattr(settings, name, config.from_text(name, options.pop(name), f"-o {name}"))
-    for name in ("cache_dir", "cache_size", "min_free", "writeback_delay", "fsync", "attr_ttl", "lease_duration"):
+    for name in (
+        "cache_dir",
+        "cache_size",
+        "min_free",
+        "staging_size",
+        "writeback_delay",
+        "fsync",
+        "attr_ttl",
+        "lease_duration",
+    ):
         if getattr(args, name) is not None:
             setattr(settings, name, getattr(args, name))
     if settings.cache_dir:  # the mount process works from "/": a relative path would move
@@ -753,6 +762,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SIZE",
         help="free space to leave on the cache directory's disk: writes get ENOSPC and the block cache "
         "shrinks below it (default 0: until the disk is full)",
+    )
+    p.add_argument(
+        "--staging-size",
+        type=size("--staging-size"),
+        metavar="SIZE",
+        help="bound of the staging files (files written and not yet uploaded): a write beyond it waits "
+        "while closed files upload, and gets ENOSPC if files still open fill it (default: none)",
     )
     p.add_argument(
         "--writeback-delay", type=setting("writeback_delay"), help="seconds after close before uploading (default 2)"

@@ -29,6 +29,7 @@ class VolumeSettings:
     cache_size_mb: int = 2048  # ciphertext block cache on local disk
     cache_size: int | None = None  # the same in bytes, given with a unit (2GiB); wins over cache_size_mb
     min_free: int = 0  # bytes the cache directory's disk keeps free: staging writes fail (ENOSPC) below it
+    staging_size: int | None = None  # bound of the staging files: writes wait for uploads beyond it
     memory_cache_mb: int = 256  # decrypted blocks in memory
     writeback_delay: float = 2.0  # seconds after close before the upload starts
     fsync: str = "upload"  # "upload": durable in S3; "journal": durable locally
@@ -48,7 +49,7 @@ NUMBERS = {
     "attr_ttl": (float, 0, None),
     "lease_duration": (float, 3, 86400),
 }
-SIZES = {"cache_size", "min_free"}  # bytes: a whole number, or with a unit (512MiB, 2GiB, 1.5G)
+SIZES = {"cache_size", "min_free", "staging_size"}  # bytes: a whole number, or with a unit (512MiB, 2GiB, 1.5G)
 UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 UNITS.update({u + "ib": v for u, v in UNITS.items() if u not in ("", "b")})
 UNITS.update({"kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12})
@@ -101,7 +102,7 @@ def check(name: str, value, what: str | None = None):
     """The value of setting `name`, or UsageError saying what it must be (`what` names it)."""
     what = what or name
     if name in SIZES:
-        return None if value is None and name == "cache_size" else parse_size(value, what)
+        return None if value is None and name in ("cache_size", "staging_size") else parse_size(value, what)
     if name in NUMBERS:
         return check_number(value, *NUMBERS[name], what)
     if name in CHOICES:

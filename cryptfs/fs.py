@@ -19,6 +19,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from . import format as fmt
+from . import localstate
 from .backend.base import MAX_OBJECT_SIZE
 from .errors import (
     AlreadyExists,
@@ -41,6 +42,7 @@ from .errors import (
 from .handles import FileState
 from .logs import shown
 from .namespace import ROOT_LOC, Namespace
+from .progress import human
 from .reader import BlockReader
 from .store import SPECIAL_TYPES, Entry, Store, entry_attrs
 from .writeback import Journal, WriteBack, mkdir_journaled, recover_record, rename_journaled, rmdir_journaled
@@ -58,6 +60,9 @@ HIDDEN_NAME = re.compile(rb"\.fuse_hidden[0-9a-f]{16}\Z")
 # a directory's times go to the bucket once it has been left alone this long (seconds), so
 # filling a directory costs one write of its times, not one per file
 DIR_TIMES_QUIET = 3.0
+# the staging bound (staging_size): how often staging is counted while writes pass, polled
+# while one waits, and how long a wait may see no upload make room before it fails
+STAGING_RECOUNT, STAGING_POLL, STAGING_PATIENCE = 0.5, 0.05, 60.0
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 
@@ -122,8 +127,11 @@ class CryptFS:
         fsync_mode: str = "upload",
         read_only: bool = False,
         shared: bool = False,
+        staging_limit: int | None = None,
     ):
         self.store, self.ns, self.reader, self.journal = store, ns, reader, journal
+        self.staging_limit = staging_limit or None  # bytes of staging files (staging_size)
+        self._staged = (0, -1.0)  # staging bytes last counted, and when (monotonic); under _lock
         self.shared = shared  # --shared: other mounts write too; every commit is conditional
         self.staging_dir = staging_dir
         self.fsync_mode = fsync_mode
@@ -601,9 +609,39 @@ class CryptFS:
         self._check_writable()
         state = self.fhs[fh]
         self._check_size(max(offset + len(data), state.size))
+        self._staging_room(len(data))
         if fh in self._appending:  # the kernel's idea of the size may predate another mount's change
             return self._change(state, lambda: state.write(state.size, data))
         return self._change(state, lambda: state.write(offset, data))
+
+    def _staging_room(self, nbytes: int) -> None:
+        """With a staging bound: a write that would take the staging files past it waits while
+        closed files upload (sooner than their write-back delay); ENOSPC when nothing is left
+        to upload, or nothing shrinks for STAGING_PATIENCE seconds (the endpoint is down)."""
+        if self.staging_limit is None:
+            return
+        with self._lock:
+            used, counted_at = self._staged
+            if time.monotonic() - counted_at > STAGING_RECOUNT:
+                used, counted_at = localstate.dir_usage(self.staging_dir), time.monotonic()
+            self._staged = (used + nbytes, counted_at)  # counted again soon; meanwhile every write adds up
+        if used + nbytes <= self.staging_limit:
+            return
+        best, since, hurried = used, time.monotonic(), 0.0
+        while used + nbytes > self.staging_limit:
+            now = time.monotonic()
+            if now - hurried >= 1.0:  # a failing upload is not retried more often than this
+                if not self.wb.hurry():
+                    raise NoSpace(f"staging_size ({human(self.staging_limit)}) is full of files still open for writing")
+                hurried = now
+            if now - since > STAGING_PATIENCE:
+                raise NoSpace(f"staging_size ({human(self.staging_limit)}) reached, and uploads make no room")
+            time.sleep(STAGING_POLL)
+            used = localstate.dir_usage(self.staging_dir)
+            if used < best:
+                best, since = used, time.monotonic()
+        with self._lock:
+            self._staged = (used + nbytes, time.monotonic())
 
     def _check_size(self, size: int) -> None:
         """EFBIG beyond the largest file whose object the bucket can hold."""

@@ -36,6 +36,19 @@ def check_room(fd: int, nbytes: int) -> None:
         raise NoSpace(f"the cache disk would have less than min_free ({_min_free} bytes) left")
 
 
+def dir_usage(path: str) -> int:
+    """Bytes the files directly in `path` take on disk (holes of sparse files not counted)."""
+    total = 0
+    with os.scandir(path) as entries:
+        for e in entries:
+            try:
+                if e.is_file(follow_symlinks=False):
+                    total += e.stat(follow_symlinks=False).st_blocks * 512
+            except FileNotFoundError:  # uploaded and removed meanwhile
+                pass
+    return total
+
+
 def check(path: str, st: os.stat_result) -> None:
     """UsageError unless `path` (with stat `st`) is this user's and nobody else can write to it."""
     if st.st_uid != os.geteuid():

@@ -105,6 +105,7 @@ class Mount:
             fsync_mode=settings.fsync,
             read_only=read_only,
             shared=shared,
+            staging_limit=settings.staging_size,
         )
         self.fs.lease = lease
         if lease is not None and not lease.shared:  # under the lease, the mount's own listings are the truth

@@ -588,6 +588,16 @@ class WriteBack:
         with cf.ThreadPoolExecutor(max(1, len(self._threads)), thread_name_prefix="drain") as pool:
             return [s for s in pool.map(one, states) if s is not None]
 
+    def hurry(self) -> bool:
+        """Make every scheduled upload due now (the staging bound is reached); returns whether
+        any upload is scheduled or running."""
+        with self._cond:
+            if self._due:
+                self._due = [(0.0, counter, state) for _, counter, state in self._due]
+                heapq.heapify(self._due)
+                self._cond.notify_all()
+            return bool(self._due or self._busy)
+
     def in_flight(self) -> int:
         """How many uploads run now (for `cryptfs status`)."""
         with self._cond:
