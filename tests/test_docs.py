@@ -46,8 +46,14 @@ def test_example_config_loads_and_shows_every_setting():
         doc = yaml.safe_load(f)
     every = {f.name for f in dataclasses.fields(config.VolumeSettings)}
     assert any(set(entry) == every for entry in doc["volumes"].values())
-    documented = set(re.findall(r"^\| `(\w+)` \|", README, re.M))
-    assert every <= documented
+    page = open(os.path.join(REPO, "docs", "configuration.md"), encoding="utf-8").read()
+    rows = re.findall(r"^\| `(\w+)` \|.*\| (?:`(--[\w-]+)`|[^|]*) \|$", page, re.M)
+    assert every <= {key for key, _ in rows}
+    flags = {flag for _, flag in rows if flag}
+    parser_flags = set()
+    for action in cli.build_parser()._subparsers._group_actions[0].choices["mount"]._actions:
+        parser_flags.update(action.option_strings)
+    assert len(flags) > 10 and flags <= parser_flags, flags - parser_flags
 
 
 def test_development_guide_names_only_what_exists():
