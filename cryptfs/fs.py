@@ -60,6 +60,9 @@ HIDDEN_NAME = re.compile(rb"\.fuse_hidden[0-9a-f]{16}\Z")
 # a directory's times go to the bucket once it has been left alone this long (seconds), so
 # filling a directory costs one write of its times, not one per file
 DIR_TIMES_QUIET = 3.0
+# a shared mount fetches a file opened read-only up to this size whole at its open, so it
+# reads that one version to the end even if another mount replaces it meanwhile
+SHARED_PIN_MAX = 16 * 1024 * 1024
 # the staging bound (staging_size): how often staging is counted while writes pass, polled
 # while one waits, and how long a wait may see no upload make room before it fails
 STAGING_RECOUNT, STAGING_POLL, STAGING_PATIENCE = 0.5, 0.05, 60.0
@@ -509,15 +512,20 @@ class CryptFS:
 
     def _open_node(self, parent_id: bytes, name: bytes, node, flags: int) -> int:
         """A handle on the file bound to a name (its lock held by the caller). A shared mount
-        copies a file opened for writing at once (FileState.detach); when another mount
-        replaced the version it knew, it looks the name up again, up to three times."""
+        copies a file opened for writing at once (FileState.detach) and fetches a small file
+        opened read-only whole (FileState.pin); when another mount replaced the version it
+        knew, it looks the name up again, up to three times."""
         tries = 0
         while True:
             fh = self._open_once(parent_id, name, node, flags)
-            if not self.shared or flags & os.O_ACCMODE == os.O_RDONLY or flags & os.O_TRUNC:
+            if not self.shared or flags & os.O_TRUNC:
                 return fh
+            state = self.fhs[fh]
             try:
-                self.fhs[fh].detach()
+                if flags & os.O_ACCMODE != os.O_RDONLY:
+                    state.detach()
+                elif state.size <= SHARED_PIN_MAX:
+                    state.pin()
                 return fh
             except PreconditionFailed:
                 self.release(None, fh)

@@ -167,6 +167,12 @@ class FileState:
             skip = offset - span.start * self.bs
             return out[skip : skip + size]
 
+    def pin(self) -> None:
+        """A standalone file opened read-only: fetch the version it was opened from, whole,
+        so that a reader goes on reading it after another mount replaces it."""
+        if self.standalone and self.basis is not None and self.basis_blocks and not self.modified:
+            self.reader.fetch_all(self.basis, self.fk, self.header)
+
     def detach(self) -> None:
         """A standalone file opened for writing (and before any change): copy the basis's
         blocks into staging, so neither reads nor the upload need anything of a version

@@ -147,6 +147,14 @@ class BlockReader:
         for fut in set(self._ensure(entry, fk, header, missing)):
             fut.add_done_callback(_log_failure)
 
+    def fetch_all(self, entry: Entry, fk, header) -> None:
+        """Every chunk of an object version into the caches, waiting for them: later reads of
+        that version need nothing from the bucket (PreconditionFailed: it was replaced)."""
+        nchunks = -(-fmt.block_count(entry.size, self.bs) // CHUNK_BLOCKS)
+        missing = [c for c in range(nchunks) if self.blocks.get((entry.obj_id, entry.etag, c * CHUNK_BLOCKS)) is None]
+        for fut in set(self._ensure(entry, fk, header, missing)):
+            fut.result()
+
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 

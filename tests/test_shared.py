@@ -193,6 +193,26 @@ def test_both_write_one_file_keeps_both_versions(pair):
     ref.assert_clean()
 
 
+def test_a_reader_keeps_its_version_while_the_other_replaces_it(pair):
+    """b opens a file read-only, a replaces it (durably) before b reads: b reads the version
+    it opened to the end, never a mix and never EAGAIN; its next open sees a's version."""
+    ref, a, b = pair
+    old, new = data(6 << 20, "old version"), data((6 << 20) + 5, "new version")  # one PUT: moto
+    write(a.path("big.bin"), old)
+    start = time.monotonic()
+    while not (os.path.exists(b.path("big.bin")) and os.path.getsize(b.path("big.bin")) == len(old)):
+        assert time.monotonic() - start < 10, "the file never showed in the other mount"
+        time.sleep(0.05)
+    with open(b.path("big.bin"), "rb") as reader:
+        with open(a.path("big.bin"), "wb") as writer:
+            writer.write(new)
+            writer.flush()
+            os.fsync(writer.fileno())  # in the bucket: the version b opened is gone from it
+        assert reader.read() == old
+    seen_by(b, "big.bin", new)
+    ref.assert_clean()
+
+
 def test_both_write_a_multipart_file_keeps_both_versions(pair, server):
     """The same race on a file large enough for a multipart upload: the condition is on
     CompleteMultipartUpload, and the losing upload becomes the conflict copy. moto ignores
