@@ -230,13 +230,13 @@ def _wait_http(url: str, proc: subprocess.Popen, deadline: float) -> bool:
     return False
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    """Stop one process we started, by its PID: SIGTERM, then SIGKILL."""
+def _stop(proc: subprocess.Popen, grace: float = 10) -> None:
+    """Stop one process we started, by its PID: SIGTERM, then SIGKILL after `grace` seconds."""
     if proc.poll() is not None:
         return
     os.kill(proc.pid, signal.SIGTERM)
     try:
-        proc.wait(10)
+        proc.wait(grace)
     except subprocess.TimeoutExpired:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
@@ -352,7 +352,7 @@ def seaweedfs_server(tmp_path_factory):
         try:
             yield url
         finally:
-            _stop(proc)
+            _stop(proc, grace=2)  # a graceful shutdown takes it over 15 s; its data is temporary
 
 
 @pytest.fixture(scope="session")
