@@ -51,6 +51,7 @@ class Server:
         self._finished = threading.Event()
         self._held: list[socket.socket] = []  # answered waiters: closed only by the process's exit
         localstate.private_dir(run_dir())
+        _sweep()
         try:
             os.unlink(self.path)  # left by a mount that died (the mount point is not mounted now)
         except FileNotFoundError:
@@ -100,6 +101,30 @@ class Server:
         except FileNotFoundError:
             pass
         self._sock.close()
+
+
+def _sweep() -> None:
+    """Remove the sockets of mounts that died (kill -9, a crash): nobody accepts on them."""
+    try:
+        names = [n for n in os.listdir(run_dir()) if n.endswith(".sock")]
+    except OSError:
+        return
+    for name in names:
+        path = os.path.join(run_dir(), name)
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.settimeout(0.5)
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:
+            try:
+                os.unlink(path)
+                log.info("removed the control socket of a mount that is gone: %s", path)
+            except FileNotFoundError:
+                pass
+        except OSError:
+            pass  # alive but busy, or not ours to judge
+        finally:
+            probe.close()
 
 
 def _line(obj) -> bytes:

@@ -427,3 +427,28 @@ def test_config_sizes_take_units_and_errors_name_file_key_and_what_is_allowed(tm
             config.load(str(bad))
         message = str(info.value)
         assert str(bad) in message and f"'v': {key}" in message and allowed in message, message
+
+
+def test_control_sockets_of_dead_mounts_are_swept(tmp_path):
+    """A mount killed with kill -9 leaves its socket behind; the next mount removes it (nobody
+    accepts on it), and leaves the sockets of live mounts alone."""
+    from cryptfs import control
+
+    os.makedirs(control.run_dir(), exist_ok=True)
+    dead = os.path.join(control.run_dir(), f"test-dead-{os.getpid()}.sock")
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(dead)
+    s.close()  # the file stays; connecting to it is refused
+    live = control.Server(str(tmp_path / "live"), lambda: {})
+    try:
+        assert os.path.exists(live.path)
+        other = control.Server(str(tmp_path / "other"), lambda: {})
+        try:
+            assert not os.path.exists(dead)
+            assert os.path.exists(live.path)
+        finally:
+            other.close()
+    finally:
+        live.close()
+        if os.path.exists(dead):
+            os.unlink(dead)
