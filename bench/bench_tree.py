@@ -77,23 +77,21 @@ class SeaweedFS:
             self.proc.wait(10)
 
 
-def make_tree(root: str, files: int) -> int:
-    """`files` small files (a few bytes to 1 KiB) in 22 x 22 directories; returns the directories made."""
-    n, dirs = 0, 0
+def make_tree(root: str, files: int) -> None:
+    """`files` small files (a few bytes to 1 KiB), 7 to a directory, in up to 22 x 22 directories."""
+    n = 0
     for a in range(22):
         for b in range(22):
             if n >= files:
-                return dirs
+                return
             d = os.path.join(root, f"d{a}", f"e{b}")
             os.makedirs(d)
-            dirs += 1
             for f in range(7):
                 if n >= files:
-                    return dirs
+                    return
                 with open(os.path.join(d, f"f{f}.txt"), "w") as out:
                     out.write(f"file {n}\n" * (n % 50 + 1))
                 n += 1
-    return dirs
 
 
 class Mount:
@@ -155,6 +153,7 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true", help="keep the working directory")
     args = ap.parse_args()
     install_signal_exit()
+    load = os.getloadavg()
     work = Workdir("cryptfs-bench-tree-", keep=args.keep)
     source = work.snapshot_source(args.rev)
     work.apply_to_this_process()
@@ -164,63 +163,60 @@ def main() -> int:
     try:
         endpoint = server.start()
         tree = os.path.join(work.path, "tree")
-        dirs = make_tree(os.path.join(tree, "src"), args.files)
-        files = [os.path.join(dp, f) for dp, _, fs in os.walk(tree) for f in fs]
+        make_tree(os.path.join(tree, "src"), args.files)
+        walked = list(os.walk(os.path.join(tree, "src")))
+        files = [os.path.join(dp, f) for dp, _, fs in walked for f in fs]
+        dirs = len(walked)
 
         def volume(name: str) -> Mount:
             m = Mount(work, f"s3://{BUCKET}/{name}", endpoint, name)
             m.run("init", m.url, "--endpoint-url", endpoint, "-q", "--rsa-bits", "2048")
             return m
 
+        def remount(m: Mount, cache: str | None) -> None:
+            """Unmount `m` if mounted (cleanly: everything uploaded), then mount it on `cache`."""
+            if m in mounted:
+                m.umount()
+                mounted.remove(m)
+            if cache is not None:
+                m.mount(cache)
+                mounted.append(m)
+
+        def until_durable(m: Mount, cmd: list, what: str) -> None:
+            start = time.monotonic()
+            subprocess.run(cmd, check=True)
+            closed = time.monotonic() - start
+            m.durable()
+            rows.append([f"{what}, until close / durable", f"{closed:.1f} s / {time.monotonic() - start:.1f} s",
+                         shown(m.requests())])
+
+        def measured(m: Mount, cmds: list[list], what: str, since_mount: bool = False) -> None:
+            before = {} if since_mount else m.requests()
+            t = sum(timed(c) for c in cmds)
+            rows.append([what, f"{t:.2f} s", shown(diff(before, m.requests()))])
+
+        src = os.path.join(tree, "src")
         # cp -r until durable, then scans after a clean remount, then from an empty cache
         cp = volume("cp")
-        cp.mount("cache-cp")
-        mounted.append(cp)
-        start = time.monotonic()
-        subprocess.run(["cp", "-r", os.path.join(tree, "src"), cp.point], check=True)
-        closed = time.monotonic() - start
-        cp.durable()
-        rows.append(["`cp -r`, until close / durable", f"{closed:.1f} s / {time.monotonic() - start:.1f} s",
-                     shown(cp.requests())])
-        cp.umount()
-        mounted.remove(cp)
-        cp.mount("cache-cp")
-        mounted.append(cp)
-        t = timed(["ls", "-lR", cp.point]) + timed(["find", cp.point, "-newer", tree])
-        rows.append(["`ls -lR` + `find` after a clean remount", f"{t:.2f} s", shown(diff({}, cp.requests()))])
-        before = cp.requests()
-        t = timed(["ls", "-lR", cp.point]) + timed(["find", cp.point, "-newer", tree])
-        rows.append(["the same again, same mount", f"{t:.2f} s", shown(diff(before, cp.requests()))])
-        cp.umount()
-        mounted.remove(cp)
-        cp.mount("cache-other")
-        mounted.append(cp)
-        t = timed(["ls", "-lR", cp.point]) + timed(["find", cp.point, "-newer", tree])
-        rows.append(["`ls -lR` + `find` from an empty cache directory", f"{t:.2f} s", shown(cp.requests())])
-        cp.umount()
-        mounted.remove(cp)
+        remount(cp, "cache-cp")
+        until_durable(cp, ["cp", "-r", src, cp.point], "`cp -r`")
+        scan = [["ls", "-lR", cp.point], ["find", cp.point, "-newer", tree]]
+        remount(cp, "cache-cp")
+        measured(cp, scan, "`ls -lR` + `find` after a clean remount", since_mount=True)
+        measured(cp, scan, "the same again, same mount")
+        remount(cp, "cache-other")
+        measured(cp, scan, "`ls -lR` + `find` from an empty cache directory", since_mount=True)
+        remount(cp, None)
 
         # rsync -a initial until durable, no-change on the same mount and after a remount
         rs = volume("rsync")
-        rs.mount("cache-rsync")
-        mounted.append(rs)
-        start = time.monotonic()
-        subprocess.run(["rsync", "-a", os.path.join(tree, "src"), rs.point], check=True)
-        closed = time.monotonic() - start
-        rs.durable()
-        rows.append(["`rsync -a` initial, until close / durable",
-                     f"{closed:.1f} s / {time.monotonic() - start:.1f} s", shown(rs.requests())])
-        before = rs.requests()
-        t = timed(["rsync", "-a", os.path.join(tree, "src"), rs.point])
-        rows.append(["`rsync -a` no-change, same mount", f"{t:.2f} s", shown(diff(before, rs.requests()))])
-        rs.umount()
-        mounted.remove(rs)
-        rs.mount("cache-rsync")
-        mounted.append(rs)
-        t = timed(["rsync", "-a", os.path.join(tree, "src"), rs.point])
-        rows.append(["`rsync -a` no-change after a clean remount", f"{t:.2f} s", shown(rs.requests())])
-        rs.umount()
-        mounted.remove(rs)
+        remount(rs, "cache-rsync")
+        until_durable(rs, ["rsync", "-a", src, rs.point], "`rsync -a` initial")
+        again = [["rsync", "-a", src, rs.point]]
+        measured(rs, again, "`rsync -a` no-change, same mount")
+        remount(rs, "cache-rsync")
+        measured(rs, again, "`rsync -a` no-change after a clean remount", since_mount=True)
+        remount(rs, None)
 
         # the ceiling: boto3 put_object of the same files, one at a time and 16 at a time
         client = s3_client(endpoint)
@@ -241,7 +237,7 @@ def main() -> int:
         server.stop()
         work.remove()
 
-    info = md_table(["", ""], [list(r) for r in machine_info(source=source)])
+    info = md_table(["", ""], [list(r) for r in machine_info(load, source=source)])
     text = (f"# A tree of small files on SeaweedFS\n\n{len(files)} files in {dirs} directories, "
             f"SeaweedFS on 127.0.0.1 (same run, same server).\n\n"
             + md_table(["Workload", "Time", "Requests"], rows) + "\n\n" + info + "\n")
