@@ -630,9 +630,13 @@ class CryptFS:
             return
         with self._lock:
             used, counted_at = self._staged
-            if time.monotonic() - counted_at > STAGING_RECOUNT:
-                used, counted_at = localstate.dir_usage(self.staging_dir), time.monotonic()
-            self._staged = (used + nbytes, counted_at)  # counted again soon; meanwhile every write adds up
+            recount = time.monotonic() - counted_at > STAGING_RECOUNT
+            if not recount:
+                self._staged = (used + nbytes, counted_at)  # counted again soon; meanwhile writes add up
+        if recount:  # a scan of the staging directory: outside the lock
+            used = localstate.dir_usage(self.staging_dir)
+            with self._lock:
+                self._staged = (used + nbytes, time.monotonic())
         if used + nbytes <= self.staging_limit:
             return
         best, since, hurried = used, time.monotonic(), 0.0

@@ -138,22 +138,23 @@ class BlockReader:
     def prefetch(self, entry: Entry, fk, header, from_block: int, chunks: int) -> None:
         """Start fetching `chunks` chunks from `from_block` on, in whole MAX_RUN-aligned runs,
         so that a reader advancing a little at a time still causes few, large GETs."""
-        nchunks = -(-fmt.block_count(entry.size, self.bs) // CHUNK_BLOCKS)
         first = from_block // CHUNK_BLOCKS
-        end = min(-(-(first + chunks) // MAX_RUN) * MAX_RUN, nchunks)
-        missing = [
-            c for c in range(first, end) if self.blocks.get((entry.obj_id, entry.etag, c * CHUNK_BLOCKS)) is None
-        ]
-        for fut in set(self._ensure(entry, fk, header, missing)):
+        end = min(-(-(first + chunks) // MAX_RUN) * MAX_RUN, self._chunks(entry))
+        for fut in set(self._ensure(entry, fk, header, self._missing(entry, range(first, end)))):
             fut.add_done_callback(_log_failure)
 
     def fetch_all(self, entry: Entry, fk, header) -> None:
         """Every chunk of an object version into the caches, waiting for them: later reads of
         that version need nothing from the bucket (PreconditionFailed: it was replaced)."""
-        nchunks = -(-fmt.block_count(entry.size, self.bs) // CHUNK_BLOCKS)
-        missing = [c for c in range(nchunks) if self.blocks.get((entry.obj_id, entry.etag, c * CHUNK_BLOCKS)) is None]
-        for fut in set(self._ensure(entry, fk, header, missing)):
+        for fut in set(self._ensure(entry, fk, header, self._missing(entry, range(self._chunks(entry))))):
             fut.result()
+
+    def _chunks(self, entry: Entry) -> int:
+        return -(-fmt.block_count(entry.size, self.bs) // CHUNK_BLOCKS)
+
+    def _missing(self, entry: Entry, chunks: range) -> list[int]:
+        """The chunks whose first block is not in the memory cache."""
+        return [c for c in chunks if self.blocks.get((entry.obj_id, entry.etag, c * CHUNK_BLOCKS)) is None]
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
